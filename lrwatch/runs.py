@@ -1,0 +1,226 @@
+"""Find runs under a path and assemble each run's scalar series from its event files.
+
+A run is a folder holding event files (kohya: ``logs/<prefix><timestamp>/network_train``).
+Folders named by a unix timestamp inside a run (torch's ``add_hparams``) and an
+``hparams.yml`` belong to that run: they hold the trainer's logged configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lrwatch.loader import EventFile
+from lrwatch.records import Damage
+
+EVENT_FILE = re.compile(r"(?:^|\.)tfevents\.")
+_HPARAMS_SUBDIR = re.compile(r"^\d{9,11}(\.\d+)?$")
+_FILE_STAMP = re.compile(r"tfevents\.(\d+)\.")
+
+
+def is_event_file(path: Path) -> bool:
+    return EVENT_FILE.search(path.name) is not None and path.is_file()
+
+
+def _file_order(path: Path) -> tuple[int, str]:
+    m = _FILE_STAMP.search(path.name)
+    return (int(m.group(1)) if m else 0, path.name)
+
+
+def run_dir_of(event_file: Path) -> Path:
+    parent = event_file.parent
+    return parent.parent if _HPARAMS_SUBDIR.match(parent.name) else parent
+
+
+def discover(path: str | os.PathLike[str]) -> list[Path]:
+    """Run folders under ``path`` (or the single event file ``path`` names), sorted."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    runs: set[Path] = set()
+    for folder, _dirs, files in os.walk(root):
+        if any(EVENT_FILE.search(f) for f in files):
+            runs.add(run_dir_of(Path(folder) / "x"))
+    return sorted(runs)
+
+
+@dataclass
+class Series:
+    """One tag's points, in step order after resolving re-logged steps."""
+
+    steps: np.ndarray
+    values: np.ndarray
+    wall_times: np.ndarray
+
+
+class _TagChunks:
+    __slots__ = ("steps", "values", "walls", "merged", "superseded")
+
+    def __init__(self) -> None:
+        self.steps: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.walls: list[np.ndarray] = []
+        self.merged: Series | None = None
+        self.superseded = 0  # points replaced by a later write of the same or an earlier step
+
+
+def resolve_relogged(steps: np.ndarray) -> np.ndarray:
+    """Mask of points to keep when steps go back (a resume): a point is superseded by any
+    later point at the same or an earlier step, so the later write wins."""
+    if len(steps) == 0:
+        return np.zeros(0, bool)
+    later_min = np.minimum.accumulate(steps[::-1])[::-1]
+    keep = np.ones(len(steps), bool)
+    keep[:-1] = steps[:-1] < later_min[1:]
+    return keep
+
+
+class Run:
+    """A run's event files, read incrementally; ``refresh`` picks up new files and bytes."""
+
+    def __init__(self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path)
+        self.single_file = self.path.is_file()
+        base = Path(root) if root is not None else self.path.parent
+        try:
+            self.name = str(self.path.relative_to(base)) if self.path != base else self.path.name
+        except ValueError:
+            self.name = str(self.path)
+        self.files: dict[Path, EventFile] = {}
+        self.config: dict[str, object] = {}
+        self.damage: list[tuple[Path, Damage]] = []
+        self.pending_bytes = 0
+        self.restarted_files: list[Path] = []
+        self._chunks: dict[str, _TagChunks] = {}
+        self._order = 0
+
+    # -- reading ---------------------------------------------------------------------------
+    def event_files(self) -> list[Path]:
+        if self.single_file:
+            return [self.path]
+        found = [p for p in self.path.iterdir() if is_event_file(p)] if self.path.is_dir() else []
+        for sub in (self.path.iterdir() if self.path.is_dir() else ()):
+            if sub.is_dir() and _HPARAMS_SUBDIR.match(sub.name):
+                found += [p for p in sub.iterdir() if is_event_file(p)]
+        return sorted(found, key=_file_order)
+
+    def refresh(self) -> int:
+        """Read what is new in every file of the run; return the number of new scalar points."""
+        new_points = 0
+        self.pending_bytes = 0
+        for path in self.event_files():
+            loader = self.files.get(path)
+            if loader is None:
+                loader = self.files[path] = EventFile(path)
+            batch = loader.read_new()
+            self.pending_bytes += batch.pending
+            self.damage += [(path, d) for d in batch.damage]
+            if batch.restarted:
+                self.restarted_files.append(path)
+            self.config.update(batch.scalars.hparams)
+            if len(batch.scalars):
+                self._add(batch.scalars)
+                new_points += len(batch.scalars)
+        if not self.single_file:
+            self._read_hparams_yml()
+        return new_points
+
+    def _add(self, scalars) -> None:
+        # Files are read in creation order and each file in write order, so concatenation order
+        # is write order, which is what resolve_relogged needs.
+        for tag_id, tag in enumerate(scalars.tags):
+            sel = scalars.tag_ids == tag_id
+            if not sel.any():
+                continue
+            chunks = self._chunks.setdefault(tag, _TagChunks())
+            chunks.steps.append(scalars.steps[sel])
+            chunks.values.append(scalars.values[sel])
+            chunks.walls.append(scalars.wall_times[sel])
+            chunks.merged = None
+
+    def _read_hparams_yml(self) -> None:
+        for candidate in [self.path / "hparams.yml", *self.path.glob("*/hparams.yml")]:
+            if candidate.is_file():
+                for key, value in parse_flat_yaml(candidate.read_text(errors="replace")).items():
+                    self.config.setdefault(key, value)
+
+    # -- series ------------------------------------------------------------------------------
+    @property
+    def tags(self) -> list[str]:
+        return sorted(self._chunks)
+
+    def series(self, tag: str) -> Series | None:
+        chunks = self._chunks.get(tag)
+        if chunks is None:
+            return None
+        if chunks.merged is None:
+            steps = np.concatenate(chunks.steps)
+            values = np.concatenate(chunks.values)
+            walls = np.concatenate(chunks.walls)
+            keep = resolve_relogged(steps)  # what is kept is strictly increasing in step
+            if not keep.all():
+                chunks.superseded += int((~keep).sum())
+                steps, values, walls = steps[keep], values[keep], walls[keep]
+            chunks.steps, chunks.values, chunks.walls = [steps], [values], [walls]
+            chunks.merged = Series(steps, values, walls)
+        return chunks.merged
+
+    @property
+    def superseded_points(self) -> int:
+        """Points replaced because steps went back (a resume); counted once series are built."""
+        return sum(c.superseded for c in self._chunks.values())
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    run = Run(path)
+    run.refresh()
+    return run
+
+
+def open_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
+    """The runs under each path, unread. A path that does not exist is an error here
+    (the live watcher waits for it instead)."""
+    runs: list[Run] = []
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory")
+        for run_path in discover(root):
+            runs.append(Run(run_path, root if root.is_dir() else root.parent))
+    return runs
+
+
+_YAML_LINE = re.compile(r"^([A-Za-z_][\w.\-]*):\s*(.*?)\s*$")
+
+
+def parse_flat_yaml(text: str) -> dict[str, object]:
+    """The flat ``key: value`` mapping accelerate writes as hparams.yml (yaml.dump of a flat dict).
+    Nested or multi-line entries are skipped rather than guessed at."""
+    out: dict[str, object] = {}
+    for line in text.splitlines():
+        m = _YAML_LINE.match(line)
+        if not m:
+            continue
+        key, raw = m.groups()
+        out[key] = _yaml_scalar(raw)
+    return out
+
+
+def _yaml_scalar(raw: str) -> object:
+    if raw in ("", "null", "~"):
+        return None
+    if raw in ("true", "false"):
+        return raw == "true"
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return raw[1:-1]
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
