@@ -1,0 +1,397 @@
+"""From a run's series to cycles and findings.
+
+Every quantity at step t is computed from data at steps <= t only (running
+maxima, trailing windows, the current cycle's peak so far). A finding's step is
+therefore the first step at which it could have been known: a finished run gives
+the findings a live watcher would have printed, and analysing a longer prefix of
+a run never moves or removes an earlier finding. The watcher re-runs this on the
+growing arrays; it is vectorised, so that costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from lrwatch.runs import Run
+from lrwatch.schedule_config import KnownSchedule, known_schedule
+from lrwatch.tags import Group, TagMap
+
+WARNING = "warning"
+CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a finding fires. The README explains each default against the recorded runs."""
+
+    restart_jump: float = 0.25  # lr rising by this fraction of the cycle's peak, from below it, is a restart
+    risk_warning: float = 2.0  # predicted d*lr at the next restart / highest d*lr so far
+    risk_critical: float = 4.0
+    runaway_window: int = 50  # steps over which d's growth is measured
+    runaway_warning: float = 3.0  # d grew by this factor within the window (after d's warm-up)
+    runaway_critical: float = 10.0
+    settle_growth: float = 1.1  # d's warm-up is over once it grows less than this over a window
+    loss_divergence: float = 10.0  # smoothed loss / its best so far
+    loss_smoothing: int = 10  # EMA span (steps) of the loss before comparing
+    loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
+    restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
+    tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
+
+
+@dataclass
+class Finding:
+    kind: str  # predicted_restart_blowup | runaway_d | blowup
+    severity: str  # warning | critical
+    group: str | None
+    step: int
+    message: str
+    values: dict[str, float | int | None] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.kind, self.severity, self.group, self.values.get("cycle"), self.values.get("what"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Cycle:
+    index: int
+    start: int
+    end: int
+    peak_lr: float
+    min_lr: float
+    min_lr_step: int
+    d_start: float | None
+    d_end: float | None
+    d_growth: float | None
+    peak_dlr: float | None
+    complete: bool
+
+
+@dataclass
+class GroupAnalysis:
+    name: str
+    lr_tag: str | None
+    dlr_tag: str | None
+    steps: np.ndarray
+    lr: np.ndarray
+    dlr: np.ndarray
+    d: np.ndarray  # NaN where unknown (lr zero or tiny before any known d)
+    restarts: list[int]
+    cycles: list[Cycle]
+    risk: float | None  # predicted d*lr at the next restart / highest d*lr so far, now
+    next_restart: int | None  # from the logged config, when known
+
+    @property
+    def adaptive(self) -> bool:
+        return self.dlr_tag is not None
+
+    @property
+    def d_now(self) -> float | None:
+        known = self.d[np.isfinite(self.d)]
+        return float(known[-1]) if len(known) else None
+
+
+@dataclass
+class Analysis:
+    groups: list[GroupAnalysis]
+    findings: list[Finding]
+    loss_tag: str | None
+    last_step: int | None
+    schedule: KnownSchedule | None
+    notes: list[str]
+
+    @property
+    def worst(self) -> str | None:
+        severities = {f.severity for f in self.findings}
+        return CRITICAL if CRITICAL in severities else WARNING if WARNING in severities else None
+
+
+def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | None = None) -> Analysis:
+    tag_map = tag_map or TagMap()
+    th = thresholds or Thresholds()
+    tags = set(run.tags)
+    schedule = known_schedule(run.config)
+    findings: list[Finding] = []
+    notes: list[str] = []
+    groups = [analyze_group(run, g, schedule, th, findings) for g in tag_map.groups(tags)]
+    if not groups:
+        notes.append("no lr tags seen")
+    elif not any(g.adaptive for g in groups):
+        notes.append("no adaptive optimizer seen (no d*lr tag): only lr and loss are checked")
+    loss_tag = tag_map.loss_tag(tags)
+    if loss_tag is not None:
+        findings += loss_findings(run, loss_tag, th)
+    last = [int(g.steps[-1]) for g in groups if len(g.steps)]
+    loss = run.series(loss_tag) if loss_tag else None
+    if loss is not None and len(loss.steps):
+        last.append(int(loss.steps[-1]))
+    findings = _drop_shadowed_warnings(findings)
+    findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
+    return Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes)
+
+
+def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
+    """A warning raised at the same step as its critical twin says nothing more."""
+    critical = {(f.kind, f.group, f.values.get("cycle"), f.step) for f in findings if f.severity == CRITICAL}
+    return [f for f in findings
+            if f.severity == CRITICAL or (f.kind, f.group, f.values.get("cycle"), f.step) not in critical]
+
+
+def _joined(run: Run, group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps where both lr and d*lr were logged, with their values (lr alone if no d*lr)."""
+    lr = run.series(group.lr_tag) if group.lr_tag else None
+    dlr = run.series(group.dlr_tag) if group.dlr_tag else None
+    if lr is None and dlr is None:
+        empty = np.zeros(0)
+        return empty.astype(np.int64), empty, empty
+    if dlr is None:
+        return lr.steps, lr.values, np.full(len(lr.steps), np.nan)
+    if lr is None:
+        return dlr.steps, np.full(len(dlr.steps), np.nan), dlr.values
+    steps, i, j = np.intersect1d(lr.steps, dlr.steps, assume_unique=True, return_indices=True)
+    return steps, lr.values[i], dlr.values[j]
+
+
+def find_restarts(lr: np.ndarray, jump: float) -> np.ndarray:
+    """Indices where the lr restarts: it rises by at least ``jump`` x the current cycle's peak
+    from below that peak. A warmup rises from its own peak, so it never qualifies; float
+    noise is far below ``jump``. Sequential over restarts only (few), vectorised within cycles."""
+    finite = np.where(np.isfinite(lr), lr, -np.inf)
+    out: list[int] = []
+    start = 0
+    n = len(lr)
+    while start < n - 1:
+        peak = np.maximum.accumulate(finite[start:])  # cycle peak up to and including each index
+        prev_peak = peak[:-1]
+        prev = finite[start:-1]
+        cur = finite[start + 1 :]
+        is_restart = (prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0)
+        hits = np.flatnonzero(is_restart)
+        if not len(hits):
+            break
+        start = start + 1 + int(hits[0])
+        out.append(start)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _d_series(lr: np.ndarray, dlr: np.ndarray, tiny: float) -> np.ndarray:
+    """d = (d*lr)/lr where lr is usable, carried forward where it is not (lr zero or tiny:
+    both optimizers keep d there, and the ratio would only amplify float noise)."""
+    top = np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)) if len(lr) else lr
+    usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > tiny * top)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
+    idx = np.where(np.isfinite(d), np.arange(len(d)), -1)
+    idx = np.maximum.accumulate(idx) if len(idx) else idx
+    return np.where(idx >= 0, d[np.maximum(idx, 0)], np.nan)
+
+
+def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Thresholds,
+                  findings: list[Finding]) -> GroupAnalysis:
+    steps, lr, dlr = _joined(run, group)
+    name = group.name
+    restarts_idx = find_restarts(lr, th.restart_jump) if len(lr) else np.zeros(0, np.int64)
+    cycle_of = np.zeros(len(steps), np.int64)
+    if len(restarts_idx):
+        cycle_of[restarts_idx] = 1
+        cycle_of = np.cumsum(cycle_of)
+    d = _d_series(lr, dlr, th.tiny_lr)
+
+    _nonfinite(findings, name, steps, {"lr": lr, "d*lr": dlr} if group.dlr_tag else {"lr": lr})
+    risk_now = None
+    next_restart = schedule.next_restart(int(steps[-1])) if schedule and len(steps) else None
+    if group.dlr_tag and len(steps):
+        risk = _restart_risk(steps, lr, dlr, d, cycle_of, schedule)
+        risk_now = None if not np.isfinite(risk[-1]) else float(risk[-1])
+        _risk_findings(findings, name, steps, risk, d, dlr, cycle_of, schedule, th)
+        _runaway_findings(findings, name, steps, d, cycle_of, th)
+        _spike_findings(findings, name, steps, dlr, restarts_idx, th)
+    cycles = _cycles(steps, lr, dlr, d, restarts_idx, schedule)
+    return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d,
+                         [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart)
+
+
+def _running_max_finite(x: np.ndarray) -> np.ndarray:
+    return np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf))
+
+
+def _cycle_peak_lr(lr: np.ndarray, cycle_of: np.ndarray) -> np.ndarray:
+    """Highest lr of the current cycle so far, at every index."""
+    out = np.empty(len(lr))
+    bounds = np.flatnonzero(np.diff(cycle_of)) + 1
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(lr)]):
+        out[a:b] = _running_max_finite(lr[a:b])
+    return out
+
+
+def _restart_risk(steps, lr, dlr, d, cycle_of, schedule: KnownSchedule | None) -> np.ndarray:
+    """At each step: d now x the peak lr the next cycle will start from, over the highest
+    d*lr reached so far. NaN where no restart is coming (known from the config)."""
+    peak = _cycle_peak_lr(lr, cycle_of)
+    best = _running_max_finite(dlr)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        risk = d * peak / best
+    risk[~np.isfinite(risk) | (best <= 0)] = np.nan
+    if schedule is not None and schedule.restarts is not None:
+        last_restart = schedule.restarts[-1] if schedule.restarts else -1
+        risk[steps >= last_restart] = np.nan
+    return risk
+
+
+def _first_per_cycle(mask: np.ndarray, cycle_of: np.ndarray) -> list[int]:
+    """Index of the first True in each cycle."""
+    hits = np.flatnonzero(mask)
+    if not len(hits):
+        return []
+    _, first = np.unique(cycle_of[hits], return_index=True)
+    return hits[first].tolist()
+
+
+def _risk_findings(findings, group, steps, risk, d, dlr, cycle_of, schedule, th: Thresholds) -> None:
+    best = _running_max_finite(dlr)
+    for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
+        for i in _first_per_cycle(np.nan_to_num(risk, nan=0.0) >= level, cycle_of):
+            step = int(steps[i])
+            restart = schedule.next_restart(step) if schedule else None
+            when = f"at the restart at step {restart}" if restart else "at the next restart"
+            findings.append(Finding(
+                "predicted_restart_blowup", severity, group, step,
+                f"d grew to {d[i]:.3g}: {when} d*lr would be {risk[i]:.1f}x the highest d*lr so far "
+                f"({best[i]:.3g})",
+                {"ratio": round(float(risk[i]), 4), "d": float(d[i]), "max_dlr": float(best[i]),
+                 "predicted_dlr": float(risk[i] * best[i]), "cycle": int(cycle_of[i]), "restart_step": restart},
+            ))
+
+
+def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds) -> int:
+    """First index after d's warm-up from d0: d has grown less than ``settle_growth`` over a
+    window, or the first restart came. Runaway growth before that is the normal warm-up."""
+    w = th.runaway_window
+    restart = np.flatnonzero(cycle_of > 0)
+    first_restart = int(restart[0]) if len(restart) else len(d)
+    if len(d) > w:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            growth = d[w:] / d[:-w]
+        settled = np.flatnonzero(np.isfinite(growth) & (growth < th.settle_growth))
+        if len(settled):
+            return min(first_restart, int(settled[0]) + w)
+    return first_restart
+
+
+def _runaway_findings(findings, group, steps, d, cycle_of, th: Thresholds) -> None:
+    w = th.runaway_window
+    if len(d) <= 1:
+        return
+    # Growth over the trailing window (by index: kohya logs every step). The window never
+    # reaches back into d's warm-up: growth measured from d0 is the warm-up itself.
+    settled = _d_settled_index(d, cycle_of, th)
+    back = np.maximum(np.arange(len(d)) - w, settled)
+    eligible = np.arange(len(d)) > back
+    back = np.minimum(back, len(d) - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        growth = d / d[back]
+    eligible &= np.isfinite(growth)
+    for severity, level in ((WARNING, th.runaway_warning), (CRITICAL, th.runaway_critical)):
+        for i in _first_per_cycle(eligible & (growth >= level), cycle_of):
+            findings.append(Finding(
+                "runaway_d", severity, group, int(steps[i]),
+                f"d grew {growth[i]:.1f}x in {int(steps[i] - steps[back[i]])} steps "
+                f"({d[back[i]]:.3g} -> {d[i]:.3g}) after it had settled",
+                {"growth": round(float(growth[i]), 4), "d": float(d[i]), "d_before": float(d[back[i]]),
+                 "window": int(steps[i] - steps[back[i]]), "cycle": int(cycle_of[i])},
+            ))
+
+
+def _spike_findings(findings, group, steps, dlr, restarts_idx, th: Thresholds) -> None:
+    """What actually happened at each restart: d*lr far above everything before."""
+    best_before = np.r_[-np.inf, _running_max_finite(dlr)[:-1]]
+    for cycle, i in enumerate(restarts_idx.tolist(), start=1):
+        ratio = dlr[i] / best_before[i] if best_before[i] > 0 else np.nan
+        if np.isfinite(ratio) and ratio >= th.restart_spike:
+            findings.append(Finding(
+                "blowup", CRITICAL, group, int(steps[i]),
+                f"restart at step {int(steps[i])}: d*lr {dlr[i]:.3g} is {ratio:.1f}x the highest before "
+                f"({best_before[i]:.3g})",
+                {"what": "restart_spike", "ratio": round(float(ratio), 4), "dlr": float(dlr[i]),
+                 "max_dlr_before": float(best_before[i]), "cycle": cycle},
+            ))
+
+
+def _nonfinite(findings, group, steps, named: dict[str, np.ndarray]) -> None:
+    for label, values in named.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            i = int(bad[0])
+            findings.append(Finding(
+                "blowup", CRITICAL, group, int(steps[i]),
+                f"{label} is {values[i]} at step {int(steps[i])}",
+                {"what": f"nonfinite_{label}", "value": None if math.isnan(values[i]) else float(values[i])},
+            ))
+
+
+def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
+    series = run.series(loss_tag)
+    if series is None or not len(series.steps):
+        return []
+    out: list[Finding] = []
+    steps, loss = series.steps, series.values
+    _nonfinite(out, None, steps, {loss_tag: loss})
+    finite_upto = np.flatnonzero(~np.isfinite(loss))
+    n = int(finite_upto[0]) if len(finite_upto) else len(loss)
+    if n <= th.loss_grace:
+        return out
+    smooth = _ema(loss[:n], th.loss_smoothing)
+    baseline = np.minimum.accumulate(np.where(np.arange(n) >= th.loss_grace, smooth, np.inf))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = smooth / baseline
+    hits = np.flatnonzero((np.arange(n) > th.loss_grace) & (baseline > 0) & (ratio >= th.loss_divergence))
+    if len(hits):
+        i = int(hits[0])
+        out.append(Finding(
+            "blowup", CRITICAL, None, int(steps[i]),
+            f"{loss_tag} diverged: smoothed {smooth[i]:.3g} is {ratio[i]:.1f}x its best ({baseline[i]:.3g})",
+            {"what": "loss_diverged", "ratio": round(float(ratio[i]), 4), "loss": float(smooth[i]),
+             "baseline": float(baseline[i])},
+        ))
+    return out
+
+
+def _ema(x: np.ndarray, span: int) -> np.ndarray:
+    alpha = 2.0 / (span + 1.0)
+    out = np.empty(len(x))
+    acc = x[0]
+    for i, v in enumerate(x.tolist()):  # loss series are short next to the reader's work
+        acc = alpha * v + (1 - alpha) * acc
+        out[i] = acc
+    return out
+
+
+def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> list[Cycle]:
+    if not len(steps):
+        return []
+    bounds = np.r_[0, restarts_idx, len(steps)]
+    out = []
+    for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if b <= a:
+            continue
+        seg = lr[a:b]
+        finite = np.isfinite(seg)
+        lo = a + int(np.argmin(np.where(finite, seg, np.inf))) if finite.any() else a
+        dseg = d[a:b][np.isfinite(d[a:b])]
+        dlr_seg = dlr[a:b][np.isfinite(dlr[a:b])]
+        d_start = float(dseg[0]) if len(dseg) else None
+        d_end = float(dseg[-1]) if len(dseg) else None
+        complete = b < len(steps) or bool(schedule and schedule.max_steps and steps[-1] >= schedule.max_steps)
+        out.append(Cycle(
+            k, int(steps[a]), int(steps[b - 1]),
+            float(np.max(seg[finite])) if finite.any() else math.nan,
+            float(lr[lo]), int(steps[lo]), d_start, d_end,
+            (d_end / d_start) if d_start and d_end is not None else None,
+            float(dlr_seg.max()) if len(dlr_seg) else None, complete,
+        ))
+    return out
