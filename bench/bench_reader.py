@@ -21,26 +21,23 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 TAGS = ["loss/current", "loss/average", "lr/textencoder", "lr/unet", "lr/d*lr/textencoder", "lr/d*lr/unet"]
 
+# (imports, read): imports are timed apart, so that the read column is reading speed alone.
 READERS = {
-    "lrwatch": """
-from lrwatch.loader import EventFile
-f = EventFile(PATH); batch = f.read_new()
+    "lrwatch": ("from lrwatch.loader import EventFile", """
+batch = EventFile(PATH).read_new()
 n = len(batch.scalars)
-""",
-    "lrwatch (all series, merged)": """
-from lrwatch.runs import load_run
-run = load_run(PATH)
+"""),
+    "lrwatch (run: all series, merged)": ("from lrwatch.runs import Run", """
+run = Run(PATH); run.refresh()
 n = sum(len(run.series(t).steps) for t in run.tags)
-""",
-    "EventAccumulator": """
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+"""),
+    "EventAccumulator": ("from tensorboard.backend.event_processing.event_accumulator import EventAccumulator", """
 acc = EventAccumulator(PATH, size_guidance={"scalars": 0}); acc.Reload()
 n = sum(len(acc.Scalars(t)) for t in acc.Tags()["scalars"])
-""",
-    "tbparse": """
-from tbparse import SummaryReader
+"""),
+    "tbparse": ("from tbparse import SummaryReader", """
 n = len(SummaryReader(PATH).scalars)
-""",
+"""),
 }
 
 
@@ -69,15 +66,18 @@ def make_file(steps: int) -> Path:
     return target
 
 
-def run_reader(code: str, path: str) -> dict:
+def run_reader(imports: str, code: str, path: str) -> dict:
     script = f"""
 import resource, time, json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 PATH = {path!r}
 t0 = time.perf_counter()
+{imports}
+t1 = time.perf_counter()
 {code}
-dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "events": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+t2 = time.perf_counter()
+print(json.dumps({{"import": t1 - t0, "seconds": t2 - t1, "events": n,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,19 +94,23 @@ def main() -> None:
     size = Path(path).stat().st_size
     print(f"file: {size / 1e6:.1f} MB, {args.steps} steps x {len(TAGS)} scalars (ready in {time.perf_counter() - t0:.0f} s)")
     results = {}
-    for name, code in READERS.items():
-        runs = [run_reader(code, path) for _ in range(args.repeat)]
+    for name, (imports, code) in READERS.items():
+        runs = [run_reader(imports, code, path) for _ in range(args.repeat)]
         results[name] = {
+            "import": statistics.median(r["import"] for r in runs),
             "seconds": statistics.median(r["seconds"] for r in runs),
             "events": runs[0]["events"],
             "rss_mb": statistics.median(r["rss_mb"] for r in runs),
         }
     base = results["EventAccumulator"]["seconds"]
-    print(f"{'reader':28s} {'median s':>9s} {'events/s':>10s} {'peak RSS':>9s} {'vs EventAccumulator':>20s}")
+    base_total = results["EventAccumulator"]["seconds"] + results["EventAccumulator"]["import"]
+    print(f"{'reader':34s} {'read s':>7s} {'events/s':>10s} {'peak RSS':>9s} {'x EventAcc':>10s}"
+          f" {'import s':>9s} {'x incl. import':>15s}")
     for name, r in results.items():
-        print(f"{name:28s} {r['seconds']:9.3f} {r['events'] / r['seconds']:10,.0f} {r['rss_mb']:7.0f}MB "
-              f"{base / r['seconds']:19.1f}x")
-    print(f"(median of {args.repeat} runs each, every reader in a fresh process; lrwatch checks every CRC)")
+        total = r["seconds"] + r["import"]
+        print(f"{name:34s} {r['seconds']:7.3f} {r['events'] / r['seconds']:10,.0f} {r['rss_mb']:7.0f}MB "
+              f"{base / r['seconds']:9.1f}x {r['import']:9.3f} {base_total / total:14.1f}x")
+    print(f"(medians of {args.repeat} runs, every reader in a fresh process; lrwatch verifies every record's CRCs)")
 
 
 if __name__ == "__main__":

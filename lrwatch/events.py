@@ -39,23 +39,24 @@ class Scalars:
 
 def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> Scalars:
     u8 = np.frombuffer(buf, dtype=np.uint8)
-    fast, tag_slices = _fast_scalar_layout(u8, starts, lengths)
     out = Scalars()
     tag_index: dict[str, int] = {}
     chunks: list[tuple[np.ndarray, ...]] = []  # (record index, tag id, step, value, wall time)
 
-    if fast.any():
-        tstart, tlen = tag_slices
-        try:
-            tag_ids = _intern_tags(u8, tstart, tlen, out.tags, tag_index)
-        except _HashCollision:  # astronomically rare; correctness over speed
-            fast[:] = False
-    if fast.any():
-        s = starts[fast]
-        wall = _gather(u8, s + 1, 8).view("<f8").ravel()
-        steps = _varints(u8, s + 10)[0]
-        values = _gather(u8, tstart + tlen + 1, 4).view("<f4").ravel().astype(np.float64)
-        chunks.append((np.flatnonzero(fast), tag_ids, steps, values, wall))
+    fast = np.zeros(len(starts), bool)
+    if len(u8) >= 16:
+        words = _words(buf, len(u8))
+        layout = _fast_scalar_layout(u8, words, starts, lengths)
+        fast = layout.ok
+        if fast.any():
+            try:
+                tag_ids = _intern_tags(u8, words, layout.tag_start, layout.tag_len, out.tags, tag_index)
+            except _HashCollision:  # astronomically rare; correctness over speed
+                fast[:] = False
+        if fast.any():
+            wall = words[starts[fast] + 1].view("<f8")
+            values = (words[layout.tag_start + layout.tag_len + 1] & 0xFFFFFFFF).astype(np.uint32).view("<f4")
+            chunks.append((np.flatnonzero(fast), tag_ids, layout.step, values.astype(np.float64), wall))
 
     slow = np.flatnonzero(~fast)
     if len(slow):
@@ -70,73 +71,86 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
     return out
 
 
-def _gather(u8: np.ndarray, at: np.ndarray, width: int) -> np.ndarray:
-    return u8[at[:, None] + np.arange(width)].copy()
+def _words(buf: bytes | memoryview, size: int) -> np.ndarray:
+    """``words[p]`` is the little-endian uint64 made of bytes p..p+7: one gather reads 8 bytes
+    at any offset. The last 7 offsets are not addressable; the layout check never needs them
+    because every record is followed by at least its 4-byte CRC and a record reaches 8 bytes."""
+    return np.ndarray((size - 7,), dtype="<u8", buffer=buf, offset=0, strides=(1,))
 
 
-def _varints(u8: np.ndarray, at: np.ndarray, max_bytes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one varint at each offset: (values as int64, encoded lengths; 0 where unterminated).
-
-    Byte column by byte column, stopping when every varint has ended (steps take 1-3 bytes)."""
-    value = np.zeros(len(at), np.uint64)
-    nbytes = np.zeros(len(at), np.int64)
-    active = np.ones(len(at), bool)
-    last = len(u8) - 1
-    for j in range(max_bytes):
-        byte = u8[np.minimum(at + j, last)].astype(np.uint64)
-        value |= np.where(active, (byte & 0x7F) << np.uint64(7 * j), 0).astype(np.uint64)
-        ended = active & (byte < 0x80)
-        nbytes[ended] = j + 1
-        active &= ~ended
-        if not active.any():
-            break
-    return value.view(np.int64), nbytes
+class _Layout:
+    __slots__ = ("ok", "tag_start", "tag_len", "step")
 
 
-def _fast_scalar_layout(u8: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
-    """Which records are exactly ``Event{wall_time, step, summary{value{tag, simple_value}}}``.
+def _byte(word: np.ndarray, j: int) -> np.ndarray:
+    return (word >> np.uint64(8 * j)) & np.uint64(0xFF)
 
-    Layout: 09 <f8> 10 <varint step> 2a L1 0a L2 0a L3 <tag> 15 <f4>, with L1=L2+2, L2=L3+7.
+
+def _fast_scalar_layout(u8: np.ndarray, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> _Layout:
+    """Which records are exactly ``Event{wall_time, step, summary{value{tag, simple_value}}}``
+    (what torch's add_scalar writes), and where their tags, steps and values are.
+
+    Layout: 09 <f8 wall> 10 <varint step, 1-7 bytes> 2a L1 0a L2 0a L3 <tag> 15 <f4>,
+    with L1 = L2+2, L2 = L3+7 (all < 128), and nothing after the float.
     """
-    n = len(starts)
-    ok = lengths >= 21
-    if not ok.any():
-        return np.zeros(n, bool), (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    res = _Layout()
+    n_words = len(words)
+    ok = (lengths >= 21) & (starts + 24 <= len(u8))  # every word read below stays inside the framed record + CRC
     s = np.where(ok, starts, 0)
     end = s + lengths
-    ok &= (u8[s] == 0x09) & (u8[np.minimum(s + 9, len(u8) - 1)] == 0x10)
-    _, nvar = _varints(u8, np.minimum(s + 10, len(u8) - 1))
-    p = s + 10 + nvar
-    ok &= (nvar > 0) & (p + 7 <= end)
-    p = np.where(ok, p, s)
-    hdr = _gather(u8, np.minimum(p, len(u8) - 6), 6).astype(np.int64)
-    l1, l2, l3 = hdr[:, 1], hdr[:, 3], hdr[:, 5]
-    ok &= (hdr[:, 0] == 0x2A) & (hdr[:, 2] == 0x0A) & (hdr[:, 4] == 0x0A)
-    ok &= (l1 < 0x80) & (l2 == l3 + 7) & (l1 == l2 + 2) & (p + 6 + l3 + 5 == end)
+    head = words[s + 8]  # byte 8 of wall time, then 0x10 and the step varint
+    ok &= (u8[s] == 0x09) & (_byte(head, 1) == 0x10)
+    # Step varint: up to 7 bytes inside this one word (steps below 2**49).
+    step = np.zeros(len(s), np.uint64)
+    nvar = np.zeros(len(s), np.int64)
+    active = ok.copy()
+    for j in range(7):
+        b = _byte(head, 2 + j) if j < 6 else _byte(words[s + 16], 0)
+        step |= np.where(active, (b & np.uint64(0x7F)) << np.uint64(7 * j), np.uint64(0))
+        ended = active & (b < 0x80)
+        nvar[ended] = j + 1
+        active &= ~ended
+    ok &= nvar > 0
+    p = np.where(ok, s + 10 + nvar, s)
+    hdr = words[np.minimum(p, n_words - 1)]
+    l1, l2, l3 = (_byte(hdr, 1).astype(np.int64), _byte(hdr, 3).astype(np.int64), _byte(hdr, 5).astype(np.int64))
+    ok &= (_byte(hdr, 0) == 0x2A) & (_byte(hdr, 2) == 0x0A) & (_byte(hdr, 4) == 0x0A)
+    ok &= (l1 < 0x80) & (l2 == l3 + 7) & (l1 == l2 + 2) & (p + 6 + l3 + 5 == end) & (l3 > 0)
     tag_start = p + 6
     ok &= u8[np.where(ok, tag_start + l3, 0)] == 0x15
-    ok &= lengths >= 21  # recheck after the where-clamps above
-    return ok, (tag_start[ok], l3[ok])
+    res.ok = ok
+    res.tag_start, res.tag_len, res.step = tag_start[ok], l3[ok], step[ok].view(np.int64)
+    return res
 
 
-def _intern_tags(u8: np.ndarray, tstart: np.ndarray, tlen: np.ndarray, tags: list[str], index: dict[str, int]):
-    """Tag id per record, without building a string per record: hash the tag bytes (FNV-1a,
-    vectorised), then check every record's bytes against its hash's tag so that a collision
-    can never mislabel a point."""
-    width = int(tlen.max())
-    last = len(u8) - 1
-    h = np.full(len(tstart), 0xCBF29CE484222325, np.uint64)
-    prime = np.uint64(0x100000001B3)
-    for j in range(width):
-        byte = np.where(j < tlen, u8[np.minimum(tstart + j, last)], 0).astype(np.uint64)
-        h = (h ^ byte) * prime
-    h ^= tlen.astype(np.uint64)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def _tag_words(words: np.ndarray, tstart: np.ndarray, tlen: np.ndarray, k: int) -> np.ndarray:
+    """The k-th 8-byte word of each tag, with bytes past the tag's end zeroed."""
+    w = words[np.minimum(tstart + 8 * k, len(words) - 1)]
+    keep = np.clip(tlen - 8 * k, 0, 8).astype(np.uint64)
+    mask = np.where(keep >= 8, np.uint64(0xFFFFFFFFFFFFFFFF), (np.uint64(1) << (keep * np.uint64(8))) - np.uint64(1))
+    return w & mask
+
+
+def _intern_tags(u8: np.ndarray, words: np.ndarray, tstart: np.ndarray, tlen: np.ndarray,
+                 tags: list[str], index: dict[str, int]) -> np.ndarray:
+    """Tag id per record without building a string per record: hash the tag's words, then
+    compare every record's words with its bucket's first record, so a hash collision can
+    never mislabel a point."""
+    n_words_per_tag = (int(tlen.max()) + 7) // 8
+    h = _FNV_OFFSET ^ tlen.astype(np.uint64)
+    for k in range(n_words_per_tag):
+        h = (h ^ _tag_words(words, tstart, tlen, k)) * _FNV_PRIME
+        h ^= h >> np.uint64(29)
     uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
-    rep = first[inverse]  # the record whose bytes name each record's bucket
+    rep = first[inverse]
     same = tlen == tlen[rep]
-    for j in range(width):  # verify: every record carries exactly its bucket's tag bytes
-        same &= (j >= tlen) | (u8[np.minimum(tstart + j, last)] == u8[np.minimum(tstart[rep] + j, last)])
+    for k in range(n_words_per_tag):
+        same &= _tag_words(words, tstart, tlen, k) == _tag_words(words, tstart[rep], tlen[rep], k)
     if not same.all():
         raise _HashCollision
     mapping = np.empty(len(uniq), np.int32)

@@ -1,0 +1,3 @@
+from lrwatch.cli import main
+
+main(prog_name="lrwatch")

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures" / "runs"
+LABELS = json.loads((ROOT / "fixtures" / "labels.json").read_text())
+
+
+def fixture_run(name: str) -> Path:
+    """The log folder of a recorded run (the one holding its event files)."""
+    return next((FIXTURES / name / "logs").glob("*/network_train"))
+
+
+def event_file_of(name: str) -> Path:
+    return sorted(fixture_run(name).glob("events.out.tfevents.*"))[0]
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """A private copy of a recorded run, to damage or grow without touching the fixtures."""
+
+    def _copy(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(FIXTURES / name, dst)
+        return next((dst / "logs").glob("*/network_train"))
+
+    return _copy
+
+
+def write_scalars(log_dir: Path, points: dict[str, list[tuple[int, float]]]) -> Path:
+    """Write scalars through torch's SummaryWriter, the way kohya's logs are written."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    rows = sorted((step, tag, value) for tag, pts in points.items() for step, value in pts)
+    for step, tag, value in rows:
+        writer.add_scalar(tag, value, step)
+    writer.close()
+    return sorted(Path(log_dir).glob("events.out.tfevents.*"))[-1]

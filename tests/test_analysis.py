@@ -1,0 +1,167 @@
+"""Replay every recorded run through the real reader and analysis; check against what really happened."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import LABELS, fixture_run, write_scalars
+from lrwatch.analysis import CRITICAL, Thresholds, analyze, find_restarts
+from lrwatch.runs import Run
+from lrwatch.schedules import cosine_hard_restarts, cyclic_multiplier
+from lrwatch.tags import TagMap
+
+TF2_TAGS = TagMap(lr=("train/lr",), dlr=("train/dlr",), loss=("train/loss",))
+BLOWUPS = [n for n, lab in LABELS.items() if lab["first_nonfinite_loss_step"] or lab["first_diverged_loss_step"]]
+HEALTHY = [n for n, lab in LABELS.items() if lab["what"].startswith("healthy")]
+
+
+def analysis_of(name: str):
+    run = Run(fixture_run(name))
+    run.refresh()
+    return analyze(run, TF2_TAGS if name.startswith("tf2") else None)
+
+
+def test_the_fixtures_cover_what_the_issue_asks_for():
+    assert len(BLOWUPS) >= 2 and len(HEALTHY) >= 3
+    assert {"Prodigy", "DAdaptAdam"} <= {LABELS[n]["optimizer"] for n in HEALTHY}
+
+
+@pytest.mark.parametrize("name", sorted(LABELS))
+def test_restarts_found_from_lr_alone_are_the_real_ones(name):
+    a = analysis_of(name)
+    assert a.groups
+    for g in a.groups:
+        assert g.restarts == LABELS[name]["restart_steps"]
+
+
+@pytest.mark.parametrize("name", BLOWUPS)
+def test_every_blowup_is_flagged_critical_before_the_loss_goes_bad(name):
+    lab = LABELS[name]
+    first_bad = min(s for s in (lab["first_nonfinite_loss_step"], lab["first_diverged_loss_step"]) if s)
+    critical = [f for f in analysis_of(name).findings if f.severity == CRITICAL and f.kind != "blowup"]
+    assert critical, "no critical prediction"
+    assert critical[0].step < first_bad
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_runs_have_no_critical_finding(name):
+    a = analysis_of(name)
+    assert a.worst != CRITICAL, [f.message for f in a.findings]
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_the_normal_warm_up_of_d_is_never_a_finding(name):
+    # d climbs from 1e-6 by four orders of magnitude in every one of these runs
+    a = analysis_of(name)
+    assert all(g.cycles[0].d_growth is None or g.cycles[0].d_growth > 1e3 for g in a.groups)
+    assert a.findings == []
+
+
+def test_the_seed_picture_is_caught_at_the_bump_not_at_the_restart():
+    a = analysis_of("prodigy_seed_bump")
+    first_restart = LABELS["prodigy_seed_bump"]["restart_steps"][0]
+    predicted = [f for f in a.findings if f.kind == "predicted_restart_blowup"]
+    assert predicted and predicted[0].step < first_restart
+    assert predicted[0].severity in ("warning", "critical")
+    assert any(f.severity == CRITICAL and f.step < first_restart for f in predicted)
+    # and what happened at the restart: d*lr far above anything before
+    spike = [f for f in a.findings if f.values.get("what") == "restart_spike"]
+    assert spike and spike[0].step == first_restart and spike[0].values["ratio"] > 2
+
+
+def test_runaway_d_mid_cycle_is_flagged_before_the_loss_goes_non_finite():
+    a = analysis_of("dadapt_sgd_blowup")
+    runaway = [f for f in a.findings if f.kind == "runaway_d" and f.severity == CRITICAL]
+    assert runaway and runaway[0].step < LABELS["dadapt_sgd_blowup"]["first_diverged_loss_step"]
+
+
+def test_d_growing_across_cycles_is_flagged():
+    a = analysis_of("dadapt_adam_growth")
+    assert any(f.kind in ("predicted_restart_blowup", "runaway_d") for f in a.findings)
+    assert max(c.d_growth for c in a.groups[0].cycles[1:]) > 3
+
+
+def test_findings_of_a_prefix_are_the_findings_of_the_whole_up_to_that_step(tmp_path):
+    """Causality: what a live watcher prints at step t is what the audit says about step t."""
+    whole = analysis_of("dadapt_sgd_growth_blowup").findings
+    run = Run(fixture_run("dadapt_sgd_growth_blowup"))
+    run.refresh()
+    series = {t: run.series(t) for t in run.tags}
+    for cut in (90, 190, 320, 515):
+        prefix_dir = tmp_path / f"cut{cut}"
+        write_scalars(prefix_dir, {t: [(int(s), float(v)) for s, v in zip(x.steps, x.values) if s <= cut]
+                                   for t, x in series.items()})
+        partial = Run(prefix_dir)
+        partial.refresh()
+        got = [(f.kind, f.severity, f.step) for f in analyze(partial).findings]
+        want = [(f.kind, f.severity, f.step) for f in whole if f.step <= cut]
+        assert got == want, cut
+
+
+# --- restart detection on schedules, without training --------------------------------------------
+
+def _restarts(mults, jump=0.25):
+    return find_restarts(np.asarray(mults, dtype=np.float64), jump).tolist()
+
+
+def test_cosine_hard_restarts_with_warmup_restart_where_the_formula_does():
+    mult = [cosine_hard_restarts(s, 100, 1100, 5) for s in range(1, 1101)]
+    assert [i + 1 for i in _restarts(mult)] == [300, 500, 700, 900]
+
+
+def test_a_linear_warmup_is_not_a_restart():
+    for warmup in (1, 2, 3, 10, 500):
+        mult = [cyclic_multiplier(s, first_cycle=1000, warmup=warmup) for s in range(0, 2000)]
+        assert _restarts(mult) == [warmup + 1000], warmup
+
+
+def test_sgdr_cycles_that_grow_are_found():
+    mult = [cyclic_multiplier(s, first_cycle=50, cycle_mult=2.0, shape="cosine") for s in range(0, 750)]
+    assert _restarts(mult) == [50, 150, 350]
+
+
+def test_rex_restarts_with_float32_noise_and_decaying_peaks_are_found():
+    rng = np.random.default_rng(0)
+    mult = np.array([cyclic_multiplier(s, first_cycle=100, gamma=0.8, min_lr_ratio=0.05) for s in range(600)])
+    noisy = (mult * (1 + rng.normal(0, 1e-6, len(mult)))).astype(np.float32)
+    assert _restarts(noisy) == [100, 200, 300, 400, 500]
+
+
+def test_lr_zero_gives_no_d_and_no_crash(tmp_path):
+    pts = {"lr/unet": [(s, 0.0) for s in range(1, 200)], "lr/d*lr/unet": [(s, 0.0) for s in range(1, 200)]}
+    write_scalars(tmp_path, pts)
+    run = Run(tmp_path)
+    run.refresh()
+    a = analyze(run)
+    assert a.groups[0].d_now is None and a.findings == []
+
+
+def test_non_finite_lr_or_d_lr_is_a_blowup(tmp_path):
+    steps = range(1, 120)
+    write_scalars(tmp_path, {
+        "lr/unet": [(s, cyclic_multiplier(s, first_cycle=50)) for s in steps],
+        "lr/d*lr/unet": [(s, 0.01 * cyclic_multiplier(s, first_cycle=50) if s < 80 else math.nan) for s in steps],
+    })
+    run = Run(tmp_path)
+    run.refresh()
+    f = [x for x in analyze(run).findings if x.kind == "blowup"]
+    assert f and f[0].severity == CRITICAL and f[0].step == 80 and "d*lr" in f[0].message
+
+
+def test_a_run_without_d_lr_says_no_adaptive_optimizer_not_error(tmp_path):
+    write_scalars(tmp_path, {"lr/unet": [(s, 1e-4) for s in range(1, 50)], "loss/current": [(s, 1.0) for s in range(1, 50)]})
+    run = Run(tmp_path)
+    run.refresh()
+    a = analyze(run)
+    assert any("no adaptive optimizer seen" in n for n in a.notes) and a.findings == []
+
+
+def test_thresholds_are_options_and_change_the_verdict():
+    run = Run(fixture_run("dadapt_adam_growth"))
+    run.refresh()
+    lax = Thresholds(risk_warning=50, risk_critical=100, runaway_warning=50, runaway_critical=100, restart_spike=100)
+    assert analyze(run, thresholds=lax).findings == []
+    assert analyze(run).findings

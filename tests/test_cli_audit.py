@@ -1,0 +1,72 @@
+"""`lrwatch audit` as a user runs it: a real subprocess, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import FIXTURES, LABELS, ROOT, fixture_run
+
+
+def lrwatch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrwatch", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_audit_of_a_blowup_prints_findings_with_steps_and_exits_1():
+    out = lrwatch("audit", str(FIXTURES / "dadapt_sgd_blowup"))
+    assert out.returncode == 1, out.stderr
+    assert "CRITICAL step 89" in out.stdout and "predicted_restart_blowup" in out.stdout
+    assert "verdict: CRITICAL" in out.stdout
+
+
+def test_audit_of_a_healthy_run_exits_0():
+    out = lrwatch("audit", str(FIXTURES / "prodigy_cosine_healthy"))
+    assert out.returncode == 0, out.stdout
+    assert "findings: none" in out.stdout and "schedule: cosine_with_restarts" in out.stdout
+
+
+def test_json_has_the_documented_schema():
+    out = lrwatch("audit", "--json", str(FIXTURES))
+    doc = json.loads(out.stdout)
+    assert doc["schema"] == 1 and doc["exit_code"] == out.returncode == 1
+    assert len(doc["runs"]) == len(LABELS)
+    for run in doc["runs"]:
+        assert {"path", "groups", "cycles", "findings"} <= set(run)
+        for cycle in run["cycles"]:
+            assert {"start", "end", "peak_lr", "min_lr_step", "d_start", "d_end"} <= set(cycle)
+        for f in run["findings"]:
+            assert {"kind", "severity", "group", "step", "message"} <= set(f)
+            assert f["kind"] in ("predicted_restart_blowup", "runaway_d", "blowup")
+            assert f["severity"] in ("warning", "critical")
+
+
+def test_a_missing_path_exits_2_with_a_clear_message():
+    out = lrwatch("audit", "no/such/logs")
+    assert out.returncode == 2 and "no such file or directory" in out.stdout
+
+
+def test_a_foreign_file_exits_2_and_says_it_is_not_an_event_file():
+    out = lrwatch("audit", str(ROOT / "pyproject.toml"))
+    assert out.returncode == 2 and "not a TensorBoard event file" in out.stdout
+
+
+def test_bad_threshold_is_a_usage_error():
+    out = lrwatch("audit", "--risk-critical", "1.5", str(FIXTURES / "prodigy_seed_bump"))
+    assert out.returncode == 2 and "critical threshold" in out.stderr
+
+
+def test_tag_patterns_map_another_trainers_tags():
+    run = fixture_run("tf2_tensor_scalars")
+    plain = json.loads(lrwatch("audit", "--json", str(run)).stdout)["runs"][0]
+    assert not any(g["adaptive"] for g in plain["groups"])
+    mapped = json.loads(lrwatch("audit", "--json", "--lr-tag", "train/lr", "--dlr-tag", "train/dlr",
+                                "--loss-tag", "train/loss", str(run)).stdout)["runs"][0]
+    assert mapped["groups"][0]["adaptive"] and mapped["groups"][0]["restarts"] == [200, 400, 600]
+
+
+def test_the_core_never_imports_torch():
+    code = ("import sys, lrwatch, lrwatch.cli, lrwatch.monitor, lrwatch.report, lrwatch.analysis, lrwatch.runs;"
+            "lrwatch.audit([sys.argv[1]]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(FIXTURES)], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr

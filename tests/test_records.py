@@ -1,0 +1,160 @@
+"""The reader on good, growing, truncated, damaged, empty and foreign files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import event_file_of, write_scalars
+from lrwatch.loader import EventFile
+from lrwatch.records import HEADER, find_records, masked_crc
+
+
+def test_masked_crc_matches_the_tfrecord_definition():
+    # masked crc of the 8-byte length of the first record of every file: known from TensorFlow's writer
+    data = event_file_of("prodigy_cosine_healthy").read_bytes()
+    assert masked_crc(data[:8]) == int.from_bytes(data[8:12], "little")
+
+
+def test_a_whole_file_reads_every_record_and_ends_at_its_end():
+    data = event_file_of("dadapt_sgd_blowup").read_bytes()
+    frames = find_records(data)
+    assert frames.end == len(data) and frames.pending == 0 and frames.damage == []
+    assert len(frames.starts) == 2401  # file_version + 600 steps x 4 scalars
+
+
+def test_every_truncation_point_is_an_unfinished_record_not_damage():
+    data = event_file_of("dadapt_sgd_blowup").read_bytes()[:3000]
+    full = find_records(data)
+    for cut in range(1, len(data)):
+        frames = find_records(data[:cut])
+        assert frames.damage == [], cut
+        assert frames.end + frames.pending == cut
+        assert np.array_equal(frames.starts, full.starts[: len(frames.starts)])
+
+
+def test_a_file_read_while_it_grows_byte_by_byte_chunks_gives_the_same_points(tmp_path):
+    src = event_file_of("prodigy_two_groups").read_bytes()
+    grown = tmp_path / "events.out.tfevents.1.host.1.0"
+    grown.write_bytes(b"")
+    loader = EventFile(grown)
+    steps, values = [], []
+    for cut in list(range(0, len(src), 977)) + [len(src)]:
+        grown.write_bytes(src[:cut])  # a writer appends; records are split across reads
+        batch = loader.read_new()
+        assert batch.damage == []
+        steps.append(batch.scalars.steps)
+        values.append(batch.scalars.values)
+    whole = EventFile(event_file_of("prodigy_two_groups")).read_new().scalars
+    assert np.array_equal(np.concatenate(steps), whole.steps)
+    assert np.array_equal(np.concatenate(values), whole.values)
+    assert loader.offset == len(src)
+
+
+def test_a_flipped_data_byte_loses_only_that_record_and_says_where():
+    data = bytearray(event_file_of("dadapt_sgd_blowup").read_bytes())
+    good = find_records(bytes(data))
+    victim = int(good.starts[100])
+    data[victim + 3] ^= 0xFF
+    frames = find_records(bytes(data))
+    assert len(frames.starts) == len(good.starts) - 1
+    assert [d.offset for d in frames.damage] == [victim - HEADER]
+    assert "checksum" in frames.damage[0].message
+    assert frames.end == len(data)
+
+
+def test_a_flipped_length_byte_is_reported_and_reading_resumes_at_the_next_record():
+    data = bytearray(event_file_of("dadapt_sgd_blowup").read_bytes())
+    good = find_records(bytes(data))
+    header = int(good.starts[50]) - HEADER
+    data[header + 1] ^= 0x40  # the length now claims 16 KiB more; its checksum no longer matches
+    frames = find_records(bytes(data))
+    assert len(frames.starts) == len(good.starts) - 1
+    assert frames.damage[0].offset == header and "length" in frames.damage[0].message
+    assert frames.end == len(data)
+
+
+def test_damage_offsets_are_file_offsets_when_reading_resumes_mid_file(tmp_path):
+    src = bytearray(event_file_of("dadapt_sgd_blowup").read_bytes())
+    good = find_records(bytes(src))
+    split = int(good.starts[1000]) - HEADER
+    victim = int(good.starts[1500])
+    src[victim] ^= 0x01
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(src[:split])
+    loader = EventFile(path)
+    assert loader.read_new().damage == []
+    path.write_bytes(src)
+    batch = loader.read_new()
+    assert [d.offset for d in batch.damage] == [victim - HEADER]
+
+
+def test_an_empty_file_is_not_an_error(tmp_path):
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(b"")
+    batch = EventFile(path).read_new()
+    assert len(batch.scalars) == 0 and batch.damage == [] and batch.pending == 0
+
+
+def test_a_foreign_file_is_damage_at_offset_zero_and_nothing_is_read(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not a TensorBoard event file\n" * 20)
+    batch = EventFile(path).read_new()
+    assert len(batch.scalars) == 0
+    assert batch.damage and batch.damage[0].offset == 0
+
+
+def test_garbage_after_good_records_is_reported_once_and_later_records_are_read(tmp_path):
+    src = event_file_of("dadapt_sgd_blowup").read_bytes()
+    good = find_records(src)
+    cut = int(good.starts[10]) - HEADER
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(src[:cut] + b"\xde\xad\xbe\xef" * 8)
+    loader = EventFile(path)
+    first = loader.read_new()
+    assert len(first.damage) == 1 and first.damage[0].offset == cut
+    path.write_bytes(src[:cut] + b"\xde\xad\xbe\xef" * 8 + src[cut:])
+    second = loader.read_new()
+    assert second.damage == []  # not reported again
+    assert len(first.scalars) + len(second.scalars) == 2400
+
+
+def test_a_replaced_file_is_read_again_from_the_start(tmp_path):
+    src = event_file_of("dadapt_sgd_blowup").read_bytes()
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(src)
+    loader = EventFile(path)
+    loader.read_new()
+    path.write_bytes(src[:5000])  # shrank: someone rewrote it
+    batch = loader.read_new()
+    assert batch.restarted and loader.offset <= 5000 and len(batch.scalars) > 0
+
+
+def test_nan_inf_and_negative_steps_survive_the_fast_decoder(tmp_path):
+    path = write_scalars(tmp_path, {"lr/unet": [(1, 0.5), (2, float("nan")), (3, float("inf")), (-4, 0.0),
+                                                (2**40, -1.5)]})
+    s = EventFile(path).read_new().scalars
+    assert s.steps.tolist() == [-4, 1, 2, 3, 2**40]
+    v = s.values
+    assert v[0] == 0.0 and v[1] == 0.5 and np.isnan(v[2]) and np.isinf(v[3]) and v[4] == -1.5
+
+
+@pytest.mark.parametrize("name", ["prodigy_two_groups", "tf2_tensor_scalars", "prodigy_cosine_healthy"])
+def test_fast_decoder_agrees_with_tensorboards_own_parser(name):
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    path = event_file_of(name)
+    expected = []
+    for raw in RawEventFileLoader(str(path)).Load():
+        event = Event.FromString(raw)
+        for value in event.summary.value:
+            if value.WhichOneof("value") == "simple_value":
+                expected.append((value.tag, event.step, value.simple_value))
+            elif value.WhichOneof("value") == "tensor":
+                import tensorboard.util.tensor_util as tu
+
+                expected.append((value.tag, event.step, float(tu.make_ndarray(value.tensor))))
+    s = EventFile(path).read_new().scalars
+    got = [(s.tags[t], int(st), float(v)) for t, st, v in zip(s.tag_ids, s.steps, s.values)]
+    assert got == expected

@@ -1,0 +1,110 @@
+"""Finding runs, their configuration, and resolving steps that go back after a resume."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import FIXTURES, LABELS, fixture_run, write_scalars
+from lrwatch.runs import Run, discover, open_runs, parse_flat_yaml, resolve_relogged
+from lrwatch.schedule_config import known_schedule
+from lrwatch.tags import TagMap
+
+
+def test_a_logdir_with_many_runs_gives_one_run_per_event_folder():
+    runs = discover(FIXTURES)
+    assert len(runs) == len(LABELS)
+    assert all(p.name == "network_train" for p in runs)
+
+
+def test_the_hparams_subfolder_belongs_to_its_run_not_a_run_of_its_own():
+    run_dir = fixture_run("prodigy_cosine_healthy")
+    assert discover(run_dir) == [run_dir]
+    run = Run(run_dir)
+    run.refresh()
+    assert len(run.files) == 2  # the scalars and add_hparams' timestamp subfolder
+    assert run.config["lr_scheduler"] == "cosine_with_restarts"
+    assert run.config["lr_scheduler_num_cycles"] == 5
+
+
+def test_logged_config_makes_restarts_known_before_they_happen():
+    run = Run(fixture_run("prodigy_cosine_healthy"))
+    run.refresh()
+    schedule = known_schedule(run.config)
+    assert list(schedule.restarts) == LABELS["prodigy_cosine_healthy"]["restart_steps"]
+    assert schedule.next_restart(250) == 400 and schedule.next_restart(900) is None
+
+
+def test_hparams_yml_alone_is_read_too(tmp_path):
+    write_scalars(tmp_path, {"lr/unet": [(1, 1.0)]})
+    (tmp_path / "hparams.yml").write_text('lr_scheduler: "cosine_with_restarts"\nlr_scheduler_num_cycles: 4\n'
+                                          "max_train_steps: 400\nlr_warmup_steps: 0\n")
+    run = Run(tmp_path)
+    run.refresh()
+    assert known_schedule(run.config).restarts == (100, 200, 300)
+
+
+def test_a_single_event_file_is_a_run():
+    path = sorted(fixture_run("dadapt_sgd_blowup").glob("events.*"))[0]
+    (run,) = open_runs([path])
+    run.refresh()
+    assert run.series("lr/unet").steps[-1] == 600
+
+
+def test_after_a_resume_the_newer_file_wins_for_overlapping_steps():
+    label = LABELS["prodigy_resumed"]
+    run = Run(fixture_run("prodigy_resumed"))
+    run.refresh()
+    assert len(run.files) == 2
+    loss = run.series("loss/current")
+    assert loss.steps.tolist() == list(range(1, 1001))  # every step once
+    # the overlapping steps carry the second (newer) file's values
+    second = sorted(run.files)[-1]
+    newer = run.files[second]
+    assert newer.records_read > 0
+    from lrwatch.loader import EventFile
+
+    fresh = EventFile(second).read_new().scalars
+    tag = fresh.tags.index("loss/current")
+    sel = fresh.tag_ids == tag
+    overlap = (fresh.steps[sel] >= label["resume_from"]) & (fresh.steps[sel] <= label["resumed_at"])
+    mine = np.isin(loss.steps, fresh.steps[sel][overlap])
+    assert np.array_equal(loss.values[mine], fresh.values[sel][overlap])
+    assert run.superseded_points > 0
+
+
+def test_resolve_relogged_keeps_the_later_write_of_every_step():
+    steps = np.array([1, 2, 3, 4, 5, 3, 4, 5, 6, 2, 7])
+    keep = resolve_relogged(steps)
+    # the second resume (back to step 2) supersedes every earlier write of steps 2..6
+    assert steps[keep].tolist() == [1, 2, 7]
+    assert np.flatnonzero(keep).tolist() == [0, 9, 10]
+
+
+def test_flat_yaml_values_keep_their_types():
+    parsed = parse_flat_yaml('a: 1\nb: 0.5\nc: "x y"\nd: null\ne: true\nf: plain\n  nested: skipped\n')
+    assert parsed == {"a": 1, "b": 0.5, "c": "x y", "d": None, "e": True, "f": "plain"}
+
+
+def test_kohya_tags_pair_into_groups():
+    tm = TagMap()
+    groups = tm.groups({"lr/textencoder", "lr/unet", "lr/d*lr/textencoder", "lr/d*lr/unet", "loss/current"})
+    assert [(g.name, g.lr_tag, g.dlr_tag) for g in groups] == [
+        ("textencoder", "lr/textencoder", "lr/d*lr/textencoder"), ("unet", "lr/unet", "lr/d*lr/unet")]
+
+
+def test_a_lone_d_lr_pairs_with_group_zeros_lr():
+    groups = TagMap().groups({"lr/textencoder", "lr/unet", "lr/d*lr"})
+    assert groups[0].lr_tag == "lr/textencoder" and groups[0].dlr_tag == "lr/d*lr"
+    assert TagMap().groups({"lr/unet", "lr/d*lr"})[0].lr_tag == "lr/unet"
+    assert TagMap().groups({"lr", "lr/d*lr"})[0].lr_tag == "lr"
+
+
+def test_custom_group_names_and_prodigy_plus_eff_lr_do_not_confuse_pairing():
+    groups = TagMap().groups({"lr/group0", "lr/group1", "lr/d*lr/group0", "lr/d*lr/group1", "lr/d*eff_lr/group0"})
+    assert [(g.lr_tag, g.dlr_tag) for g in groups] == [("lr/group0", "lr/d*lr/group0"), ("lr/group1", "lr/d*lr/group1")]
+
+
+def test_a_fork_that_logs_d_lr_under_lr_is_mapped_with_patterns():
+    tm = TagMap(lr=("lr/base/{group}",), dlr=("lr/{group}",))
+    (g,) = tm.groups({"lr/unet", "lr/base/unet"})
+    assert (g.name, g.lr_tag, g.dlr_tag) == ("unet", "lr/base/unet", "lr/unet")
