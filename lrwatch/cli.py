@@ -112,6 +112,73 @@ def audit(paths: tuple[str, ...], as_json: bool, tag_map: TagMap, thresholds: Th
     sys.exit(exit_code(monitor))
 
 
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--kill-on-spike", is_flag=True, help="Stop the trainer when a critical finding fires.")
+@click.option("--kill-at", type=click.Choice(["now", "restart"]), default="now", show_default=True,
+              help="Stop at once, or just before the predicted restart (after the cycle-minimum snapshot).")
+@click.option("--pid", type=int, help="The trainer's pid (else: the command after --, else the run's writer).")
+@click.option("--dry-run", is_flag=True, help="Say what would be stopped; stop nothing.")
+@click.option("--grace-int", type=float, default=10.0, show_default=True,
+              help="Seconds after SIGINT before SIGTERM.")
+@click.option("--grace-term", type=float, default=10.0, show_default=True,
+              help="Seconds after SIGTERM before SIGKILL.")
+@click.option("--poll", type=float, metavar="SECONDS",
+              help="Poll every SECONDS instead of native file events (network filesystems).")
+@click.option("--until-idle", type=float, metavar="SECONDS",
+              help="Finish (final audit, exit code) after SECONDS without new data.")
+@click.option("--events-out", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append every finding and action as a JSON line to FILE.")
+@click.option("--exec", "exec_cmd", metavar="CMD",
+              help="Run CMD (through the shell) for every finding, with LRWATCH_* environment variables.")
+@click.option("--webhook", metavar="URL", help="POST every finding as JSON (Discord and Slack accept it).")
+@analysis_options
+def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | None, dry_run: bool,
+          grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
+          events_out: str | None, exec_cmd: str | None, webhook: str | None,
+          tag_map: TagMap, thresholds: Thresholds) -> None:
+    """Follow the runs under PATHS as they are written (PATHS may not exist yet).
+
+    \b
+    Launch and guard a trainer:   lrwatch logs/ --kill-on-spike -- accelerate launch train_network.py ...
+    Guard a running trainer:      lrwatch logs/ --kill-on-spike
+    Ends when the trainer exits (or --until-idle), printing the final audit; exit codes as audit.
+    Ctrl-C stops lrwatch, never the trainer.
+    """
+    from lrwatch.hooks import Hooks
+    from lrwatch.watch import WatchOptions, watch as run_watch
+
+    ctx = click.get_current_context()
+    paths, command = _split_command(paths, ctx)
+    if poll is not None and poll <= 0:
+        raise click.UsageError("--poll must be a positive number of seconds")
+    if kill_at == "restart" and not kill_on_spike:
+        raise click.UsageError("--kill-at restart goes with --kill-on-spike")
+    options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid, command=command,
+                           dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle)
+    hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
+    monitor = Monitor(list(paths), tag_map, thresholds)
+    try:
+        code = run_watch(monitor, options, hooks)
+    finally:
+        hooks.close()
+    sys.exit(code)
+
+
+def _split_command(args: tuple[str, ...], ctx: click.Context) -> tuple[list[str], list[str] | None]:
+    """``PATHS -- COMMAND...``: click hands everything after ``--`` to PATHS; split it back off."""
+    raw = sys.argv[1:]
+    if "--" not in raw:
+        return list(args), None
+    after = raw[raw.index("--") + 1 :]
+    if not after:
+        raise click.UsageError("nothing to launch after --")
+    paths = list(args[: len(args) - len(after)])
+    if not paths:
+        raise click.UsageError("give the log folder to watch before --")
+    return paths, after
+
+
 def _poll_with_progress(monitor: Monitor) -> None:
     runs = monitor.discover()
     if len(runs) < 2 or not sys.stderr.isatty():

@@ -54,9 +54,10 @@ class Monitor:
                     new.append(run)
         return new
 
-    def poll(self, run_paths: set[Path] | None = None) -> list[tuple[Run, Finding]]:
+    def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True) -> list[tuple[Run, Finding]]:
         """Read what is new (in the given runs, or all) and return findings not reported before."""
-        self.discover()
+        if rediscover:
+            self.discover()
         out: list[tuple[Run, Finding]] = []
         for path, state in self.states.items():
             if run_paths is not None and path not in run_paths:

@@ -1,0 +1,270 @@
+"""Which process is the trainer, and stopping it safely.
+
+A process is only ever signalled if lrwatch launched it, was given its pid, or
+found it as the writer of the run's event files, and only while its identity
+(pid + create time) is still the one that was found. Stopping escalates
+SIGINT -> SIGTERM -> SIGKILL over the trainer's process tree (with a launcher
+parent such as ``accelerate launch``); on Windows, CTRL_BREAK (for a process
+group lrwatch launched), then TerminateProcess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+WINDOWS = os.name == "nt"
+# events.out.tfevents.<unix time>.<hostname, may contain dots>.<pid>.<n><suffix>
+_WRITER_NAME = re.compile(r"tfevents\.(?P<time>\d+)\.(?P<host>.+)\.(?P<pid>\d+)\.(?P<n>\d+)(?P<suffix>[^/\\]*)$")
+# Parents that only launch the trainer: stopping the trainer alone would leave them (or restart it).
+LAUNCHER = re.compile(r"(^|[/\\\s])(accelerate(\.exe)?\s+launch|torchrun|torch\.distributed\.(run|launch)|deepspeed)\b")
+# A process must be older than its event file; allow for the name's whole-second timestamp.
+CLOCK_SLACK = 2.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, proc: psutil.Process) -> Identity:
+        return cls(proc.pid, proc.create_time())
+
+    def process(self) -> psutil.Process | None:
+        """The live process with this identity, or None (gone, or the pid was reused)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.create_time() != self.create_time or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+
+@dataclass
+class Target:
+    identity: Identity
+    found_by: str  # launched | pid | writer (from the event file's name) | holder (has the file open)
+    detail: str
+    own_group: bool = False  # launched by lrwatch in its own process group (Windows CTRL_BREAK)
+
+    def describe(self) -> str:
+        proc = self.identity.process()
+        cmd = _cmdline(proc) if proc else "(exited)"
+        return f"pid {self.identity.pid} ({cmd}), {self.found_by}: {self.detail}"
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())[:160] or proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "?"
+
+
+def parse_writer_name(path: Path) -> tuple[int, str, int] | None:
+    """(file creation time, host, pid) from an event file's name."""
+    m = _WRITER_NAME.search(path.name)
+    if not m:
+        return None
+    return int(m["time"]), m["host"], int(m["pid"])
+
+
+def _is_this_host(host: str) -> bool:
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    names |= {n.split(".")[0] for n in names}
+    return host.lower() in names or host.lower().split(".")[0] in names
+
+
+def writer_from_name(path: Path) -> tuple[Target | None, str]:
+    """The writer named in an event file's name, confirmed: this host, alive, older than the file."""
+    parsed = parse_writer_name(path)
+    if parsed is None:
+        return None, f"{path.name}: no writer pid in the name"
+    stamp, host, pid = parsed
+    if not _is_this_host(host):
+        return None, f"{path.name}: written on host {host!r}, not this machine"
+    try:
+        proc = psutil.Process(pid)
+        created = proc.create_time()
+        status = proc.status()
+    except psutil.NoSuchProcess:
+        return None, f"{path.name}: writer pid {pid} is not running"
+    except psutil.AccessDenied:
+        return None, f"{path.name}: pid {pid} belongs to another user"
+    if status == psutil.STATUS_ZOMBIE:
+        return None, f"{path.name}: writer pid {pid} has exited"
+    if pid in _protected():
+        return None, f"{path.name}: pid {pid} is lrwatch itself, its parent or init; never a target"
+    if created > stamp + CLOCK_SLACK:
+        return None, (f"{path.name}: pid {pid} started {created - stamp:.0f} s after the file was created, "
+                      "so it is not the writer (pid reused)")
+    return Target(Identity(pid, created), "writer", f"named in {path.name}"), "ok"
+
+
+def holder_of(paths: list[Path]) -> Target | None:
+    """A process of ours that holds one of ``paths`` open (writers that keep the file open)."""
+    wanted = {str(p.resolve()) for p in paths}
+    me = psutil.Process()
+    try:
+        user = me.username()
+    except psutil.Error:
+        user = None
+    for proc in psutil.process_iter(["pid", "username"]):
+        if proc.pid == me.pid or (user and proc.info.get("username") != user):
+            continue
+        try:
+            if any(f.path in wanted for f in proc.open_files()):
+                return Target(Identity.of(proc), "holder", "holds the event file open")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def find_writer(event_files: list[Path]) -> tuple[Target | None, list[str]]:
+    """The process writing a run, newest file first; with the reasons for every file ruled out."""
+    reasons = []
+    for path in sorted(event_files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True):
+        target, why = writer_from_name(path)
+        if target:
+            return target, reasons
+        reasons.append(why)
+    holder = holder_of(event_files)
+    if holder:
+        return holder, reasons
+    return None, reasons
+
+
+def _protected() -> set[int]:
+    """lrwatch itself, its ancestors and init: never part of a tree to stop."""
+    pids = {0, 1, os.getpid()}
+    try:
+        pids |= {p.pid for p in psutil.Process().parents()}
+    except psutil.Error:
+        pass
+    return pids
+
+
+def process_tree(target: Target) -> list[Identity]:
+    """The trainer, its children, and a launcher parent with all of its children (deepest first)."""
+    root = target.identity.process()
+    if root is None:
+        return []
+    protected = _protected()
+    top = root
+    if target.found_by != "launched":
+        for parent in root.parents():
+            if parent.pid in protected or not LAUNCHER.search(_cmdline(parent)):
+                break
+            top = parent
+    members = [top]
+    try:
+        members += top.children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    out = []
+    for proc in reversed(members):  # children before parents
+        if proc.pid in protected:
+            continue
+        try:
+            out.append(Identity.of(proc))
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+@dataclass
+class StopResult:
+    signalled: list[tuple[int, str]] = field(default_factory=list)  # (pid, signal name)
+    refused: list[str] = field(default_factory=list)  # identity changed: not signalled
+    exited: bool = False
+
+
+def stop(
+    target: Target,
+    grace_int: float = 10.0,
+    grace_term: float = 10.0,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> StopResult:
+    """Stop ``target``'s tree: SIGINT, then SIGTERM, then SIGKILL, each after its grace period."""
+    result = StopResult()
+    tree = process_tree(target)
+    if not tree:
+        log(f"lrwatch: {target.describe()}: already gone, nothing to stop")
+        result.exited = True
+        return result
+    names = ", ".join(f"{i.pid}" for i in tree)
+    if dry_run:
+        log(f"lrwatch: --dry-run: would stop pid(s) {names}: {target.describe()}")
+        return result
+    phases: list[tuple[str, float]] = [("SIGINT", grace_int), ("SIGTERM", grace_term), ("SIGKILL", 0.0)]
+    for phase, grace in phases:
+        alive = []
+        for ident in tree:
+            proc = ident.process()
+            if proc is None:
+                if _pid_reused(ident):
+                    result.refused.append(f"pid {ident.pid}: now a different process; not signalled")
+                continue
+            if _send(proc, phase, target.own_group and ident == target.identity):
+                result.signalled.append((ident.pid, phase))
+                alive.append(proc)
+        if not alive:
+            break
+        log(f"lrwatch: sent {phase} to pid(s) {', '.join(str(p.pid) for p in alive)}")
+        if _wait_gone(alive, grace if grace > 0 else 5.0):
+            break
+    result.exited = all(i.process() is None for i in tree)
+    for line in result.refused:
+        log(f"lrwatch: {line}")
+    return result
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
+    """Wait until every process has exited. A zombie has exited (its parent just has not
+    reaped it yet), which psutil.wait_procs would keep waiting for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return not alive
+        time.sleep(0.05)
+
+
+def _pid_reused(ident: Identity) -> bool:
+    try:
+        return psutil.Process(ident.pid).create_time() != ident.create_time
+    except psutil.Error:
+        return False
+
+
+def _send(proc: psutil.Process, phase: str, own_group: bool) -> bool:
+    try:
+        if phase == "SIGKILL":
+            proc.kill()
+        elif phase == "SIGTERM":
+            proc.terminate()
+        elif not WINDOWS:
+            proc.send_signal(signal.SIGINT)
+        elif own_group:  # Windows: Ctrl-Break reaches only a process group lrwatch created
+            proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        else:
+            return False  # no interrupt on Windows for processes lrwatch did not launch: go on to terminate
+        return True
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,354 @@
+"""Live watching: the audit pipeline, re-run as the trainer's files change.
+
+File-system events (watchdog's native observer, or its polling observer for
+network filesystems) wake the loop; only runs whose files changed are read
+again, from where the last read stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import psutil
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from lrwatch.analysis import CRITICAL, Finding
+from lrwatch.hooks import Hooks
+from lrwatch.monitor import Monitor, RunState
+from lrwatch.processes import WINDOWS, Identity, Target, find_writer, stop, writer_from_name
+from lrwatch.report import EXIT_UNREADABLE, exit_code, render
+
+SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
+
+
+@dataclass
+class WatchOptions:
+    poll: float | None = None  # seconds between polls; None: native file-system events
+    kill_on_spike: bool = False
+    kill_at: str = "now"  # now | restart
+    pid: int | None = None
+    command: list[str] | None = None
+    dry_run: bool = False
+    grace_int: float = 10.0
+    grace_term: float = 10.0
+    until_idle: float | None = None
+
+
+class _Changes(FileSystemEventHandler):
+    """Collects changed paths from the observer thread and wakes the loop."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._paths: set[Path] = set()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        with self._lock:
+            self._paths.add(Path(os.fsdecode(event.src_path)))
+            dest = getattr(event, "dest_path", "")
+            if dest:
+                self._paths.add(Path(os.fsdecode(dest)))
+        self.wake.set()
+
+    def take(self) -> set[Path]:
+        with self._lock:
+            paths, self._paths = self._paths, set()
+        self.wake.clear()
+        return paths
+
+
+class Watcher:
+    """Observes the roots (waiting for those that do not exist yet) and yields changed runs."""
+
+    def __init__(self, monitor: Monitor, poll: float | None = None) -> None:
+        self.monitor = monitor
+        self.changes = _Changes()
+        self.observer = PollingObserver(timeout=poll) if poll else Observer()
+        self._scheduled: set[Path] = set()
+
+    def start(self) -> None:
+        self.observer.start()
+        self.schedule_new_roots()
+
+    def schedule_new_roots(self) -> bool:
+        """Start observing roots that have appeared; True if any did."""
+        appeared = False
+        for root in self.monitor.roots:
+            if root in self._scheduled or not root.exists():
+                continue
+            folder = root if root.is_dir() else root.parent
+            self.observer.schedule(self.changes, str(folder), recursive=root.is_dir())
+            self._scheduled.add(root)
+            appeared = True
+        return appeared
+
+    def wait(self, timeout: float) -> tuple[set[Path], bool]:
+        """Block until something changes (or ``timeout``): (changed known runs, whether to rediscover)."""
+        self.changes.wake.wait(timeout)
+        rediscover = self.schedule_new_roots()
+        runs: set[Path] = set()
+        for path in self.changes.take():
+            run = self.monitor.run_for(path)
+            if run is None:
+                rediscover = True  # a new run folder or event file
+            else:
+                runs.add(run)
+                if path.parent != run and path.is_dir():
+                    rediscover = True
+        return runs, rediscover
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)
+
+
+class StatusBoard:
+    """One compact line per run: redrawn in place on a terminal, printed at restarts otherwise."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._drawn = 0
+        self._last_cycle: dict[Path, int] = {}
+
+    def line(self, state: RunState) -> str | None:
+        a = state.analysis
+        if a is None or a.last_step is None:
+            return None
+        parts = [f"{state.run.name}: step {a.last_step}"]
+        groups = [g for g in a.groups if g.adaptive] or a.groups
+        if groups:
+            parts.append(f"cycle {len(groups[0].restarts)}")
+        ds = " ".join(f"{g.name}={g.d_now:.3g}" for g in groups if g.d_now is not None)
+        if ds:
+            parts.append(f"d {ds}")
+        risks = [g.risk for g in groups if g.risk is not None]
+        if risks:
+            parts.append(f"next-restart risk {max(risks):.2f}x")
+        nxt = next((g.next_restart for g in groups if g.next_restart), None)
+        if nxt:
+            parts.append(f"(restart at {nxt})")
+        if a.worst:
+            parts.append(a.worst.upper())
+        return "  ".join(parts)
+
+    def clear(self) -> None:
+        if self.tty and self._drawn:
+            self.out.write("\x1b[1A\x1b[2K" * self._drawn + "\r")
+            self._drawn = 0
+
+    def draw(self, states: list[RunState]) -> None:
+        if self.tty:
+            self.clear()
+            lines = [line for s in states if (line := self.line(s))]
+            width = max(20, _terminal_width() - 1)
+            for line in lines:
+                self.out.write(line[:width] + "\n")
+            self._drawn = len(lines)
+            self.out.flush()
+            return
+        for s in states:  # a log file: one line per run when a new cycle starts
+            a = s.analysis
+            if a is None or not a.groups:
+                continue
+            cycle = len(a.groups[0].restarts)
+            if self._last_cycle.get(s.run.path) != cycle:
+                self._last_cycle[s.run.path] = cycle
+                line = self.line(s)
+                if line:
+                    print(f"lrwatch: {line}", file=self.out, flush=True)
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 120
+
+
+def launch(command: list[str]) -> subprocess.Popen:
+    """Start the trainer in its own process group/session, so that Ctrl-C in lrwatch's terminal
+    reaches lrwatch only: stopping lrwatch never stops the trainer."""
+    if WINDOWS:
+        return subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)  # type: ignore[attr-defined]
+    return subprocess.Popen(command, start_new_session=True)
+
+
+class _Stopper:
+    """Decides what to stop when a critical finding fires, and when (now, or at the restart)."""
+
+    def __init__(self, options: WatchOptions, hooks: Hooks, launched: Target | None, given: Target | None) -> None:
+        self.options = options
+        self.hooks = hooks
+        self.launched = launched
+        self.given = given
+        self.pending: dict[Path, tuple[int, Finding]] = {}  # run -> (stop at this step, why)
+        self.done: set[Path] = set()
+        self.stopped: list[Target] = []
+        self.threads: list[threading.Thread] = []
+
+    def on_critical(self, state: RunState, finding: Finding) -> None:
+        run = state.run
+        if run.path in self.done or run.path in self.pending:
+            return
+        at = self._restart_step(state, finding) if self.options.kill_at == "restart" else None
+        last = state.analysis.last_step if state.analysis else None
+        if at is not None and last is not None and at > last:
+            self.pending[run.path] = (at, finding)
+            self.hooks.action(run, f"{run.name}: will stop the trainer when step {at} (the predicted restart, "
+                                   "after the cycle-minimum snapshot) is logged", stop_at_step=at)
+            return
+        self._stop(state, finding)
+
+    def _restart_step(self, state: RunState, finding: Finding) -> int | None:
+        if finding.kind == "blowup":
+            return None  # it already happened: nothing left to save by waiting
+        a = state.analysis
+        if a is None:
+            return None
+        if a.schedule is not None and a.schedule.restarts is not None:
+            return a.schedule.next_restart(finding.step)
+        group = next((g for g in a.groups if g.name == finding.group), None)
+        if group is None or not group.restarts:
+            self.hooks.action(state.run, f"{state.run.name}: cycle length unknown (no restart seen, no logged "
+                                         "config): stopping now instead of at the restart")
+            return None
+        starts = [int(group.steps[0]) - 1, *group.restarts]
+        length = starts[-1] - starts[-2]
+        nxt = starts[-1] + length
+        while nxt <= finding.step:
+            nxt += length
+        return nxt
+
+    def tick(self, monitor: Monitor) -> None:
+        for path, (at, finding) in list(self.pending.items()):
+            state = monitor.states.get(path)
+            if state and state.analysis and state.analysis.last_step is not None and state.analysis.last_step >= at:
+                del self.pending[path]
+                self._stop(state, finding)
+
+    def _stop(self, state: RunState, finding: Finding) -> None:
+        run = state.run
+        self.done.add(run.path)
+        target, reasons = self.launched or self.given, []
+        if target is None:
+            target, reasons = find_writer(list(run.files))
+        if target is None:
+            self.hooks.action(run, f"{run.name}: critical finding, but no trainer process to stop ("
+                                   + "; ".join(reasons or ["no writer found"]) + ")")
+            return
+        self.hooks.action(run, f"{run.name}: stopping the trainer after {finding.kind} at step {finding.step}: "
+                               f"{target.describe()}", pid=target.identity.pid, found_by=target.found_by,
+                          dry_run=self.options.dry_run)
+        self.stopped.append(target)
+
+        def work() -> None:
+            stop(target, self.options.grace_int, self.options.grace_term, self.options.dry_run, log=self.hooks.say)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+
+def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | None = None) -> int:
+    """Follow the runs until the trainer ends (launched, given or found), ``until_idle``
+    passes, or Ctrl-C; then print the final audit. Returns the audit's exit code."""
+    out = out or sys.stdout
+    launched_proc: subprocess.Popen | None = None
+    launched = given = None
+    if options.pid is not None:
+        try:
+            proc = psutil.Process(options.pid)
+            given = Target(Identity.of(proc), "pid", "given with --pid")
+        except psutil.Error as e:
+            hooks.say(f"lrwatch: --pid {options.pid}: {e}")
+            return EXIT_UNREADABLE
+    if options.command:
+        try:
+            launched_proc = launch(options.command)
+        except OSError as e:
+            hooks.say(f"lrwatch: could not start {options.command[0]!r}: {e}")
+            return EXIT_UNREADABLE
+        launched = Target(Identity.of(psutil.Process(launched_proc.pid)), "launched",
+                          "started by lrwatch", own_group=WINDOWS)
+    stopper = _Stopper(options, hooks, launched, given)
+    board = StatusBoard(sys.stderr)
+    watcher = Watcher(monitor, options.poll)
+    watcher.start()
+    for root in monitor.missing_roots():
+        hooks.say(f"lrwatch: waiting for {root} to appear")
+
+    writers: dict[Path, Identity] = {}  # runs' writers seen alive, to end when they have all exited
+    checked: dict[Path, int] = {}
+    last_data = time.monotonic()
+    last_full = time.monotonic()
+    reason = "interrupted"
+    try:
+        runs, rediscover = set(), True
+        while True:
+            if rediscover or time.monotonic() - last_full > SAFETY_REPOLL:
+                new = monitor.poll()
+                last_full = time.monotonic()
+            else:
+                new = monitor.poll(runs, rediscover=False) if runs else []
+            if runs or new:
+                last_data = time.monotonic()
+            if new:
+                board.clear()
+            for run, finding in new:
+                hooks.finding(run, finding)
+                if options.kill_on_spike and finding.severity == CRITICAL:
+                    stopper.on_critical(monitor.states[run.path], finding)
+            stopper.tick(monitor)
+            board.draw(monitor.runs)
+            if launched is None and given is None:
+                _track_writers(monitor, writers, checked)
+
+            if launched_proc is not None and launched_proc.poll() is not None:
+                reason = f"the trainer exited with code {launched_proc.returncode}"
+                break
+            if given is not None and given.identity.process() is None:
+                reason = f"pid {given.identity.pid} exited"
+                break
+            if writers and all(w.process() is None for w in writers.values()):
+                reason = "the trainer writing the run exited"
+                break
+            if options.until_idle is not None and time.monotonic() - last_data >= options.until_idle:
+                reason = f"no new data for {options.until_idle:g} s"
+                break
+            runs, rediscover = watcher.wait(timeout=0.5 if options.poll is None else min(0.5, options.poll))
+    except KeyboardInterrupt:
+        reason = "interrupted (the trainer was left running)" if (launched_proc or writers or given) else "interrupted"
+    finally:
+        watcher.stop()
+    monitor.poll()  # whatever arrived last
+    for t in stopper.threads:
+        t.join(options.grace_int + options.grace_term + 10)
+    board.clear()
+    hooks.say(f"lrwatch: stopped watching: {reason}")
+    print(render(monitor), file=out, flush=True)
+    return exit_code(monitor)
+
+
+def _track_writers(monitor: Monitor, writers: dict[Path, Identity], checked: dict[Path, int]) -> None:
+    """Note the live writer of each run, from its newest event file's name; looked at again only
+    when the run gains a file (a name check, not a scan of every process's open files)."""
+    for path, state in monitor.states.items():
+        files = list(state.run.files)
+        if path in writers or not files or checked.get(path) == len(files):
+            continue
+        checked[path] = len(files)
+        target, _ = writer_from_name(files[-1])
+        if target is not None:
+            writers[path] = target.identity

@@ -1,0 +1,267 @@
+"""The live watchdog with real processes: trainers that write event files, lrwatch in another
+process watching them, signals that really stop them (and never stop anyone else)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import FIXTURES, LABELS, ROOT, event_file_of
+from lrwatch.loader import EventFile
+from lrwatch.processes import parse_writer_name, writer_from_name
+
+REPLAY = [sys.executable, str(ROOT / "tests" / "replay_writer.py")]
+TRAIN = [sys.executable, str(ROOT / "fixtures" / "generate.py"), "--into"]
+POSIX = os.name != "nt"
+
+
+def first_bad_step(name: str) -> int:
+    lab = LABELS[name]
+    return min(s for s in (lab["first_nonfinite_loss_step"], lab["first_diverged_loss_step"]) if s)
+
+
+def lrwatch(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lrwatch", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def last_step_written(logdir: Path) -> int:
+    files = sorted(logdir.rglob("events.out.tfevents.*"))
+    steps = [EventFile(f).read_new().scalars.steps for f in files]
+    return int(max(s.max() for s in steps if len(s)))
+
+
+def start_and_wait_for_file(cmd: list[str], logdir: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=cwd)
+    deadline = time.monotonic() + 60
+    while not list(logdir.rglob("events.out.tfevents.*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "trainer did not start writing"
+        time.sleep(0.05)
+    return proc
+
+
+# --- stopping the trainer ------------------------------------------------------------------------
+
+def test_a_launched_trainer_is_stopped_before_the_recorded_blowup(tmp_path):
+    logs = tmp_path / "logs"
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--grace-int", "5", "--",
+                                    *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"))
+    assert code == 1, err
+    assert "stopping the trainer after predicted_restart_blowup at step 89" in err
+    assert "sent SIGINT" in err or not POSIX
+    assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
+    assert "verdict: CRITICAL" in out
+
+
+def test_a_healthy_launched_run_is_left_alone_and_ends_the_watch(tmp_path):
+    logs = tmp_path / "logs"
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",
+                                    *REPLAY, "dadapt_adam_rex_healthy", str(logs), "--delay", "0.002"))
+    assert code == 0, err
+    assert "the trainer exited with code 0" in err and "stopping" not in err
+    assert last_step_written(logs) == 600
+
+
+def test_a_really_training_writer_is_found_from_its_file_name_and_a_bystander_is_untouched(tmp_path):
+    """No --pid, nothing launched: lrwatch finds the writer from the event file's name alone. The
+    bystander runs the identical command line (same user, same arguments) from another folder:
+    a second real trainer of the same blowing-up run, which lrwatch is not watching."""
+    trainer_cmd = [*TRAIN, "run", "0.03", "dadapt_sgd_blowup"]  # relative output folder
+    (tmp_path / "watched").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    bystander = subprocess.Popen(trainer_cmd, cwd=tmp_path / "elsewhere")
+    logs = tmp_path / "watched" / "run" / "logs"
+    trainer = start_and_wait_for_file(trainer_cmd, logs, cwd=tmp_path / "watched")
+    try:
+        assert psutil.Process(bystander.pid).cmdline() == psutil.Process(trainer.pid).cmdline()
+        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--grace-int", "5"))
+        assert trainer.wait(timeout=30) != 0  # interrupted, not finished
+        assert code == 1, err
+        assert "writer: named in events.out.tfevents." in err
+        assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
+        assert "the trainer writing the run exited" in err
+        assert bystander.poll() is None, "the bystander was signalled"
+    finally:
+        for p in (trainer, bystander):
+            p.kill()
+            p.wait()
+
+
+def test_a_stale_event_file_whose_pid_now_belongs_to_another_process_leads_to_no_signal(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = tmp_path / "logs" / "old_run" / "network_train"
+        run.mkdir(parents=True)
+        stamp = int(time.time()) - 3600  # the file is an hour older than the process now holding that pid
+        stale = run / f"events.out.tfevents.{stamp}.{socket.gethostname()}.{sleeper.pid}.0"
+        shutil.copy(event_file_of("dadapt_sgd_blowup"), stale)
+        code, out, err = finish(lrwatch(str(tmp_path / "logs"), "--kill-on-spike", "--until-idle", "1"))
+        assert code == 1
+        assert "pid reused" in err and "no trainer process to stop" in err
+        assert sleeper.poll() is None
+        target, why = writer_from_name(stale)
+        assert target is None and "after the file was created" in why
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_given_pid_is_stopped(tmp_path):
+    logs = tmp_path / "logs"
+    trainer = start_and_wait_for_file([*REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"], logs)
+    try:
+        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--pid", str(trainer.pid)))
+        assert code == 1, err
+        assert f"pid {trainer.pid}" in err and "given with --pid" in err
+        assert trainer.wait(timeout=30) != 0
+        assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_dry_run_says_what_it_would_stop_and_stops_nothing(tmp_path):
+    logs = tmp_path / "logs"
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--dry-run", "--",
+                                    *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.002"))
+    assert code == 1
+    assert "--dry-run: would stop pid(s)" in err and "sent SIG" not in err
+    assert last_step_written(logs) == 600
+
+
+def test_kill_at_restart_waits_for_the_predicted_restart(tmp_path):
+    logs = tmp_path / "logs"
+    name = "dadapt_sgd_growth_blowup"  # critical at step 190; the next restart is step 200
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--kill-at", "restart", "--",
+                                    *REPLAY, name, str(logs), "--delay", "0.01", "--output", str(tmp_path / "out")))
+    assert code == 1, err
+    assert "when step 200 (the predicted restart" in err
+    assert 200 <= last_step_written(logs) < first_bad_step(name)
+    assert (tmp_path / "out" / f"{name}-step00000200.safetensors").exists()  # the cycle-minimum save is kept
+
+
+# --- following ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("poll", [None, "0.2"], ids=["native", "polling"])
+def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll):
+    logs = tmp_path / "not" / "yet"
+    extra = ["--poll", poll] if poll else []
+    watcher = lrwatch(str(logs), "--until-idle", "3", *extra)
+    time.sleep(1.0)
+    assert watcher.poll() is None
+    writer = subprocess.Popen([*REPLAY, "prodigy_seed_bump", str(logs), "--delay", "0.001"], cwd=ROOT)
+    writer.wait(timeout=60)
+    code, out, err = finish(watcher)
+    assert "waiting for" in err
+    assert code == 1 and "predicted_restart_blowup" in err and "step 134" in err
+
+
+def test_polling_mode_stops_the_trainer_too(tmp_path):
+    logs = tmp_path / "logs"
+    code, out, err = finish(lrwatch(str(logs), "--poll", "0.1", "--kill-on-spike", "--",
+                                    *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"))
+    assert code == 1 and last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
+
+
+@pytest.mark.skipif(not POSIX, reason="sends SIGINT to lrwatch")
+def test_ctrl_c_stops_lrwatch_cleanly_and_never_the_trainer(tmp_path):
+    logs = tmp_path / "logs"
+    watcher = lrwatch(str(logs), "--kill-on-spike", "--",
+                      *REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.05")
+    deadline = time.monotonic() + 30
+    while not list(logs.rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    trainer = [p for p in psutil.Process(watcher.pid).children() if "replay_writer" in " ".join(p.cmdline())][0]
+    watcher.send_signal(signal.SIGINT)
+    try:
+        watcher.wait(timeout=30)  # lrwatch itself ends...
+        assert trainer.is_running() and trainer.status() != psutil.STATUS_ZOMBIE  # ...the trainer does not
+    finally:
+        trainer.kill()  # it holds lrwatch's inherited stdout/stderr open until it ends
+    code, out, err = finish(watcher, timeout=30)
+    assert "interrupted (the trainer was left running)" in err
+    assert "run " in out  # the final audit is printed
+
+
+# --- flagging ------------------------------------------------------------------------------------
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        length = int(self.headers["Content-Length"])
+        _Hook.bodies.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_findings_go_to_json_lines_a_command_and_a_webhook(tmp_path):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Hook.bodies = []
+    events = tmp_path / "events.jsonl"
+    seen = tmp_path / "seen.txt"
+    hook = f'{sys.executable} -c "import os; open(r\'{seen}\', \'a\').write(os.environ[\'LRWATCH_KIND\'] + \' \' + os.environ[\'LRWATCH_STEP\'] + chr(10))"'
+    try:
+        code, out, err = finish(lrwatch(str(FIXTURES / "prodigy_seed_bump"), "--until-idle", "1",
+                                        "--events-out", str(events), "--exec", hook,
+                                        "--webhook", f"http://127.0.0.1:{server.server_port}/hook"))
+    finally:
+        server.shutdown()
+    assert code == 1, err
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    findings = [r for r in records if r["type"] == "finding"]
+    assert [(f["kind"], f["step"]) for f in findings] == [
+        ("predicted_restart_blowup", 104), ("predicted_restart_blowup", 134), ("blowup", 200)]
+    assert sorted(seen.read_text().split("\n")[:-1]) == sorted(
+        ["predicted_restart_blowup 104", "predicted_restart_blowup 134", "blowup 200"])
+    assert len(_Hook.bodies) == 3
+    assert all("content" in b and "text" in b and b["lrwatch"]["run"] for b in _Hook.bodies)
+
+
+def test_a_failing_hook_is_reported_and_never_stops_the_watcher(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    code, out, err = finish(lrwatch(str(FIXTURES / "prodigy_seed_bump"), "--until-idle", "1",
+                                    "--exec", "exit 3", "--webhook", f"http://127.0.0.1:{closed_port}/"))
+    assert code == 1
+    assert "--exec hook exited with 3" in err and "--webhook failed" in err
+    assert "verdict: CRITICAL" in out
+
+
+# --- who the writer is -----------------------------------------------------------------------------
+
+def test_writer_names_with_dotted_hosts_and_suffixes_parse():
+    assert parse_writer_name(Path("events.out.tfevents.1795509431.gpu-7.lab.example.org.4242.3.v2")) == (
+        1795509431, "gpu-7.lab.example.org", 4242)
+    assert parse_writer_name(Path("events.out.tfevents.1795509431.vm.12.0")) == (1795509431, "vm", 12)
+    assert parse_writer_name(Path("notes.txt")) is None
+
+
+def test_a_writer_on_another_host_or_init_is_never_a_target(tmp_path):
+    other = tmp_path / f"events.out.tfevents.{int(time.time())}.some-other-host.{os.getpid()}.0"
+    assert writer_from_name(other)[0] is None and "not this machine" in writer_from_name(other)[1]
+    init = tmp_path / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.1.0"
+    assert writer_from_name(init)[0] is None
