@@ -97,7 +97,7 @@ class Run:
         self.pending_bytes = 0
         self.restarted_files: list[Path] = []
         self._chunks: dict[str, _TagChunks] = {}
-        self._order = 0
+        self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
 
     # -- reading ---------------------------------------------------------------------------
     def event_files(self) -> list[Path]:
@@ -145,9 +145,15 @@ class Run:
 
     def _read_hparams_yml(self) -> None:
         for candidate in [self.path / "hparams.yml", *self.path.glob("*/hparams.yml")]:
-            if candidate.is_file():
-                for key, value in parse_flat_yaml(candidate.read_text(errors="replace")).items():
-                    self.config.setdefault(key, value)
+            try:
+                mtime = candidate.stat().st_mtime
+            except OSError:
+                continue
+            if self._yml_seen.get(candidate) == mtime:
+                continue
+            self._yml_seen[candidate] = mtime
+            for key, value in parse_flat_yaml(candidate.read_text(errors="replace")).items():
+                self.config.setdefault(key, value)
 
     # -- series ------------------------------------------------------------------------------
     @property

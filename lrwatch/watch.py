@@ -104,8 +104,8 @@ class Watcher:
                 rediscover = True  # a new run folder or event file
             else:
                 runs.add(run)
-                if path.parent != run and path.is_dir():
-                    rediscover = True
+                if path != run and path.is_dir():
+                    rediscover = True  # a new folder inside a run (add_hparams' timestamp folder)
         return runs, rediscover
 
     def stop(self) -> None:
@@ -302,7 +302,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                 last_full = time.monotonic()
             else:
                 new = monitor.poll(runs, rediscover=False) if runs else []
-            if runs or new:
+            changed = bool(runs or new or rediscover)
+            if changed:
                 last_data = time.monotonic()
             if new:
                 board.clear()
@@ -310,10 +311,11 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                 hooks.finding(run, finding)
                 if options.kill_on_spike and finding.severity == CRITICAL:
                     stopper.on_critical(monitor.states[run.path], finding)
-            stopper.tick(monitor)
-            board.draw(monitor.runs)
-            if launched is None and given is None:
-                _track_writers(monitor, writers, checked)
+            if changed:  # idle wake-ups only check whether the trainer is still there
+                stopper.tick(monitor)
+                board.draw(monitor.runs)
+                if launched is None and given is None:
+                    _track_writers(monitor, writers, checked)
 
             if launched_proc is not None and launched_proc.poll() is not None:
                 reason = f"the trainer exited with code {launched_proc.returncode}"
