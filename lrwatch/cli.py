@@ -13,6 +13,7 @@ from lrwatch import __version__
 from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor
 from lrwatch.report import exit_code, render, to_json
+from lrwatch.snapshots import DEFAULT_SAFE_LR, MANIFEST, SnapshotBook, best_safe
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 
 _DEFAULTS = Thresholds()
@@ -96,18 +97,61 @@ def _checked(th: Thresholds) -> Thresholds:
     return th
 
 
+def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Snapshot verdicts, shared by audit and watch."""
+    options = [
+        click.option("--snapshots", "snapshot_dirs", multiple=True, metavar="DIR",
+                     type=click.Path(file_okay=False, path_type=str),
+                     help="Folder of saved snapshots to judge (repeatable)."),
+        click.option("--steps-per-epoch", type=click.IntRange(min=1),
+                     help="For epoch-numbered snapshots, when no snapshot's metadata tells."),
+        click.option("--safe-lr", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_SAFE_LR,
+                     show_default=True, help="A save is at a cycle minimum when its last update's lr was at most "
+                                             "this fraction of the cycle's peak."),
+        click.option("--no-manifest", is_flag=True,
+                     help=f"Do not write {MANIFEST} into the snapshot folders."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        dirs = kwargs.pop("snapshot_dirs")
+        spe, safe_lr = kwargs.pop("steps_per_epoch"), kwargs.pop("safe_lr")
+        kwargs["book"] = SnapshotBook(list(dirs), spe, safe_lr) if dirs else None
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README) instead of tables.")
+@click.option("--best", is_flag=True, help="Print only the path of the newest safe snapshot (needs --snapshots).")
+@snapshot_options
 @analysis_options
-def audit(paths: tuple[str, ...], as_json: bool, tag_map: TagMap, thresholds: Thresholds) -> None:
-    """Report on runs under PATHS: cycles, d growth, findings.
+def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, book: SnapshotBook | None,
+          tag_map: TagMap, thresholds: Thresholds) -> None:
+    """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
 
     Exit code 0: no critical finding; 1: a run has a critical finding; 2: bad usage,
-    or a path that is missing or holds no readable run.
+    or a path that is missing or holds no readable run. With --best: 0 and the path,
+    or 1 and nothing on stdout when no snapshot is safe.
     """
-    monitor = Monitor(list(paths), tag_map, thresholds)
+    if best and book is None:
+        raise click.UsageError("--best needs --snapshots DIR")
+    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book)
     _poll_with_progress(monitor)
+    monitor.judge_snapshots()
+    if book is not None and not no_manifest:
+        book.write_manifests()
+    if best:
+        pick = best_safe([s for snaps in book.by_run.values() for s in snaps])
+        if pick is None:
+            click.echo("lrwatch: no safe snapshot", err=True)
+            sys.exit(1)
+        click.echo(pick.path)
+        sys.exit(0)
     click.echo(to_json(monitor) if as_json else render(monitor))
     sys.exit(exit_code(monitor))
 
@@ -132,11 +176,12 @@ def audit(paths: tuple[str, ...], as_json: bool, tag_map: TagMap, thresholds: Th
 @click.option("--exec", "exec_cmd", metavar="CMD",
               help="Run CMD (through the shell) for every finding, with LRWATCH_* environment variables.")
 @click.option("--webhook", metavar="URL", help="POST every finding as JSON (Discord and Slack accept it).")
+@snapshot_options
 @analysis_options
 def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | None, dry_run: bool,
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
-          events_out: str | None, exec_cmd: str | None, webhook: str | None,
-          tag_map: TagMap, thresholds: Thresholds) -> None:
+          events_out: str | None, exec_cmd: str | None, webhook: str | None, no_manifest: bool,
+          book: SnapshotBook | None, tag_map: TagMap, thresholds: Thresholds) -> None:
     """Follow the runs under PATHS as they are written (PATHS may not exist yet).
 
     \b
@@ -155,9 +200,10 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     if kill_at == "restart" and not kill_on_spike:
         raise click.UsageError("--kill-at restart goes with --kill-on-spike")
     options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid, command=command,
-                           dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle)
+                           dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle,
+                           manifest=not no_manifest)
     hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
-    monitor = Monitor(list(paths), tag_map, thresholds)
+    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book)
     try:
         code = run_watch(monitor, options, hooks)
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lrwatch.analysis import Analysis, Finding, Thresholds, analyze
 from lrwatch.runs import Run, discover
+from lrwatch.snapshots import SnapshotBook
 from lrwatch.tags import TagMap
 
 
@@ -30,12 +31,14 @@ class Monitor:
         tag_map: TagMap | None = None,
         thresholds: Thresholds | None = None,
         on_finding: Callable[[Run, Finding], None] | None = None,
+        snapshots: SnapshotBook | None = None,
     ) -> None:
         self.roots = [Path(r) for r in roots]
         self.tag_map = tag_map or TagMap()
         self.thresholds = thresholds or Thresholds()
         self.on_finding = on_finding
         self.states: dict[Path, RunState] = {}
+        self.snapshots = snapshots
 
     def missing_roots(self) -> list[Path]:
         return [r for r in self.roots if not r.exists()]
@@ -74,6 +77,11 @@ class Monitor:
                 if self.on_finding is not None:
                     self.on_finding(state.run, finding)
         return out
+
+    def judge_snapshots(self) -> None:
+        """Verdicts for the snapshot folders (if any), from the current analyses."""
+        if self.snapshots is not None:
+            self.snapshots.judge(self.runs)
 
     def run_for(self, file_path: Path) -> Path | None:
         """The run folder a changed file belongs to (known runs only)."""

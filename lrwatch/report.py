@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from lrwatch import __version__
@@ -47,7 +48,7 @@ def _num(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def run_dict(state: RunState) -> dict[str, Any]:
+def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
     run, a = state.run, state.analysis
     out: dict[str, Any] = {
         "path": str(run.path),
@@ -66,6 +67,8 @@ def run_dict(state: RunState) -> dict[str, Any]:
         "findings": [],
         "worst": None,
     }
+    if snapshots is not None:
+        out["snapshots"] = [snap.to_dict() for snap in snapshots]
     if a is None:
         return out
     out["last_step"] = a.last_step
@@ -95,10 +98,17 @@ def run_dict(state: RunState) -> dict[str, Any]:
     return out
 
 
+def _snapshots_of(monitor: Monitor, state: RunState) -> list | None:
+    return None if monitor.snapshots is None else monitor.snapshots.by_run.get(state.run.path, [])
+
+
 def to_json(monitor: Monitor) -> str:
-    doc = {"lrwatch": __version__, "schema": SCHEMA_VERSION,
-           "missing": [str(p) for p in monitor.missing_roots()],
-           "runs": [run_dict(s) for s in monitor.runs], "exit_code": exit_code(monitor)}
+    doc: dict[str, Any] = {"lrwatch": __version__, "schema": SCHEMA_VERSION,
+                           "missing": [str(p) for p in monitor.missing_roots()],
+                           "runs": [run_dict(s, _snapshots_of(monitor, s)) for s in monitor.runs],
+                           "exit_code": exit_code(monitor)}
+    if monitor.snapshots is not None:
+        doc["unassigned_snapshots"] = [snap.to_dict() for snap in monitor.snapshots.orphans]
     return json.dumps(doc, indent=2, allow_nan=False, default=str)
 
 
@@ -111,7 +121,17 @@ def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def render_run(state: RunState) -> str:
+def render_snapshots(snapshots: list, indent: str = "  ") -> list[str]:
+    if not snapshots:
+        return [f"{indent}snapshots: none found"]
+    rows = [["snapshot", "step", "from", "verdict", "lr x peak", "reason"]]
+    for s in snapshots:
+        rows.append([Path(s.path).name, "-" if s.step is None else str(s.step), s.step_source or "-", s.verdict,
+                     _g(s.lr_multiplier), s.reason])
+    return [f"{indent}snapshots:"] + _table(rows, indent + "  ")
+
+
+def render_run(state: RunState, snapshots: list | None = None) -> str:
     run, a = state.run, state.analysis
     lines = [f"run {run.name}"]
     problem = run_problem(state)
@@ -145,6 +165,8 @@ def render_run(state: RunState) -> str:
             lines.append(f"    {f.severity.upper():8s} step {f.step:<7d} {f.kind}{where}: {f.message}")
     else:
         lines.append("  findings: none")
+    if snapshots is not None:
+        lines += render_snapshots(snapshots)
     verdict = {CRITICAL: "CRITICAL", WARNING: "warnings only", None: "ok"}[a.worst]
     lines.append(f"  verdict: {verdict}")
     return "\n".join(lines)
@@ -154,5 +176,8 @@ def render(monitor: Monitor) -> str:
     parts = [f"lrwatch: {p}: no such file or directory" for p in monitor.missing_roots()]
     if not monitor.runs and not parts:
         parts.append("lrwatch: no event files found under " + ", ".join(map(str, monitor.roots)))
-    parts += [render_run(s) for s in monitor.runs]
+    parts += [render_run(s, _snapshots_of(monitor, s)) for s in monitor.runs]
+    if monitor.snapshots is not None and monitor.snapshots.orphans:
+        parts.append("\n".join(["snapshots matching no run (by output name):",
+                                *render_snapshots(monitor.snapshots.orphans)[1:]]))
     return "\n\n".join(parts)

@@ -41,6 +41,7 @@ class WatchOptions:
     grace_int: float = 10.0
     grace_term: float = 10.0
     until_idle: float | None = None
+    manifest: bool = True  # keep lrwatch-snapshots.json in each snapshot folder up to date
 
 
 class _Changes(FileSystemEventHandler):
@@ -81,10 +82,14 @@ class Watcher:
         self.observer.start()
         self.schedule_new_roots()
 
+    @property
+    def snapshot_folders(self) -> list[Path]:
+        return self.monitor.snapshots.folders if self.monitor.snapshots is not None else []
+
     def schedule_new_roots(self) -> bool:
-        """Start observing roots that have appeared; True if any did."""
+        """Start observing roots (and snapshot folders) that have appeared; True if any did."""
         appeared = False
-        for root in self.monitor.roots:
+        for root in [*self.monitor.roots, *self.snapshot_folders]:
             if root in self._scheduled or not root.exists():
                 continue
             folder = root if root.is_dir() else root.parent
@@ -93,12 +98,17 @@ class Watcher:
             appeared = True
         return appeared
 
-    def wait(self, timeout: float) -> tuple[set[Path], bool]:
-        """Block until something changes (or ``timeout``): (changed known runs, whether to rediscover)."""
+    def wait(self, timeout: float) -> tuple[set[Path], bool, bool]:
+        """Block until something changes (or ``timeout``): (changed known runs, whether to
+        rediscover, whether a snapshot folder changed)."""
         self.changes.wake.wait(timeout)
         rediscover = self.schedule_new_roots()
+        snapshots_changed = rediscover and bool(self.snapshot_folders)
         runs: set[Path] = set()
         for path in self.changes.take():
+            if any(path == f or path.parent == f for f in self.snapshot_folders):
+                snapshots_changed = True
+                continue
             run = self.monitor.run_for(path)
             if run is None:
                 rediscover = True  # a new run folder or event file
@@ -106,7 +116,7 @@ class Watcher:
                 runs.add(run)
                 if path != run and path.is_dir():
                     rediscover = True  # a new folder inside a run (add_hparams' timestamp folder)
-        return runs, rediscover
+        return runs, rediscover, snapshots_changed
 
     def stop(self) -> None:
         self.observer.stop()
@@ -291,11 +301,12 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
 
     writers: dict[Path, Identity] = {}  # runs' writers seen alive, to end when they have all exited
     checked: dict[Path, int] = {}
+    verdicts = _Verdicts(monitor, hooks, options.manifest)
     last_data = time.monotonic()
     last_full = time.monotonic()
     reason = "interrupted"
     try:
-        runs, rediscover = set(), True
+        runs, rediscover, snapshots_changed = set(), True, True
         while True:
             if rediscover or time.monotonic() - last_full > SAFETY_REPOLL:
                 new = monitor.poll()
@@ -311,6 +322,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                 hooks.finding(run, finding)
                 if options.kill_on_spike and finding.severity == CRITICAL:
                     stopper.on_critical(monitor.states[run.path], finding)
+            if changed or snapshots_changed:
+                verdicts.update()
             if changed:  # idle wake-ups only check whether the trainer is still there
                 stopper.tick(monitor)
                 board.draw(monitor.runs)
@@ -329,18 +342,49 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
             if options.until_idle is not None and time.monotonic() - last_data >= options.until_idle:
                 reason = f"no new data for {options.until_idle:g} s"
                 break
-            runs, rediscover = watcher.wait(timeout=0.5 if options.poll is None else min(0.5, options.poll))
+            runs, rediscover, snapshots_changed = watcher.wait(
+                timeout=0.5 if options.poll is None else min(0.5, options.poll))
     except KeyboardInterrupt:
         reason = "interrupted (the trainer was left running)" if (launched_proc or writers or given) else "interrupted"
     finally:
         watcher.stop()
     monitor.poll()  # whatever arrived last
+    verdicts.update()
     for t in stopper.threads:
         t.join(options.grace_int + options.grace_term + 10)
     board.clear()
     hooks.say(f"lrwatch: stopped watching: {reason}")
     print(render(monitor), file=out, flush=True)
     return exit_code(monitor)
+
+
+class _Verdicts:
+    """Snapshot verdicts kept current: a line for each new or changed verdict, and the
+    manifest rewritten (atomically) when anything changed."""
+
+    def __init__(self, monitor: Monitor, hooks: Hooks, manifest: bool) -> None:
+        self.monitor = monitor
+        self.hooks = hooks
+        self.manifest = manifest
+        self.seen: dict[str, tuple] = {}
+
+    def update(self) -> None:
+        book = self.monitor.snapshots
+        if book is None:
+            return
+        self.monitor.judge_snapshots()
+        changed = False
+        for snaps in [*book.by_run.values(), book.orphans]:
+            for snap in snaps:
+                key = (snap.step, snap.verdict, snap.reason)
+                if self.seen.get(snap.path) == key:
+                    continue
+                self.seen[snap.path] = key
+                changed = True
+                self.hooks.action(None, f"snapshot {Path(snap.path).name} (step {snap.step}): {snap.verdict}: "
+                                        f"{snap.reason}", snapshot=snap.to_dict())
+        if changed and self.manifest:
+            book.write_manifests()
 
 
 def _track_writers(monitor: Monitor, writers: dict[Path, Identity], checked: dict[Path, int]) -> None:

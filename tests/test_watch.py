@@ -265,3 +265,17 @@ def test_a_writer_on_another_host_or_init_is_never_a_target(tmp_path):
     assert writer_from_name(other)[0] is None and "not this machine" in writer_from_name(other)[1]
     init = tmp_path / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.1.0"
     assert writer_from_name(init)[0] is None
+
+
+def test_the_watcher_judges_snapshots_as_they_appear_and_keeps_the_manifest(tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "output"
+    code, stdout, err = finish(lrwatch(str(logs), "--snapshots", str(out), "--",
+                                       *REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.002",
+                                       "--output", str(out)))
+    assert code == 0, err
+    for step in (200, 400, 600, 800):
+        assert f"snapshot prodigy_cosine_healthy-step{step:08d}.safetensors (step {step}): safe" in err
+    manifest = json.loads((out / "lrwatch-snapshots.json").read_text())
+    assert [(s["step"], s["verdict"]) for s in manifest["snapshots"]] == [
+        (200, "safe"), (400, "safe"), (600, "safe"), (800, "safe"), (1000, "safe")]
+    assert manifest["best"].endswith("prodigy_cosine_healthy.safetensors")

@@ -1,0 +1,354 @@
+"""Which saved snapshots are safe to use.
+
+Timing, as kohya does it at step N: update N (with the lr logged at N-1), save the
+snapshot for step N, then log step N (the loss of update N's forward pass, i.e. of
+the weights after N-1 updates, and the lr and d*lr for update N+1). Hence:
+
+- a snapshot at step N was last shaped by the lr logged at N-1: a restart logged at
+  N does not make the cycle-minimum snapshot saved at N a high-lr save;
+- an lr or d*lr blow-up logged at B first reaches the weights of snapshot B+1;
+- a loss that went bad at step B shows that the weights after B-1 updates were bad;
+- a prediction logged at P is known only after the snapshot at P was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis
+from lrwatch.runs import Run
+
+SAFE = "safe"
+HIGH_LR = "high_lr"
+AT_RISK = "at_risk"
+FRIED = "fried"
+UNKNOWN = "unknown"
+
+MANIFEST = "lrwatch-snapshots.json"
+DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cycle's peak: "at a minimum"
+
+_STEP_NAME = re.compile(r"^(?P<base>.+?)-step(?P<step>\d{8})$")
+_EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
+_LOOSE_STEP = re.compile(r"(?:^|[-_.])(?:step|global_step|steps)[-_=]?(?P<step>\d+)", re.IGNORECASE)
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(?P<step>\d+)$")
+SNAPSHOT_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+@dataclass
+class Snapshot:
+    path: str
+    kind: str  # step | epoch | final | checkpoint_dir | other
+    base: str | None  # kohya output_name the file belongs to
+    step: int | None = None
+    step_source: str | None = None  # metadata | name | epoch (x steps per epoch) | time (...)
+    epoch: int | None = None
+    saved_at: float | None = None  # ss_training_finished_at, else mtime
+    saved_at_source: str | None = None
+    metadata: dict[str, str] | None = None
+    problem: str | None = None  # why the file could not be read
+    verdict: str = UNKNOWN
+    lr_multiplier: float | None = None
+    d: float | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("metadata")
+        return out
+
+
+def read_header(path: Path) -> tuple[dict[str, str] | None, str | None]:
+    """The safetensors header metadata, read without loading any tensor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return dict(f.metadata() or {}), None
+    except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+        return None, f"not a readable safetensors file ({e})"
+
+
+def find_snapshots(folder: str | os.PathLike[str]) -> list[Snapshot]:
+    """Snapshots in ``folder`` (not recursive): kohya's step/epoch/final files, .pt/.ckpt,
+    and diffusers-style ``checkpoint-<step>/`` folders. Nothing is opened for writing."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            m = _CHECKPOINT_DIR.match(entry.name)
+            if m:
+                found.append(Snapshot(str(entry), "checkpoint_dir", None, int(m["step"]), "name",
+                                      saved_at=entry.stat().st_mtime, saved_at_source="mtime"))
+            continue
+        if entry.suffix not in SNAPSHOT_SUFFIXES or entry.name == MANIFEST:
+            continue
+        found.append(_describe(entry))
+    return found
+
+
+def _describe(path: Path) -> Snapshot:
+    stem = path.stem
+    if m := _STEP_NAME.match(stem):
+        snap = Snapshot(str(path), "step", m["base"], int(m["step"]), "name")
+    elif m := _EPOCH_NAME.match(stem):
+        snap = Snapshot(str(path), "epoch", m["base"], epoch=int(m["epoch"]))
+    elif m := _LOOSE_STEP.search(stem):
+        snap = Snapshot(str(path), "other", None, int(m["step"]), "name")
+    else:
+        snap = Snapshot(str(path), "final", stem)
+    snap.saved_at, snap.saved_at_source = path.stat().st_mtime, "mtime"
+    if path.suffix == ".safetensors":
+        meta, problem = read_header(path)
+        snap.metadata, snap.problem = meta, problem
+        if meta:
+            if _int(meta.get("ss_steps")) is not None:
+                snap.step, snap.step_source = _int(meta["ss_steps"]), "metadata"
+            if _int(meta.get("ss_epoch")) is not None and snap.epoch is None:
+                snap.epoch = _int(meta["ss_epoch"])
+            finished = _float(meta.get("ss_training_finished_at"))
+            if finished is not None:
+                snap.saved_at, snap.saved_at_source = finished, "ss_training_finished_at"
+            if snap.base is None or snap.kind == "final":
+                snap.base = meta.get("ss_output_name") or snap.base
+    return snap
+
+
+def _int(x: object) -> int | None:
+    try:
+        return int(str(x))
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(x: object) -> float | None:
+    try:
+        v = float(str(x))
+        return v if np.isfinite(v) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def steps_per_epoch_from(snapshots: list[Snapshot]) -> int | None:
+    """From a snapshot that knows both its global step and its epoch (kohya's ss_steps, ss_epoch),
+    saved at an epoch's end: the epoch-numbered files and the final one are."""
+    for s in snapshots:
+        if s.kind == "epoch" and s.step_source == "metadata" and s.epoch:
+            if s.step % s.epoch == 0:
+                return s.step // s.epoch
+    return None
+
+
+def resolve_steps(snapshots: list[Snapshot], run: Run | None, steps_per_epoch: int | None) -> None:
+    """Fill in steps the metadata did not give: epoch x steps per epoch, else the save time
+    matched against the events' wall times."""
+    spe = steps_per_epoch or steps_per_epoch_from(snapshots)
+    walls = _wall_index(run) if run is not None else None
+    for s in snapshots:
+        if s.problem or s.step is not None:
+            continue
+        if s.epoch is not None and spe:
+            s.step = s.epoch * spe
+            s.step_source = f"epoch {s.epoch} x {spe} steps per epoch"
+            continue
+        if walls is not None and s.saved_at is not None:
+            steps, wall = walls
+            if len(steps) and wall[0] - 60 <= s.saved_at <= wall[-1] + 600:
+                # kohya saves just before it logs the step: the first step logged at or after the save
+                i = min(int(np.searchsorted(wall, s.saved_at)), len(steps) - 1)
+                s.step, s.step_source = int(steps[i]), f"time ({s.saved_at_source})"
+
+
+def _wall_index(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    best = None
+    for tag in run.tags:
+        series = run.series(tag)
+        if series is not None and (best is None or len(series.steps) > len(best.steps)):
+            best = series
+    if best is None:
+        return None
+    order = np.argsort(best.wall_times, kind="stable")
+    return best.steps[order], best.wall_times[order]
+
+
+def _first_affected(analysis: Analysis) -> tuple[int | None, str]:
+    """The first snapshot step whose weights a blow-up reached (see the module docstring)."""
+    first, why = None, ""
+    for f in analysis.findings:
+        if f.kind != "blowup":
+            continue
+        what = str(f.values.get("what", ""))
+        loss_based = what == "loss_diverged" or (what.startswith("nonfinite_") and f.group is None)
+        step = f.step - 1 if loss_based else f.step + 1
+        if first is None or step < first:
+            first, why = step, f"{f.message} (step {f.step})"
+    return first, why
+
+
+def _first_prediction(analysis: Analysis) -> tuple[int | None, str]:
+    for f in analysis.findings:
+        if f.severity == CRITICAL and f.kind != "blowup":
+            return f.step, f"{f.kind} at step {f.step}"
+    return None, ""
+
+
+def _lr_of_last_update(group: GroupAnalysis, step: int) -> tuple[float, float, float | None] | None:
+    """(lr logged at step-1, its cycle's peak so far, d then) for the group; None if not covered."""
+    steps = group.steps
+    if not len(steps) or step - 1 < steps[0] or step - 1 > steps[-1]:
+        return None
+    i = int(np.searchsorted(steps, step - 1, side="right")) - 1
+    if i < 0:
+        return None
+    lr = float(group.lr[i])
+    cycle_start = max([int(np.searchsorted(steps, r)) for r in group.restarts if r <= steps[i]], default=0)
+    peak = float(np.nanmax(group.lr[cycle_start : i + 1])) if i >= cycle_start else lr
+    d = float(group.d[i]) if np.isfinite(group.d[i]) else None
+    return lr, peak, d
+
+
+def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR) -> None:
+    """Give every snapshot its verdict, lr multiplier, d and reason."""
+    fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
+    risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
+    group = None
+    if analysis is not None and analysis.groups:
+        group = next((g for g in analysis.groups if g.adaptive), analysis.groups[0])
+    for s in snapshots:
+        s.verdict, s.lr_multiplier, s.d = UNKNOWN, None, None
+        if s.problem:
+            s.reason = s.problem
+            continue
+        if s.step is None:
+            s.reason = "its step could not be found (no ss_steps, no step in the name, no matching save time)"
+            continue
+        if group is None:
+            s.reason = "no lr data for its run"
+            continue
+        covered = _lr_of_last_update(group, s.step)
+        if covered is not None:
+            lr, peak, s.d = covered
+            s.lr_multiplier = round(lr / peak, 6) if peak > 0 and np.isfinite(lr) else None
+        if fried_from is not None and s.step >= fried_from:
+            s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why}"
+            continue
+        if covered is None:
+            s.reason = f"no lr logged for step {s.step - 1}, whose lr made its last update"
+            continue
+        if risky_after is not None and s.step > risky_after:
+            s.verdict, s.reason = AT_RISK, f"saved after a critical prediction ({risky_why}), before any blow-up"
+        elif s.lr_multiplier is not None and s.lr_multiplier <= safe_lr:
+            s.verdict = SAFE
+            s.reason = f"last update at {s.lr_multiplier:.3g} of the cycle's peak lr: at a cycle minimum"
+        else:
+            mult = "unknown" if s.lr_multiplier is None else f"{s.lr_multiplier:.3g}"
+            s.verdict, s.reason = HIGH_LR, f"last update at {mult} of the cycle's peak lr: mid-cycle"
+
+
+def belongs_to(snapshot: Snapshot, run: Run, only_run: bool) -> bool:
+    """By the run's logged output_name, else a run folder named <output name>[<YYYYMMDDHHMMSS>]
+    (kohya's <log_prefix><timestamp>); the only run owns everything."""
+    if only_run:
+        return True
+    base = snapshot.base
+    if not base:
+        return False
+    if base == str(run.config.get("output_name") or ""):
+        return True
+    folder = re.compile(re.escape(base) + r"[-_]?(\d{14})?")
+    return any(folder.fullmatch(part) for part in run.path.parts)
+
+
+def best_safe(snapshots: list[Snapshot]) -> Snapshot | None:
+    safe = [s for s in snapshots if s.verdict == SAFE]
+    return max(safe, key=lambda s: (s.step, s.path)) if safe else None
+
+
+def manifest_text(folder: Path, snapshots: list[Snapshot], run_names: dict[str, str]) -> str:
+    return json.dumps({
+        "written_by": "lrwatch", "written_at": time.time(), "folder": str(folder),
+        "snapshots": [{**s.to_dict(), "run": run_names.get(s.path)} for s in snapshots],
+        "best": (b.path if (b := best_safe(snapshots)) else None),
+    }, indent=2, default=str)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Our own output files are written whole: a temp file beside the target, then a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class SnapshotBook:
+    """The snapshots of some folders, assigned to runs and judged; headers are read once per
+    file version (size, mtime), so the watcher can re-judge whenever anything changes."""
+
+    def __init__(self, folders: list[str | os.PathLike[str]], steps_per_epoch: int | None = None,
+                 safe_lr: float = DEFAULT_SAFE_LR) -> None:
+        self.folders = [Path(f) for f in folders]
+        self.steps_per_epoch = steps_per_epoch
+        self.safe_lr = safe_lr
+        self._cache: dict[Path, tuple[tuple[int, float], Snapshot]] = {}
+        self.by_run: dict[Path, list[Snapshot]] = {}
+        self.orphans: list[Snapshot] = []  # snapshots no run could be matched with
+
+    def _scan(self) -> list[Snapshot]:
+        out = []
+        for folder in self.folders:
+            for snap in find_snapshots(folder):
+                path = Path(snap.path)
+                st = path.stat()
+                key = (st.st_size, st.st_mtime)
+                cached = self._cache.get(path)
+                if cached is None or cached[0] != key:
+                    self._cache[path] = (key, snap)
+                    cached = self._cache[path]
+                out.append(_fresh_copy(cached[1]))
+        return out
+
+    def judge(self, states: list) -> list[Snapshot]:
+        """Assign every snapshot to a run (by kohya output name, else the only run) and judge it."""
+        snaps = self._scan()
+        runs = [s.run for s in states]
+        self.by_run = {r.path: [] for r in runs}
+        self.orphans = []
+        for snap in snaps:
+            owner = next((r for r in runs if belongs_to(snap, r, len(runs) == 1)), None)
+            if owner is None:
+                snap.reason = "no watched run matches it (by output name); give one run's logs"
+                self.orphans.append(snap)
+            else:
+                self.by_run[owner.path].append(snap)
+        for state in states:
+            mine = self.by_run[state.run.path]
+            resolve_steps(mine, state.run, self.steps_per_epoch)
+            judge(mine, state.analysis, self.safe_lr)
+            mine.sort(key=lambda s: (s.step is None, s.step or 0, s.path))
+        return snaps
+
+    def write_manifests(self) -> list[Path]:
+        written = []
+        names = {s.path: str(run) for run, snaps in self.by_run.items() for s in snaps}
+        for folder in self.folders:
+            if not folder.is_dir():
+                continue
+            mine = [s for snaps in self.by_run.values() for s in snaps if Path(s.path).parent == folder]
+            mine += [s for s in self.orphans if Path(s.path).parent == folder]
+            target = folder / MANIFEST
+            write_atomic(target, manifest_text(folder, mine, names))
+            written.append(target)
+        return written
+
+
+def _fresh_copy(snap: Snapshot) -> Snapshot:
+    """A copy whose judged fields start blank: the cache keeps what was read from disk only."""
+    data = asdict(snap)
+    return Snapshot(**data)

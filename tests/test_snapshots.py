@@ -1,0 +1,183 @@
+"""Snapshot verdicts on the real snapshots the fixture generator saved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import FIXTURES, LABELS, ROOT, fixture_run
+from lrwatch.monitor import Monitor
+from lrwatch.snapshots import MANIFEST, SnapshotBook, find_snapshots
+
+
+def verdicts(name: str, snapshot_dir=None, **book_kw) -> dict[int | str, object]:
+    book = SnapshotBook([snapshot_dir or FIXTURES / name / "output"], **book_kw)
+    monitor = Monitor([fixture_run(name)], snapshots=book)
+    monitor.poll()
+    monitor.judge_snapshots()
+    (snaps,) = book.by_run.values()
+    return {s.step if s.step is not None else os.path.basename(s.path): s for s in snaps}
+
+
+def lrwatch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrwatch", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", ["prodigy_cosine_healthy", "dadapt_adam_rex_healthy", "prodigy_two_groups"])
+def test_cycle_minimum_saves_in_healthy_runs_are_safe(name):
+    got = verdicts(name)
+    assert {s.verdict for s in got.values()} == {"safe"}
+    assert all(s.step_source == "metadata" for s in got.values())
+
+
+def test_the_restart_logged_at_the_save_step_does_not_make_the_minimum_save_high_lr():
+    # cosine hard restarts: the lr logged at step 200 is 1.0 (the restart), but the weights
+    # saved at step 200 were last updated with the lr logged at step 199, the cycle's minimum
+    s = verdicts("prodigy_cosine_healthy")[200]
+    assert s.verdict == "safe" and s.lr_multiplier < 1e-3
+
+
+def test_saves_every_t_over_c_with_warmup_miss_the_shifted_minima_and_say_so():
+    got = verdicts("prodigy_warmup")
+    assert [got[s].verdict for s in (220, 440, 660)] == ["high_lr"] * 3
+    assert got[220].lr_multiplier == pytest.approx(0.353, abs=0.01)
+    assert "mid-cycle" in got[220].reason
+
+
+def test_saves_after_a_recorded_blowup_are_fried_and_the_one_before_is_at_risk():
+    got = verdicts("dadapt_sgd_blowup")
+    assert got[100].verdict == "at_risk"  # after the critical prediction at step 89
+    assert all(got[s].verdict == "fried" for s in (200, 300, 400, 500, 600))
+    first_bad = LABELS["dadapt_sgd_blowup"]["first_nonfinite_loss_step"]
+    assert all(s.step > first_bad for s in got.values() if s.verdict == "fried" and s.step > 200)
+
+
+def test_a_blowup_that_happened_later_leaves_earlier_minimum_saves_safe():
+    got = verdicts("dadapt_sgd_growth_blowup")
+    assert got[100].verdict == "safe" and got[200].verdict == "at_risk" and got[300].verdict == "fried"
+
+
+def _copy_output(tmp_path, name):
+    dst = tmp_path / "output"
+    shutil.copytree(FIXTURES / name / "output", dst)
+    return dst
+
+
+def test_a_snapshot_without_metadata_gets_its_step_from_its_name(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(out / "prodigy_cosine_healthy-step00000400.safetensors"))
+    s = verdicts("prodigy_cosine_healthy", out)[400]
+    assert s.step_source == "name" and s.verdict == "safe"
+
+
+def test_a_snapshot_without_metadata_or_step_gets_its_step_from_its_save_time(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    path = out / "prodigy_cosine_healthy.safetensors"
+    save_file({"w": np.zeros(2, np.float32)}, str(path))
+    from lrwatch.runs import Run
+
+    run = Run(fixture_run("prodigy_cosine_healthy"))
+    run.refresh()
+    lr = run.series("lr/unet")
+    when = float(lr.wall_times[lr.steps.tolist().index(600)]) - 0.0001  # saved just before step 600 was logged
+    os.utime(path, (when, when))
+    s = verdicts("prodigy_cosine_healthy", out)[600]
+    assert s.step_source == "time (mtime)" and s.verdict == "safe"
+
+
+def test_epoch_files_take_steps_per_epoch_from_metadata_or_the_user(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    w = {"w": np.zeros(2, np.float32)}
+    save_file(w, str(out / "prodigy_cosine_healthy-000002.safetensors"), metadata={"ss_steps": "400", "ss_epoch": "2"})
+    save_file(w, str(out / "prodigy_cosine_healthy-000003.safetensors"))  # no metadata
+    got = verdicts("prodigy_cosine_healthy", out)
+    assert got[600].step_source == "epoch 3 x 200 steps per epoch"
+    (out / "prodigy_cosine_healthy-000002.safetensors").unlink()
+    assert verdicts("prodigy_cosine_healthy", out, steps_per_epoch=200)[600].step_source.startswith("epoch 3")
+    assert verdicts("prodigy_cosine_healthy", out)["prodigy_cosine_healthy-000003.safetensors"].verdict == "unknown"
+
+
+def test_truncated_and_foreign_files_are_unknown_with_a_reason(tmp_path):
+    out = _copy_output(tmp_path, "prodigy_cosine_healthy")
+    good = out / "prodigy_cosine_healthy-step00000200.safetensors"
+    (out / "prodigy_cosine_healthy-step00000300.safetensors").write_bytes(good.read_bytes()[:40])
+    (out / "prodigy_cosine_healthy-step00000500.safetensors").write_text("not a safetensors file")
+    got = verdicts("prodigy_cosine_healthy", out)
+    for name in ("prodigy_cosine_healthy-step00000300.safetensors", "prodigy_cosine_healthy-step00000500.safetensors"):
+        snap = next(s for s in got.values() if s.path.endswith(name))
+        assert snap.verdict == "unknown" and "not a readable safetensors file" in snap.reason
+
+
+def test_a_step_beyond_the_logged_lr_is_unknown(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(out / "prodigy_cosine_healthy-step00005000.safetensors"))
+    s = verdicts("prodigy_cosine_healthy", out)[5000]
+    assert s.verdict == "unknown" and "no lr logged" in s.reason
+
+
+def test_diffusers_checkpoint_folders_and_pt_files_are_found(tmp_path):
+    (tmp_path / "checkpoint-400").mkdir()
+    (tmp_path / "model_step600.pt").write_bytes(b"\0" * 8)
+    (tmp_path / "prodigy_cosine_healthy-step00000200-state").mkdir()  # kohya's training state: not a snapshot
+    found = {os.path.basename(s.path): (s.kind, s.step) for s in find_snapshots(tmp_path)}
+    assert found == {"checkpoint-400": ("checkpoint_dir", 400), "model_step600.pt": ("other", 600)}
+
+
+def test_audit_shows_verdicts_writes_the_manifest_atomically_and_never_touches_snapshots(tmp_path):
+    out = _copy_output(tmp_path, "dadapt_sgd_blowup")
+    before = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in out.iterdir()}
+    done = lrwatch("audit", str(FIXTURES / "dadapt_sgd_blowup" / "logs"), "--snapshots", str(out))
+    assert done.returncode == 1
+    assert "at_risk" in done.stdout and "fried" in done.stdout
+    after = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in out.iterdir()
+             if p.name != MANIFEST}
+    assert after == before
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert len(manifest["snapshots"]) == len(before) and manifest["best"] is None
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_json_lists_snapshots_per_run_and_no_manifest_writes_nothing(tmp_path):
+    out = _copy_output(tmp_path, "prodigy_warmup")
+    done = lrwatch("audit", "--json", "--no-manifest", str(FIXTURES / "prodigy_warmup"), "--snapshots", str(out))
+    (run,) = json.loads(done.stdout)["runs"]
+    assert [(s["step"], s["verdict"]) for s in run["snapshots"]] == [
+        (220, "high_lr"), (440, "high_lr"), (660, "high_lr"), (880, "safe"), (1100, "safe")]
+    assert {"path", "step", "step_source", "verdict", "lr_multiplier", "reason"} <= set(run["snapshots"][0])
+    assert not (out / MANIFEST).exists()
+
+
+def test_best_prints_only_the_newest_safe_snapshot(tmp_path):
+    out = _copy_output(tmp_path, "dadapt_sgd_growth_blowup")
+    done = lrwatch("audit", "--best", str(FIXTURES / "dadapt_sgd_growth_blowup"), "--snapshots", str(out))
+    assert done.returncode == 0
+    assert done.stdout.strip() == str(out / "dadapt_sgd_growth_blowup-step00000100.safetensors")
+    none = lrwatch("audit", "--best", "--no-manifest", str(FIXTURES / "dadapt_sgd_blowup"),
+                   "--snapshots", str(FIXTURES / "dadapt_sgd_blowup" / "output"))
+    assert none.returncode == 1 and none.stdout == "" and "no safe snapshot" in none.stderr
+
+
+def test_snapshots_of_several_runs_are_matched_by_output_name(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    for name in ("prodigy_cosine_healthy", "dadapt_sgd_blowup"):
+        for p in (FIXTURES / name / "output").iterdir():
+            shutil.copy(p, out / p.name)
+    done = lrwatch("audit", "--json", "--no-manifest", str(FIXTURES / "prodigy_cosine_healthy"),
+                   str(FIXTURES / "dadapt_sgd_blowup"), "--snapshots", str(out))
+    doc = json.loads(done.stdout)
+    by_run = {r["name"]: {s["verdict"] for s in r["snapshots"]} for r in doc["runs"]}
+    assert {frozenset(v) for v in by_run.values()} == {frozenset({"safe"}), frozenset({"at_risk", "fried"})}
+    assert doc["unassigned_snapshots"] == []
