@@ -211,6 +211,29 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     sys.exit(code)
 
 
+@main.command()
+@click.option("--max-steps", type=click.IntRange(min=1), required=True, help="--max_train_steps of the run.")
+@click.option("--save-every", type=click.IntRange(min=1), required=True, help="--save_every_n_steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="--lr_warmup_steps.")
+@click.option("--cycles", type=click.IntRange(min=1), help="--lr_scheduler_num_cycles. Default: max steps / save every.")
+@click.option("--schedule", type=click.Choice(["cosine", "rex"]), default="cosine", show_default=True,
+              help="cosine: kohya's cosine_with_restarts; rex: lrwatch.schedulers.RexWithRestarts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, schedule: str, as_json: bool) -> None:
+    """How many cycles, where their minima fall, whether every save lands on one, and the kohya
+    arguments to paste. Exit code 0 when every save lands on a minimum, 1 when not."""
+    import json
+
+    from lrwatch.plan import make_plan, render_plan
+
+    try:
+        result = make_plan(max_steps, save_every, warmup, schedule, cycles)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
+    sys.exit(0 if result.ok else 1)
+
+
 def _split_command(args: tuple[str, ...], ctx: click.Context) -> tuple[list[str], list[str] | None]:
     """``PATHS -- COMMAND...``: click hands everything after ``--`` to PATHS; split it back off."""
     raw = sys.argv[1:]

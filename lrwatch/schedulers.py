@@ -147,8 +147,8 @@ class CosineWithRestarts(_CyclicScheduler):
 class DGuard:
     """Wraps any lr scheduler and caps ``d * lr`` like ``d_guard=True`` does.
 
-    ``reference_steps`` is how long the reference is learned (the first cycle of
-    the wrapped schedule) when no ``max_dlr`` is given.
+    Without ``max_dlr``, the reference is learned until ``reference_steps``, the step of
+    the first restart (warmup + first cycle): the restart itself is already guarded.
     """
 
     def __init__(self, scheduler: Any, reference_steps: int | None = None, max_dlr: float | None = None) -> None:
@@ -162,7 +162,7 @@ class DGuard:
         self._apply()
 
     def _apply(self) -> None:
-        learning = self.reference_steps is not None and self.scheduler.last_epoch <= self.reference_steps
+        learning = self.reference_steps is not None and self.scheduler.last_epoch < self.reference_steps
         lrs = self.guard.apply(self.optimizer, self._unguarded, learning)
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fixtures"))  # the fixture generator, for tests that train
 FIXTURES = ROOT / "fixtures" / "runs"
 LABELS = json.loads((ROOT / "fixtures" / "labels.json").read_text())
 
