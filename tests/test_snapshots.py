@@ -105,7 +105,10 @@ def test_epoch_files_take_steps_per_epoch_from_metadata_or_the_user(tmp_path):
     assert got[600].step_source == "epoch 3 x 200 steps per epoch"
     (out / "prodigy_cosine_healthy-000002.safetensors").unlink()
     assert verdicts("prodigy_cosine_healthy", out, steps_per_epoch=200)[600].step_source.startswith("epoch 3")
-    assert verdicts("prodigy_cosine_healthy", out)["prodigy_cosine_healthy-000003.safetensors"].verdict == "unknown"
+    a_year_before_the_run = 1e9
+    os.utime(out / "prodigy_cosine_healthy-000003.safetensors", (a_year_before_the_run, a_year_before_the_run))
+    alone = verdicts("prodigy_cosine_healthy", out)["prodigy_cosine_healthy-000003.safetensors"]
+    assert alone.verdict == "unknown" and "could not be found" in alone.reason
 
 
 def test_truncated_and_foreign_files_are_unknown_with_a_reason(tmp_path):
