@@ -33,7 +33,9 @@ class Monitor:
         on_finding: Callable[[Run, Finding], None] | None = None,
         snapshots: SnapshotBook | None = None,
     ) -> None:
-        self.roots = [Path(r) for r in roots]
+        # Absolute (not resolved: a symlinked log folder keeps the name it was given), so that
+        # paths from the file-system observer compare equal to the runs' paths.
+        self.roots = [Path(os.path.abspath(r)) for r in roots]
         self.tag_map = tag_map or TagMap()
         self.thresholds = thresholds or Thresholds()
         self.on_finding = on_finding

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lrwatch import __version__
-from lrwatch.analysis import CRITICAL, WARNING, Analysis
+from lrwatch.analysis import CRITICAL, WARNING
 from lrwatch.monitor import Monitor, RunState
 
 SCHEMA_VERSION = 1

@@ -293,7 +293,7 @@ class SnapshotBook:
 
     def __init__(self, folders: list[str | os.PathLike[str]], steps_per_epoch: int | None = None,
                  safe_lr: float = DEFAULT_SAFE_LR) -> None:
-        self.folders = [Path(f) for f in folders]
+        self.folders = [Path(os.path.abspath(f)) for f in folders]
         self.steps_per_epoch = steps_per_epoch
         self.safe_lr = safe_lr
         self._cache: dict[Path, tuple[tuple[int, float], Snapshot]] = {}
