@@ -35,7 +35,7 @@ class Thresholds:
     runaway_critical: float = 10.0
     settle_growth: float = 1.1  # d's warm-up is over once it grows less than this over a window
     loss_divergence: float = 10.0  # smoothed loss / its best so far
-    loss_smoothing: int = 10  # EMA span (steps) of the loss before comparing
+    loss_smoothing: int = 10  # steps averaged (trailing mean) before the loss is compared
     loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
@@ -157,25 +157,30 @@ def _joined(run: Run, group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return steps, lr.values[i], dlr.values[j]
 
 
+_RESTART_CHUNK = 4096
+
+
 def find_restarts(lr: np.ndarray, jump: float) -> np.ndarray:
     """Indices where the lr restarts: it rises by at least ``jump`` x the current cycle's peak
     from below that peak. A warmup rises from its own peak, so it never qualifies; float
-    noise is far below ``jump``. Sequential over restarts only (few), vectorised within cycles."""
+    noise is far below ``jump``. Searched chunk by chunk with the cycle's peak carried
+    across chunks, so each restart costs only the distance to it."""
     finite = np.where(np.isfinite(lr), lr, -np.inf)
+    n = len(finite)
     out: list[int] = []
-    start = 0
-    n = len(lr)
-    while start < n - 1:
-        peak = np.maximum.accumulate(finite[start:])  # cycle peak up to and including each index
-        prev_peak = peak[:-1]
-        prev = finite[start:-1]
-        cur = finite[start + 1 :]
-        is_restart = (prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0)
-        hits = np.flatnonzero(is_restart)
-        if not len(hits):
+    pos, carry = 0, -np.inf  # carry: the cycle's peak before index `pos`
+    while pos < n - 1:
+        seg = finite[pos : min(n, pos + _RESTART_CHUNK)]
+        peak = np.maximum(np.maximum.accumulate(seg), carry)  # cycle peak up to and including each index
+        prev_peak, prev, cur = peak[:-1], seg[:-1], seg[1:]
+        hits = np.flatnonzero((prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0))
+        if len(hits):
+            pos, carry = pos + 1 + int(hits[0]), -np.inf  # a new cycle starts at the restart
+            out.append(pos)
+        elif pos + len(seg) >= n:
             break
-        start = start + 1 + int(hits[0])
-        out.append(start)
+        else:  # overlap one point so the pair across the chunk boundary is checked too
+            pos, carry = pos + len(seg) - 1, peak[-2]
     return np.asarray(out, dtype=np.int64)
 
 
@@ -345,7 +350,7 @@ def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
     n = int(finite_upto[0]) if len(finite_upto) else len(loss)
     if n <= th.loss_grace:
         return out
-    smooth = _ema(loss[:n], th.loss_smoothing)
+    smooth = _trailing_mean(loss[:n], th.loss_smoothing)
     baseline = np.minimum.accumulate(np.where(np.arange(n) >= th.loss_grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = smooth / baseline
@@ -361,14 +366,12 @@ def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
     return out
 
 
-def _ema(x: np.ndarray, span: int) -> np.ndarray:
-    alpha = 2.0 / (span + 1.0)
-    out = np.empty(len(x))
-    acc = x[0]
-    for i, v in enumerate(x.tolist()):  # loss series are short next to the reader's work
-        acc = alpha * v + (1 - alpha) * acc
-        out[i] = acc
-    return out
+def _trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
+    """Mean of the last ``span`` points (fewer at the start), vectorised."""
+    csum = np.cumsum(np.r_[0.0, x])
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - span, 0)
+    return (csum[idx] - csum[lo]) / (idx - lo)
 
 
 def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> list[Cycle]:

@@ -40,6 +40,19 @@ def main() -> None:
     """
 
 
+# (Thresholds field, type, help): each becomes --field-name with the field's default.
+THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
+    ("risk_warning", float, "Warn when d now x the next cycle's peak lr exceeds the highest d*lr so far by this ratio."),
+    ("risk_critical", float, "Critical at this predicted ratio."),
+    ("runaway_window", int, "Steps over which d's growth is measured."),
+    ("runaway_warning", float, "Warn when d grows by this factor within the window (after d's warm-up)."),
+    ("runaway_critical", float, "Critical at this growth factor."),
+    ("loss_divergence", float, "Critical when the smoothed loss reaches this multiple of its best."),
+    ("restart_spike", float, "Critical when d*lr right after a restart is this multiple of the highest before."),
+    ("restart_jump", float, "An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
+]
+
+
 def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Tag mapping and thresholds, shared by audit and watch."""
     options = [
@@ -49,22 +62,8 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"d*lr tag pattern (repeatable). Default: {', '.join(DEFAULT_DLR_TAGS)}"),
         click.option("--loss-tag", "loss_tags", multiple=True, metavar="TAG",
                      help=f"loss tag, first present wins (repeatable). Default: {', '.join(DEFAULT_LOSS_TAGS)}"),
-        click.option("--risk-warning", type=float, default=_DEFAULTS.risk_warning, show_default=True,
-                     help="Warn when d now x the next cycle's peak lr exceeds the highest d*lr so far by this ratio."),
-        click.option("--risk-critical", type=float, default=_DEFAULTS.risk_critical, show_default=True,
-                     help="Critical at this predicted ratio."),
-        click.option("--runaway-window", type=int, default=_DEFAULTS.runaway_window, show_default=True,
-                     help="Steps over which d's growth is measured."),
-        click.option("--runaway-warning", type=float, default=_DEFAULTS.runaway_warning, show_default=True,
-                     help="Warn when d grows by this factor within the window (after d's warm-up)."),
-        click.option("--runaway-critical", type=float, default=_DEFAULTS.runaway_critical, show_default=True,
-                     help="Critical at this growth factor."),
-        click.option("--loss-divergence", type=float, default=_DEFAULTS.loss_divergence, show_default=True,
-                     help="Critical when the smoothed loss reaches this multiple of its best."),
-        click.option("--restart-spike", type=float, default=_DEFAULTS.restart_spike, show_default=True,
-                     help="Critical when d*lr right after a restart is this multiple of the highest before."),
-        click.option("--restart-jump", type=float, default=_DEFAULTS.restart_jump, show_default=True,
-                     help="An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
+        *(click.option("--" + name.replace("_", "-"), type=kind, default=getattr(_DEFAULTS, name),
+                       show_default=True, help=text) for name, kind, text in THRESHOLD_OPTIONS),
     ]
     for option in reversed(options):
         f = option(f)
@@ -76,10 +75,8 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
             dlr=tuple(kwargs.pop("dlr_tags")) or DEFAULT_DLR_TAGS,
             loss=tuple(kwargs.pop("loss_tags")) or DEFAULT_LOSS_TAGS,
         )
-        fields = ("risk_warning", "risk_critical", "runaway_window", "runaway_warning", "runaway_critical",
-                  "loss_divergence", "restart_spike", "restart_jump")
         try:
-            kwargs["thresholds"] = _checked(Thresholds(**{k: kwargs.pop(k) for k in fields}))
+            kwargs["thresholds"] = _checked(Thresholds(**{name: kwargs.pop(name) for name, _, _ in THRESHOLD_OPTIONS}))
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         return f(*args, **kwargs)
