@@ -75,24 +75,29 @@ def read_header(path: Path) -> tuple[dict[str, str] | None, str | None]:
         return None, f"not a readable safetensors file ({e})"
 
 
-def find_snapshots(folder: str | os.PathLike[str]) -> list[Snapshot]:
-    """Snapshots in ``folder`` (not recursive): kohya's step/epoch/final files, .pt/.ckpt,
-    and diffusers-style ``checkpoint-<step>/`` folders. Nothing is opened for writing."""
+def snapshot_paths(folder: str | os.PathLike[str]) -> list[Path]:
+    """The entries of ``folder`` (not recursive) that are snapshots: files ending in
+    .safetensors/.pt/.ckpt and diffusers-style ``checkpoint-<step>/`` folders."""
     root = Path(folder)
     if not root.is_dir():
         return []
-    found = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir():
-            m = _CHECKPOINT_DIR.match(entry.name)
-            if m:
-                found.append(Snapshot(str(entry), "checkpoint_dir", None, int(m["step"]), "name",
-                                      saved_at=entry.stat().st_mtime, saved_at_source="mtime"))
-            continue
-        if entry.suffix not in SNAPSHOT_SUFFIXES or entry.name == MANIFEST:
-            continue
-        found.append(_describe(entry))
-    return found
+    return [entry for entry in sorted(root.iterdir())
+            if (entry.is_dir() and _CHECKPOINT_DIR.match(entry.name))
+            or (entry.is_file() and entry.suffix in SNAPSHOT_SUFFIXES)]
+
+
+def find_snapshots(folder: str | os.PathLike[str]) -> list[Snapshot]:
+    """Every snapshot in ``folder``, described. Nothing is opened for writing."""
+    return [describe(path) for path in snapshot_paths(folder)]
+
+
+def describe(path: Path) -> Snapshot:
+    """What a snapshot's name and (safetensors) header say about it."""
+    if path.is_dir():
+        m = _CHECKPOINT_DIR.match(path.name)
+        return Snapshot(str(path), "checkpoint_dir", None, int(m["step"]), "name",
+                        saved_at=path.stat().st_mtime, saved_at_source="mtime")
+    return _describe(path)
 
 
 def _describe(path: Path) -> Snapshot:
@@ -303,14 +308,15 @@ class SnapshotBook:
     def _scan(self) -> list[Snapshot]:
         out = []
         for folder in self.folders:
-            for snap in find_snapshots(folder):
-                path = Path(snap.path)
-                st = path.stat()
+            for path in snapshot_paths(folder):
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # removed since listed
                 key = (st.st_size, st.st_mtime)
                 cached = self._cache.get(path)
-                if cached is None or cached[0] != key:
-                    self._cache[path] = (key, snap)
-                    cached = self._cache[path]
+                if cached is None or cached[0] != key:  # new or rewritten: read its header (again)
+                    cached = self._cache[path] = (key, describe(path))
                 out.append(_fresh_copy(cached[1]))
         return out
 

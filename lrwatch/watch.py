@@ -205,7 +205,7 @@ class _Stopper:
         self.given = given
         self.pending: dict[Path, tuple[int, Finding]] = {}  # run -> (stop at this step, why)
         self.done: set[Path] = set()
-        self.stopped: list[Target] = []
+        self.stopped: list[Target] = []  # each process is stopped once, whichever runs it writes
         self.threads: list[threading.Thread] = []
 
     def on_critical(self, state: RunState, finding: Finding) -> None:
@@ -258,6 +258,8 @@ class _Stopper:
             self.hooks.action(run, f"{run.name}: critical finding, but no trainer process to stop ("
                                    + "; ".join(reasons or ["no writer found"]) + ")")
             return
+        if any(t.identity == target.identity for t in self.stopped):
+            return  # already being stopped for another of its runs
         self.hooks.action(run, f"{run.name}: stopping the trainer after {finding.kind} at step {finding.step}: "
                                f"{target.describe()}", pid=target.identity.pid, found_by=target.found_by,
                           dry_run=self.options.dry_run)

@@ -184,3 +184,22 @@ def test_snapshots_of_several_runs_are_matched_by_output_name(tmp_path):
     by_run = {r["name"]: {s["verdict"] for s in r["snapshots"]} for r in doc["runs"]}
     assert {frozenset(v) for v in by_run.values()} == {frozenset({"safe"}), frozenset({"at_risk", "fried"})}
     assert doc["unassigned_snapshots"] == []
+
+
+def test_headers_are_read_once_per_file_version_while_watching(tmp_path, monkeypatch):
+    import lrwatch.snapshots as snapshots_module
+
+    out = _copy_output(tmp_path, "prodigy_cosine_healthy")
+    reads = []
+    real = snapshots_module.read_header
+    monkeypatch.setattr(snapshots_module, "read_header", lambda p: reads.append(p.name) or real(p))
+    book = SnapshotBook([out])
+    monitor = Monitor([fixture_run("prodigy_cosine_healthy")], snapshots=book)
+    monitor.poll()
+    monitor.judge_snapshots()
+    monitor.judge_snapshots()
+    assert len(reads) == 5  # five snapshots, each read once
+    victim = out / "prodigy_cosine_healthy-step00000400.safetensors"
+    os.utime(victim, (victim.stat().st_atime, victim.stat().st_mtime + 5))  # rewritten
+    monitor.judge_snapshots()
+    assert reads[5:] == [victim.name]
