@@ -9,9 +9,11 @@ The only lrwatch module that imports torch. kohya builds a custom scheduler as
 The guard (``d_guard=True``, or :class:`DGuard` around any other scheduler)
 reads the adaptive optimizer's ``d`` from ``param_groups`` after every step and
 lowers the lr so that ``d * lr`` never exceeds a reference: ``max_dlr`` when
-given, else the highest ``d * lr`` reached during the first cycle (or the
-warmup plus the first cycle). The lowered lr is what ``get_last_lr()`` returns,
-so the trainer's ``lr/...`` curve shows every intervention.
+given, else the highest ``d * lr`` each param group reached during the warmup
+and first cycle (D-Adaptation keeps a ``d`` per group). The lowered lr is what
+``get_last_lr()`` returns, so the trainer's ``lr/...`` curve shows every
+intervention; ``scheduler.guard.reference`` (per group) and
+``scheduler.guard.interventions`` say what it did.
 """
 
 from __future__ import annotations
@@ -28,35 +30,41 @@ __all__ = ["RexWithRestarts", "CosineWithRestarts", "DGuard"]
 
 
 class _Guard:
-    """Caps lr so that d*lr stays at or under a reference. State lives in plain attributes
-    so that it travels with the scheduler's ``state_dict``."""
+    """Caps each param group's lr so that its d*lr stays at or under that group's reference.
+    State lives in plain attributes so that it travels with the scheduler's ``state_dict``."""
 
     def __init__(self, max_dlr: float | None) -> None:
         if max_dlr is not None and not (max_dlr > 0 and math.isfinite(max_dlr)):
             raise ValueError(f"max_dlr must be a positive finite number, got {max_dlr}")
         self.max_dlr = max_dlr
-        self.reference: float | None = max_dlr
-        self.cap: float | None = None  # current ceiling on d*lr applied (None until known)
-        self.interventions = 0  # steps on which the lr was lowered
+        self.reference: list[float | None] = []  # per param group: the ceiling on d*lr (None: not known yet)
+        self.interventions = 0  # steps on which some group's lr was lowered
+
+    @property
+    def cap(self) -> list[float | None]:
+        """The ceiling on d*lr now applied to each param group."""
+        return list(self.reference)
 
     def apply(self, optimizer: Optimizer, lrs: list[float], learning: bool) -> list[float]:
-        """Return ``lrs`` lowered where needed; while ``learning`` (first cycle,
-        no user cap) the reference follows the highest d*lr instead."""
+        """Return ``lrs`` lowered where needed; while ``learning`` (warmup and first cycle, no
+        user cap) each group's reference follows its highest d*lr instead."""
+        if len(self.reference) != len(lrs):
+            self.reference = [self.max_dlr] * len(lrs)
         out = []
         lowered = False
-        for group, lr in zip(optimizer.param_groups, lrs):
+        for i, (group, lr) in enumerate(zip(optimizer.param_groups, lrs)):
             d = group.get("d")
             if d is None or not lr > 0:
                 out.append(lr)
                 continue
             d = float(d)
+            ref = self.reference[i]
             if learning and self.max_dlr is None:
-                self.reference = max(self.reference or 0.0, d * lr)
-            elif self.reference is not None and d * lr > self.reference:
-                lr = self.reference / d
+                self.reference[i] = max(ref or 0.0, d * lr)
+            elif ref is not None and d * lr > ref:
+                lr = ref / d
                 lowered = True
             out.append(lr)
-        self.cap = self.reference
         self.interventions += lowered
         return out
 

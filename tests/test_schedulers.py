@@ -122,7 +122,7 @@ def test_the_guard_keeps_d_lr_at_or_under_the_reference_and_the_loss_finite(name
         assert lab["first_nonfinite_loss_step"] is not None
     spec, guarded = _train(name, d_guard=True)
     c = guarded["curves"]
-    ref = guarded["guard"]["reference"]
+    (ref,) = guarded["guard"]["reference"]  # one param group
     dlr = [d * lr for d, lr in zip(c["d"], c["lr"])]
     after = dlr[_first_restart(spec) - 1 :]  # step k is index k-1; from the first restart on
     assert max(after) <= ref * (1 + 1e-9)
@@ -157,7 +157,7 @@ def test_a_user_cap_holds_from_the_first_step_and_the_lowered_lr_is_what_get_las
         lr = sched.get_last_lr()[0]
         assert lr == opt.param_groups[0]["lr"]
         assert d * lr <= 1e-4 * (1 + 1e-9)
-    assert sched.guard.cap == 1e-4 and sched.guard.interventions > 0
+    assert sched.guard.cap == [1e-4] and sched.guard.interventions > 0
     assert sched.get_last_lr()[0] < sched.multiplier(sched.last_epoch)  # visibly lowered
 
 
@@ -166,7 +166,28 @@ def test_guard_state_travels_with_the_scheduler_state():
 
     w = torch.nn.Parameter(torch.randn(4))
     sched = RexWithRestarts(Prodigy([w], lr=1.0), first_cycle=10, d_guard=True)
-    sched.guard.reference, sched.guard.interventions = 0.5, 7
+    sched.guard.reference, sched.guard.interventions = [0.5], 7
     other = RexWithRestarts(Prodigy([torch.nn.Parameter(torch.randn(4))], lr=1.0), first_cycle=10, d_guard=True)
     other.load_state_dict(sched.state_dict())
-    assert other.guard.reference == 0.5 and other.guard.interventions == 7
+    assert other.guard.reference == [0.5] and other.guard.interventions == 7
+
+
+def test_a_frozen_group_with_lr_zero_is_left_alone_and_the_other_is_guarded():
+    """kohya with the text encoder frozen: its group's lr is 0 (the only other lr D-Adaptation allows)."""
+    import dadaptation
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+    opt = dadaptation.DAdaptSGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.0}])
+    sched = RexWithRestarts(opt, first_cycle=20, d_guard=True)
+    target = torch.randn(16) * 10
+    for step in range(1, 81):
+        loss = ((a - target) ** 2).mean() + ((b - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        assert opt.param_groups[1]["lr"] == 0.0
+        if step >= 20:  # from the first restart on
+            assert opt.param_groups[0]["d"] * opt.param_groups[0]["lr"] <= sched.guard.reference[0] * (1 + 1e-9)
+    assert sched.guard.reference[0] > 0 and sched.guard.reference[1] is None
