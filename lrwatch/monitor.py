@@ -36,6 +36,7 @@ class Monitor:
         # Absolute (not resolved: a symlinked log folder keeps the name it was given), so that
         # paths from the file-system observer compare equal to the runs' paths.
         self.roots = [Path(os.path.abspath(r)) for r in roots]
+        self._as_given = {root: str(r) for root, r in zip(self.roots, roots)}  # for messages
         self.tag_map = tag_map or TagMap()
         self.thresholds = thresholds or Thresholds()
         self.on_finding = on_finding
@@ -44,6 +45,10 @@ class Monitor:
 
     def missing_roots(self) -> list[Path]:
         return [r for r in self.roots if not r.exists()]
+
+    def as_given(self, root: Path) -> str:
+        """A root spelled the way the user gave it."""
+        return self._as_given.get(root, str(root))
 
     def discover(self) -> list[Run]:
         """Add runs that appeared under the roots since the last call."""

@@ -104,7 +104,7 @@ def _snapshots_of(monitor: Monitor, state: RunState) -> list | None:
 
 def to_json(monitor: Monitor) -> str:
     doc: dict[str, Any] = {"lrwatch": __version__, "schema": SCHEMA_VERSION,
-                           "missing": [str(p) for p in monitor.missing_roots()],
+                           "missing": [monitor.as_given(p) for p in monitor.missing_roots()],
                            "runs": [run_dict(s, _snapshots_of(monitor, s)) for s in monitor.runs],
                            "exit_code": exit_code(monitor)}
     if monitor.snapshots is not None:
@@ -173,9 +173,9 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
 
 
 def render(monitor: Monitor) -> str:
-    parts = [f"lrwatch: {p}: no such file or directory" for p in monitor.missing_roots()]
+    parts = [f"lrwatch: {monitor.as_given(p)}: no such file or directory" for p in monitor.missing_roots()]
     if not monitor.runs and not parts:
-        parts.append("lrwatch: no event files found under " + ", ".join(map(str, monitor.roots)))
+        parts.append("lrwatch: no event files found under " + ", ".join(map(monitor.as_given, monitor.roots)))
     parts += [render_run(s, _snapshots_of(monitor, s)) for s in monitor.runs]
     if monitor.snapshots is not None and monitor.snapshots.orphans:
         parts.append("\n".join(["snapshots matching no run (by output name):",

@@ -299,7 +299,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     watcher = Watcher(monitor, options.poll)
     watcher.start()
     for root in monitor.missing_roots():
-        hooks.say(f"lrwatch: waiting for {root} to appear")
+        hooks.say(f"lrwatch: waiting for {monitor.as_given(root)} to appear")
 
     writers: dict[Path, Identity] = {}  # runs' writers seen alive, to end when they have all exited
     checked: dict[Path, int] = {}
