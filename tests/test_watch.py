@@ -163,7 +163,8 @@ def test_kill_at_restart_waits_for_the_predicted_restart(tmp_path):
 def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll):
     logs = tmp_path / "not" / "yet"
     extra = ["--poll", poll] if poll else []
-    watcher = lrwatch(str(logs), "--until-idle", "3", *extra)
+    # the writer imports torch before it creates the folder: 2.4 s on a loaded 2-core machine
+    watcher = lrwatch(str(logs), "--until-idle", "8", *extra)
     time.sleep(1.0)
     assert watcher.poll() is None
     writer = subprocess.Popen([*REPLAY, "prodigy_seed_bump", str(logs), "--delay", "0.001"], cwd=ROOT)
