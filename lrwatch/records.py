@@ -83,7 +83,7 @@ def find_records(buf: bytes | memoryview, start: int = 0, base_offset: int = 0) 
             return _careful_walk(mv, arr_pos[:first] + HEADER, arr_len[:first], int(arr_pos[first]), base_offset)
     else:
         arr_len = arr_pos
-    return _tail(mv, arr_pos + HEADER, arr_len, pos, base_offset, [])
+    return _tail(mv, arr_pos + HEADER, arr_len, pos, base_offset)
 
 
 def _crc32c_table() -> np.ndarray:
@@ -109,37 +109,31 @@ def _gather_u32(u8: np.ndarray, at: np.ndarray) -> np.ndarray:
     return u8[idx].copy().view("<u4").ravel().astype(np.uint64)
 
 
-def _tail(mv: memoryview, starts: np.ndarray, lengths: np.ndarray, pos: int, base: int, damage: list[Damage]) -> Frames:
+def _header_problem(mv: memoryview, pos: int) -> str | None:
+    """Why the 12 bytes at ``pos`` are not a record header, or None if they are one."""
+    if masked_crc(mv[pos : pos + 8]) != _unpack_crc(mv, pos + 8)[0]:
+        return "bad length checksum"
+    (length,) = _unpack_len(mv, pos)
+    return f"absurd record length {length}" if length > MAX_RECORD_BYTES else None
+
+
+def _tail(mv: memoryview, starts: np.ndarray, lengths: np.ndarray, pos: int, base: int) -> Frames:
     """Decide what the bytes after the last good record are: an unfinished record or damage."""
-    end = len(mv)
-    pending = end - pos
-    if pending >= HEADER:
-        (length,) = _unpack_len(mv, pos)
-        header_ok = masked_crc(mv[pos : pos + 8]) == _unpack_crc(mv, pos + 8)[0]
-        if not header_ok or length > MAX_RECORD_BYTES:
-            # Not a record being written: report and resynchronise past it.
-            what = "bad length checksum" if not header_ok else f"absurd record length {length}"
-            return _careful_walk(mv, starts, lengths, pos, base, damage, first_problem=what)
-    return Frames(starts, lengths, pos, damage, pending)
+    pending = len(mv) - pos
+    if pending >= HEADER and _header_problem(mv, pos):
+        return _careful_walk(mv, starts, lengths, pos, base)  # not a record being written: resynchronise
+    return Frames(starts, lengths, pos, [], pending)
 
 
-def _careful_walk(
-    mv: memoryview,
-    starts: np.ndarray,
-    lengths: np.ndarray,
-    pos: int,
-    base: int,
-    damage: list[Damage] | None = None,
-    first_problem: str | None = None,
-) -> Frames:
+def _careful_walk(mv: memoryview, starts: np.ndarray, lengths: np.ndarray, pos: int, base: int) -> Frames:
     """Record-by-record walk from ``pos`` that reports damage and resynchronises."""
-    damage = list(damage or [])
+    damage: list[Damage] = []
     good_s, good_l = list(starts), list(lengths)
     end = len(mv)
     while pos + HEADER <= end:
-        (length,) = _unpack_len(mv, pos)
-        header_ok = masked_crc(mv[pos : pos + 8]) == _unpack_crc(mv, pos + 8)[0]
-        if header_ok and length <= MAX_RECORD_BYTES:
+        problem = _header_problem(mv, pos)
+        if problem is None:
+            (length,) = _unpack_len(mv, pos)
             nxt = pos + HEADER + length + FOOTER
             if nxt > end:
                 break  # a record still being written
@@ -150,8 +144,6 @@ def _careful_walk(
                 damage.append(Damage(base + pos, f"record data checksum mismatch ({length} bytes skipped)"))
             pos = nxt
             continue
-        problem = first_problem or ("bad length checksum" if not header_ok else f"absurd record length {length}")
-        first_problem = None
         resync = _next_header(mv, pos + 1)
         if resync is None:
             # Nothing valid follows yet: keep the offset so a writer that is mid-record is not misread.
@@ -164,11 +156,8 @@ def _careful_walk(
 
 def _next_header(mv: memoryview, pos: int) -> int | None:
     """The next offset whose 12 bytes form a valid record header."""
-    end = len(mv)
-    while pos + HEADER <= end:
-        if masked_crc(mv[pos : pos + 8]) == _unpack_crc(mv, pos + 8)[0]:
-            (length,) = _unpack_len(mv, pos)
-            if length <= MAX_RECORD_BYTES:
-                return pos
+    while pos + HEADER <= len(mv):
+        if _header_problem(mv, pos) is None:
+            return pos
         pos += 1
     return None
