@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from lrwatch.schedules import cosine_hard_restarts, cyclic_multiplier
+from lrwatch.schedules import cosine_hard_restarts, cosine_restart_steps, cyclic_multiplier, cyclic_restart_steps
 from lrwatch.snapshots import DEFAULT_SAFE_LR
 
 
@@ -64,14 +64,14 @@ def make_plan(max_steps: int, save_every: int, warmup: int = 0, schedule: str = 
     length = span / cycles
     int_length = max(1, round(length))
     if schedule == "cosine":
-        restarts = [warmup + math.ceil(k * span / cycles - 1e-9) for k in range(1, cycles)]
-    else:
-        restarts = [warmup + k * int_length for k in range(1, cycles)]
+        restarts = cosine_restart_steps(max_steps, warmup, cycles)
+    else:  # the last cycle ends the run: no restart at max_steps
+        restarts = [r for r in cyclic_restart_steps(max_steps, int_length, warmup=warmup) if r < max_steps][: cycles - 1]
     saves = []
     for step in range(save_every, max_steps + 1, save_every):
         m = multiplier(schedule, step - 1, max_steps, warmup, cycles, int_length)
         saves.append(Save(step, round(m, 6), m <= safe_lr))
-    minima = [r for r in restarts] + [max_steps]
+    minima = restarts + [max_steps]
     # A save during or at the end of the warmup holds the warmup's lr: never a minimum, and not a schedule flaw.
     plan = Plan(schedule, max_steps, save_every, warmup, cycles, length, restarts, minima, saves,
                 ok=all(s.at_minimum for s in saves if s.step > warmup))

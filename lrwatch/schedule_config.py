@@ -8,10 +8,9 @@ is coming at all.
 from __future__ import annotations
 
 import ast
-import math
 from dataclasses import dataclass
 
-from lrwatch.schedules import cycle_position
+from lrwatch.schedules import cosine_restart_steps, cyclic_restart_steps
 
 # kohya/diffusers schedulers that never raise the lr again after warmup.
 NO_RESTART_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "polynomial", "rex",
@@ -79,22 +78,14 @@ def known_schedule(config: dict[str, object]) -> KnownSchedule | None:
         warmup = int(args.get("warmup", 0) or 0)
         mult = float(args.get("cycle_mult", 1.0) or 1.0)
         if first > 0 and max_steps:
-            steps, s = [], warmup
-            while True:
-                pos = cycle_position(s, first, mult, warmup)
-                s = pos.start + pos.length
-                if s > max_steps:
-                    break
-                steps.append(s)
-            restarts = tuple(steps)
+            restarts = tuple(cyclic_restart_steps(max_steps, first, mult, warmup))
         name = custom
     elif custom:
         name = custom  # some other custom scheduler: restarts unknown
     elif scheduler == "cosine_with_restarts":
         cycles = _int(config, "lr_scheduler_num_cycles") or 1
         if max_steps:
-            span = max_steps - warmup
-            restarts = tuple(warmup + math.ceil(k * span / cycles - 1e-9) for k in range(1, cycles))
+            restarts = tuple(cosine_restart_steps(max_steps, warmup, cycles))
         name = scheduler
     else:
         name = scheduler

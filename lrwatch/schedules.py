@@ -24,6 +24,12 @@ def cosine_hard_restarts(step: int, warmup: int, total: int, cycles: float) -> f
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
 
 
+def cosine_restart_steps(total: int, warmup: int, cycles: int) -> list[int]:
+    """Steps at which :func:`cosine_hard_restarts` jumps back to 1 (the first step of cycles 2..C)."""
+    span = total - warmup
+    return [warmup + math.ceil(k * span / cycles - 1e-9) for k in range(1, cycles)]
+
+
 def rex_shape(remaining: float, rex_b: float = 0.5) -> float:
     """REX (Chen, Wolfe, Kyrillidis 2021): ``z / ((1-b) + b*z)``, z the remaining fraction."""
     return remaining / ((1.0 - rex_b) + rex_b * remaining)
@@ -84,3 +90,14 @@ def cyclic_multiplier(
     else:
         raise ValueError(f"unknown shape {shape!r}: use 'rex' or 'cosine'")
     return gamma**pos.cycle * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)
+
+
+def cyclic_restart_steps(total: int, first_cycle: int, cycle_mult: float = 1.0, warmup: int = 0) -> list[int]:
+    """Steps up to ``total`` at which :func:`cyclic_multiplier` starts a new cycle."""
+    steps, step = [], warmup
+    while True:
+        pos = cycle_position(step, first_cycle, cycle_mult, warmup)
+        step = pos.start + pos.length
+        if step > total:
+            return steps
+        steps.append(step)
