@@ -81,6 +81,7 @@ class GroupAnalysis:
     lr: np.ndarray
     dlr: np.ndarray
     d: np.ndarray  # NaN where unknown (lr zero or tiny before any known d)
+    cycle_peak: np.ndarray  # the highest (finite) lr of the current cycle so far, at every point
     restarts: list[int]
     cycles: list[Cycle]
     risk: float | None  # predicted d*lr at the next restart / highest d*lr so far, now
@@ -206,18 +207,20 @@ def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Th
         cycle_of[restarts_idx] = 1
         cycle_of = np.cumsum(cycle_of)
     d = _d_series(lr, dlr, th.tiny_lr)
+    cycle_peak = _cycle_peak_lr(lr, cycle_of)
 
     _nonfinite(findings, name, steps, {"lr": lr, "d*lr": dlr} if group.dlr_tag else {"lr": lr})
     risk_now = None
     next_restart = schedule.next_restart(int(steps[-1])) if schedule and len(steps) else None
     if group.dlr_tag and len(steps):
-        risk = _restart_risk(steps, lr, dlr, d, cycle_of, schedule)
+        best = _running_max_finite(dlr)  # the highest d*lr so far, at every point
+        risk = _restart_risk(steps, d, cycle_peak, best, schedule)
         risk_now = None if not np.isfinite(risk[-1]) else float(risk[-1])
-        _risk_findings(findings, name, steps, risk, d, dlr, cycle_of, schedule, th)
+        _risk_findings(findings, name, steps, risk, d, best, cycle_of, schedule, th)
         _runaway_findings(findings, name, steps, d, cycle_of, th)
-        _spike_findings(findings, name, steps, dlr, restarts_idx, th)
+        _spike_findings(findings, name, steps, dlr, best, restarts_idx, th)
     cycles = _cycles(steps, lr, dlr, d, restarts_idx, schedule)
-    return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d,
+    return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d, cycle_peak,
                          [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart)
 
 
@@ -234,11 +237,9 @@ def _cycle_peak_lr(lr: np.ndarray, cycle_of: np.ndarray) -> np.ndarray:
     return out
 
 
-def _restart_risk(steps, lr, dlr, d, cycle_of, schedule: KnownSchedule | None) -> np.ndarray:
+def _restart_risk(steps, d, peak, best, schedule: KnownSchedule | None) -> np.ndarray:
     """At each step: d now x the peak lr the next cycle will start from, over the highest
     d*lr reached so far. NaN where no restart is coming (known from the config)."""
-    peak = _cycle_peak_lr(lr, cycle_of)
-    best = _running_max_finite(dlr)
     with np.errstate(divide="ignore", invalid="ignore"):
         risk = d * peak / best
     risk[~np.isfinite(risk) | (best <= 0)] = np.nan
@@ -257,8 +258,7 @@ def _first_per_cycle(mask: np.ndarray, cycle_of: np.ndarray) -> list[int]:
     return hits[first].tolist()
 
 
-def _risk_findings(findings, group, steps, risk, d, dlr, cycle_of, schedule, th: Thresholds) -> None:
-    best = _running_max_finite(dlr)
+def _risk_findings(findings, group, steps, risk, d, best, cycle_of, schedule, th: Thresholds) -> None:
     for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
         for i in _first_per_cycle(np.nan_to_num(risk, nan=0.0) >= level, cycle_of):
             step = int(steps[i])
@@ -312,9 +312,9 @@ def _runaway_findings(findings, group, steps, d, cycle_of, th: Thresholds) -> No
             ))
 
 
-def _spike_findings(findings, group, steps, dlr, restarts_idx, th: Thresholds) -> None:
+def _spike_findings(findings, group, steps, dlr, best, restarts_idx, th: Thresholds) -> None:
     """What actually happened at each restart: d*lr far above everything before."""
-    best_before = np.r_[-np.inf, _running_max_finite(dlr)[:-1]]
+    best_before = np.r_[-np.inf, best[:-1]]
     for cycle, i in enumerate(restarts_idx.tolist(), start=1):
         ratio = dlr[i] / best_before[i] if best_before[i] > 0 else np.nan
         if np.isfinite(ratio) and ratio >= th.restart_spike:

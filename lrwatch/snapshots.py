@@ -213,11 +213,8 @@ def _lr_of_last_update(group: GroupAnalysis, step: int) -> tuple[float, float, f
     i = int(np.searchsorted(steps, step - 1, side="right")) - 1
     if i < 0:
         return None
-    lr = float(group.lr[i])
-    cycle_start = max([int(np.searchsorted(steps, r)) for r in group.restarts if r <= steps[i]], default=0)
-    peak = float(np.nanmax(group.lr[cycle_start : i + 1])) if i >= cycle_start else lr
     d = float(group.d[i]) if np.isfinite(group.d[i]) else None
-    return lr, peak, d
+    return float(group.lr[i]), float(group.cycle_peak[i]), d
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR) -> None:
