@@ -153,7 +153,7 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, 
     sys.exit(exit_code(monitor))
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--kill-on-spike", is_flag=True, help="Stop the trainer when a critical finding fires.")
 @click.option("--kill-at", type=click.Choice(["now", "restart"]), default="now", show_default=True,
@@ -190,8 +190,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     from lrwatch.hooks import Hooks
     from lrwatch.watch import WatchOptions, watch as run_watch
 
-    ctx = click.get_current_context()
-    paths, command = _split_command(paths, ctx)
+    paths, command = _split_command(paths)
     if poll is not None and poll <= 0:
         raise click.UsageError("--poll must be a positive number of seconds")
     if kill_at == "restart" and not kill_on_spike:
@@ -231,7 +230,7 @@ def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, sched
     sys.exit(0 if result.ok else 1)
 
 
-def _split_command(args: tuple[str, ...], ctx: click.Context) -> tuple[list[str], list[str] | None]:
+def _split_command(args: tuple[str, ...]) -> tuple[list[str], list[str] | None]:
     """``PATHS -- COMMAND...``: click hands everything after ``--`` to PATHS; split it back off."""
     raw = sys.argv[1:]
     if "--" not in raw:

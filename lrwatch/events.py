@@ -30,7 +30,6 @@ class Scalars:
     values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     wall_times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     hparams: dict[str, object] = field(default_factory=dict)
-    file_version: str | None = None
     undecodable: int = 0  # records that were not valid Event protos
 
     def __len__(self) -> int:
@@ -176,11 +175,7 @@ def _decode_slow(buf, records, starts, lengths, out: Scalars, index: dict[str, i
         except Exception:  # upb raises DecodeError; anything else is just as undecodable
             out.undecodable += 1
             continue
-        kind = event.WhichOneof("what")
-        if kind == "file_version":
-            out.file_version = event.file_version
-            continue
-        if kind != "summary":
+        if event.WhichOneof("what") != "summary":  # file_version, graphs, session logs
             continue
         for value in event.summary.value:
             plugin = value.metadata.plugin_data.plugin_name

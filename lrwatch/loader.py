@@ -15,7 +15,6 @@ from lrwatch.events import Scalars, decode
 from lrwatch.records import Damage, find_records
 
 
-
 @dataclass
 class Batch:
     """What one read of one file produced."""
@@ -46,7 +45,7 @@ class EventFile:
                     self.offset, restarted = 0, True  # truncated or replaced: never read past the new end
                 self._identity = identity
                 if st.st_size <= self.offset:
-                    return Batch(Scalars(), [], st.st_size - self.offset if st.st_size > self.offset else 0, restarted)
+                    return Batch(Scalars(), restarted=restarted)
                 fh.seek(self.offset)
                 data = fh.read()
         except FileNotFoundError:

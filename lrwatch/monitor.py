@@ -5,7 +5,6 @@ pass whenever files change."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,6 @@ class Monitor:
         roots: list[str | os.PathLike[str]],
         tag_map: TagMap | None = None,
         thresholds: Thresholds | None = None,
-        on_finding: Callable[[Run, Finding], None] | None = None,
         snapshots: SnapshotBook | None = None,
     ) -> None:
         # Absolute (not resolved: a symlinked log folder keeps the name it was given), so that
@@ -39,7 +37,6 @@ class Monitor:
         self._as_given = {root: str(r) for root, r in zip(self.roots, roots)}  # for messages
         self.tag_map = tag_map or TagMap()
         self.thresholds = thresholds or Thresholds()
-        self.on_finding = on_finding
         self.states: dict[Path, RunState] = {}
         self.snapshots = snapshots
 
@@ -81,8 +78,6 @@ class Monitor:
                     continue
                 state.reported.add(key)
                 out.append((state.run, finding))
-                if self.on_finding is not None:
-                    self.on_finding(state.run, finding)
         return out
 
     def judge_snapshots(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +31,9 @@ def _file_order(path: Path) -> tuple[int, str]:
     return (int(m.group(1)) if m else 0, path.name)
 
 
-def run_dir_of(event_file: Path) -> Path:
-    parent = event_file.parent
-    return parent.parent if _HPARAMS_SUBDIR.match(parent.name) else parent
+def run_dir_of(folder: Path) -> Path:
+    """The run a folder of event files belongs to: an add_hparams timestamp folder is its parent's."""
+    return folder.parent if _HPARAMS_SUBDIR.match(folder.name) else folder
 
 
 def discover(path: str | os.PathLike[str]) -> list[Path]:
@@ -45,7 +44,7 @@ def discover(path: str | os.PathLike[str]) -> list[Path]:
     runs: set[Path] = set()
     for folder, _dirs, files in os.walk(root):
         if any(EVENT_FILE.search(f) for f in files):
-            runs.add(run_dir_of(Path(folder) / "x"))
+            runs.add(run_dir_of(Path(folder)))
     return sorted(runs)
 
 
@@ -95,7 +94,6 @@ class Run:
         self.config: dict[str, object] = {}
         self.damage: list[tuple[Path, Damage]] = []
         self.pending_bytes = 0
-        self.restarted_files: list[Path] = []
         self._chunks: dict[str, _TagChunks] = {}
         self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
 
@@ -103,10 +101,14 @@ class Run:
     def event_files(self) -> list[Path]:
         if self.single_file:
             return [self.path]
-        found = [p for p in self.path.iterdir() if is_event_file(p)] if self.path.is_dir() else []
-        for sub in (self.path.iterdir() if self.path.is_dir() else ()):
-            if sub.is_dir() and _HPARAMS_SUBDIR.match(sub.name):
-                found += [p for p in sub.iterdir() if is_event_file(p)]
+        if not self.path.is_dir():
+            return []
+        found = []
+        for entry in self.path.iterdir():
+            if entry.is_dir() and _HPARAMS_SUBDIR.match(entry.name):
+                found += [p for p in entry.iterdir() if is_event_file(p)]
+            elif is_event_file(entry):
+                found.append(entry)
         return sorted(found, key=_file_order)
 
     def refresh(self) -> int:
@@ -120,8 +122,6 @@ class Run:
             batch = loader.read_new()
             self.pending_bytes += batch.pending
             self.damage += [(path, d) for d in batch.damage]
-            if batch.restarted:
-                self.restarted_files.append(path)
             self.config.update(batch.scalars.hparams)
             if len(batch.scalars):
                 self._add(batch.scalars)
@@ -180,25 +180,6 @@ class Run:
     def superseded_points(self) -> int:
         """Points replaced because steps went back (a resume); counted once series are built."""
         return sum(c.superseded for c in self._chunks.values())
-
-
-def load_run(path: str | os.PathLike[str]) -> Run:
-    run = Run(path)
-    run.refresh()
-    return run
-
-
-def open_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
-    """The runs under each path, unread. A path that does not exist is an error here
-    (the live watcher waits for it instead)."""
-    runs: list[Run] = []
-    for p in paths:
-        root = Path(p)
-        if not root.exists():
-            raise FileNotFoundError(f"{p}: no such file or directory")
-        for run_path in discover(root):
-            runs.append(Run(run_path, root if root.is_dir() else root.parent))
-    return runs
 
 
 _YAML_LINE = re.compile(r"^([A-Za-z_][\w.\-]*):\s*(.*?)\s*$")

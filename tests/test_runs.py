@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from conftest import FIXTURES, LABELS, fixture_run, write_scalars
-from lrwatch.runs import Run, discover, open_runs, parse_flat_yaml, resolve_relogged
+from lrwatch.monitor import Monitor
+from lrwatch.runs import Run, discover, parse_flat_yaml, resolve_relogged
 from lrwatch.schedule_config import known_schedule
 from lrwatch.tags import TagMap
 
@@ -45,8 +46,10 @@ def test_hparams_yml_alone_is_read_too(tmp_path):
 
 def test_a_single_event_file_is_a_run():
     path = sorted(fixture_run("dadapt_sgd_blowup").glob("events.*"))[0]
-    (run,) = open_runs([path])
-    run.refresh()
+    monitor = Monitor([path])
+    monitor.poll()
+    (state,) = monitor.runs
+    run = state.run
     assert run.series("lr/unet").steps[-1] == 600
 
 
