@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +352,5 @@ class SnapshotBook:
 
 
 def _fresh_copy(snap: Snapshot) -> Snapshot:
-    """A copy whose judged fields start blank: the cache keeps what was read from disk only."""
-    data = asdict(snap)
-    return Snapshot(**data)
+    """A shallow copy to judge: the cached one keeps only what was read from disk."""
+    return replace(snap)
