@@ -280,3 +280,24 @@ def test_the_watcher_judges_snapshots_as_they_appear_and_keeps_the_manifest(tmp_
     assert [(s["step"], s["verdict"]) for s in manifest["snapshots"]] == [
         (200, "safe"), (400, "safe"), (600, "safe"), (800, "safe"), (1000, "safe")]
     assert manifest["best"].endswith("prodigy_cosine_healthy.safetensors")
+
+
+def test_a_writer_that_keeps_its_file_open_is_found_as_the_holder(tmp_path):
+    """No pid in the file name: the process holding the event file open is the writer."""
+    run = tmp_path / "logs" / "held_run" / "network_train"
+    run.mkdir(parents=True)
+    held = run / "events.out.tfevents.custom"
+    shutil.copy(event_file_of("dadapt_sgd_blowup"), held)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import time; f = open(r'{held}', 'ab'); print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        code, out, err = finish(lrwatch(str(tmp_path / "logs"), "--kill-on-spike", "--until-idle", "2",
+                                        "--grace-int", "5"))
+        assert code == 1
+        assert f"pid {holder.pid}" in err and "holder: holds the event file open" in err
+        assert holder.wait(timeout=30) != 0  # stopped by SIGINT
+    finally:
+        holder.kill()
+        holder.wait()
