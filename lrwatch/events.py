@@ -36,6 +36,28 @@ class Scalars:
         return len(self.steps)
 
 
+def concat(parts: list[Scalars]) -> Scalars:
+    """One Scalars from several reads, in order (tag ids renumbered into one list)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = Scalars()
+    index: dict[str, int] = {}
+    ids, steps, values, walls = [], [], [], []
+    for part in parts:
+        remap = np.asarray([index.setdefault(t, len(index)) for t in part.tags] or [0], np.int32)
+        ids.append(remap[part.tag_ids])
+        steps.append(part.steps)
+        values.append(part.values)
+        walls.append(part.wall_times)
+        out.hparams.update(part.hparams)
+        out.undecodable += part.undecodable
+    out.tags = list(index)
+    if ids:
+        out.tag_ids, out.steps = np.concatenate(ids), np.concatenate(steps)
+        out.values, out.wall_times = np.concatenate(values), np.concatenate(walls)
+    return out
+
+
 def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> Scalars:
     u8 = np.frombuffer(buf, dtype=np.uint8)
     out = Scalars()

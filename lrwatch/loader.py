@@ -3,16 +3,20 @@
 The same object serves a finished file (one call) and a file a trainer is still
 writing (a call per change): an unfinished record at the end is left for the
 next call, damage is reported with its file offset, and reading goes on after it.
+Files are read in bounded chunks, so a huge damaged file never fills memory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrwatch.events import Scalars, decode
-from lrwatch.records import Damage, find_records
+from lrwatch.events import Scalars, concat, decode
+from lrwatch.records import MAX_RECORD_BYTES, Damage, find_records
+
+CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for one larger record)
 
 
 @dataclass
@@ -23,6 +27,7 @@ class Batch:
     damage: list[Damage] = field(default_factory=list)
     pending: int = 0  # bytes of an unfinished record left for the next read
     restarted: bool = False  # the file shrank or was replaced, and was read again from the start
+    error: str | None = None  # the file could not be read at all this time (permissions, gone)
 
 
 class EventFile:
@@ -31,30 +36,55 @@ class EventFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.offset = 0
+        self.in_garbage = False  # the offset lies inside a damaged stretch
         self._identity: tuple[int, int] | None = None
         self.records_read = 0
+        self.first_wall_time: float | None = None  # of the first scalar record: who wrote the file, and when
 
     def read_new(self) -> Batch:
         """Read and decode everything complete after the last read."""
         restarted = False
+        parts: list[Scalars] = []
+        damage: list[Damage] = []
+        pending = 0
         try:
             with open(self.path, "rb") as fh:
                 st = os.fstat(fh.fileno())
                 identity = (st.st_dev, st.st_ino)
                 if self._identity is not None and (identity != self._identity or st.st_size < self.offset):
-                    self.offset, restarted = 0, True  # truncated or replaced: never read past the new end
+                    self.offset, self.in_garbage, restarted = 0, False, True  # truncated or replaced
                 self._identity = identity
-                if st.st_size <= self.offset:
-                    return Batch(Scalars(), restarted=restarted)
-                fh.seek(self.offset)
-                data = fh.read()
+                size, want = st.st_size, CHUNK_BYTES
+                while self.offset < size:
+                    fh.seek(self.offset)
+                    data = fh.read(min(want, size - self.offset))
+                    frames = find_records(data, self.offset, self.in_garbage)
+                    if len(frames.starts):
+                        scalars = decode(data, frames.starts, frames.lengths)
+                        if scalars.undecodable:
+                            damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid "
+                                                              "checksum are not TensorBoard events"))
+                        parts.append(scalars)
+                    damage += frames.damage
+                    self.records_read += len(frames.starts)
+                    self.offset += frames.end
+                    self.in_garbage = frames.in_garbage
+                    # bytes kept inside a damaged stretch are not a record being written
+                    pending = 0 if frames.in_garbage and not frames.need else frames.pending
+                    if self.offset + frames.pending >= size:
+                        break  # read to the end of the file
+                    if frames.end == 0:  # one record larger than the chunk: read it whole
+                        if not frames.need or frames.need > MAX_RECORD_BYTES + 16 or frames.need <= len(data):
+                            break
+                        want = frames.need
+                    else:
+                        want = CHUNK_BYTES
         except FileNotFoundError:
-            return Batch(Scalars(), [Damage(self.offset, "file disappeared")])
-        frames = find_records(data, 0, base_offset=self.offset)
-        scalars = decode(data, frames.starts, frames.lengths) if len(frames.starts) else Scalars()
-        if scalars.undecodable:
-            frames.damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid checksum "
-                                                     "are not TensorBoard events"))
-        self.offset += frames.end
-        self.records_read += len(frames.starts)
-        return Batch(scalars, frames.damage, frames.pending, restarted)
+            return Batch(Scalars(), error="file disappeared")
+        except OSError as e:
+            why = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else (e.strerror or str(e))
+            return Batch(Scalars(), error=f"cannot read: {why}")
+        scalars = concat(parts)
+        if self.first_wall_time is None and len(scalars):
+            self.first_wall_time = float(scalars.wall_times.min())
+        return Batch(scalars, damage, pending, restarted)

@@ -1,9 +1,17 @@
 """TFRecord framing: find the records in a buffer and verify their CRCs.
 
 A record is ``uint64 length | uint32 masked crc32c(length) | data | uint32 masked crc32c(data)``.
-The walk trusts lengths optimistically and checks every CRC afterwards in bulk;
-only when a check fails does it fall back to a careful walk that reports the
-damage (file offset and what was wrong) and resynchronises on the next valid header.
+
+The walk trusts lengths optimistically for a block of records, then checks that
+block's CRCs in bulk. Where a check fails, nothing after the damage is trusted:
+reading resynchronises on the next *valid record* (header and data CRCs both
+right), searched for with numpy over the whole window, so garbage is skipped at
+memory speed and a damaged length field can never swallow the intact records
+behind it. A valid header whose record runs past the end of the buffer is a
+record still being written, unless valid records follow it (then it is damage).
+
+The state between two reads is just (offset, inside a damaged stretch?), so a
+file read piece by piece gives exactly the records and damage of one read.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import numpy as np
 
 HEADER = 12
 FOOTER = 4
-# A length beyond this is treated as corruption, not as a record still being written.
+# A length beyond this is corruption, not a record still being written.
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+BLOCK = 4096  # records walked optimistically before their CRCs are checked
+RESYNC_WINDOW = 1 << 20  # header candidates checked per numpy pass while resynchronising
 
 _crc = crc32c.crc32c
 _unpack_len = struct.Struct("<Q").unpack_from
@@ -34,6 +44,38 @@ def _mask_array(crcs: np.ndarray) -> np.ndarray:
     return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def _rotate(crc: np.ndarray) -> np.ndarray:
+    return ((crc >> np.uint32(15)) | (crc << np.uint32(17))).astype(np.uint32)
+
+
+def _pair_tables() -> tuple[np.ndarray, np.ndarray]:
+    """CRC32C of 8 bytes is affine in the bytes: crc(m) = crc(0^8) ^ XOR_j T_j[m_j]. A length
+    field that can be valid (below 2**32) has four zero high bytes, so its CRC is two lookups,
+    one for bytes 0-1 and one for bytes 2-3 (the constant folded into the first). The mask's
+    rotation is linear too, so the tables hold rotated CRCs: masked = LOW[b01] ^ HIGH[b23] + K."""
+    zero = _crc(bytes(8))
+    single = np.empty((4, 256), np.uint32)
+    for j in range(4):
+        for v in range(256):
+            msg = bytearray(8)
+            msg[j] = v
+            single[j, v] = _crc(bytes(msg)) ^ zero
+    low = (single[0][None, :] ^ single[1][:, None]).ravel() ^ np.uint32(zero)  # index b0 | b1 << 8
+    high = (single[2][None, :] ^ single[3][:, None]).ravel()
+    return _rotate(low), _rotate(high)
+
+
+_LOW, _HIGH = _pair_tables()
+_MASK_DELTA = np.uint32(0xA282EAD8)
+
+
+def length_crcs(lengths: np.ndarray) -> np.ndarray:
+    """Masked CRC32C of each little-endian length field in ``lengths`` (all below 2**32)."""
+    low = (lengths & np.uint64(0xFFFF)).astype(np.intp)
+    high = ((lengths >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.intp)
+    return (_LOW[low] ^ _HIGH[high]) + _MASK_DELTA
+
+
 @dataclass(frozen=True)
 class Damage:
     """A stretch of a file that could not be read; reading continued after it."""
@@ -44,120 +86,148 @@ class Damage:
 
 @dataclass
 class Frames:
-    """Records found in ``buf[start:]``: data offsets and lengths, relative to ``buf``."""
+    """Records found in a buffer: data offsets and lengths, relative to the buffer."""
 
     starts: np.ndarray  # int64 offsets of each record's data
     lengths: np.ndarray  # int64
-    end: int  # offset just past the last complete record (where the next read resumes)
+    end: int  # where the next read resumes
     damage: list[Damage]
-    pending: int  # bytes of an incomplete record at the end (still being written)
+    pending: int  # bytes after ``end`` kept for the next read (a record being written)
+    in_garbage: bool  # ``end`` lies inside a damaged stretch: the next read resynchronises first
+    need: int = 0  # bytes from ``end`` that the pending record needs (0: unknown)
 
 
-def find_records(buf: bytes | memoryview, start: int = 0, base_offset: int = 0) -> Frames:
-    """Walk the records of ``buf`` from ``start``. ``base_offset`` is where ``buf`` sits in
-    its file, so that damage is reported at true file offsets."""
-    mv = memoryview(buf)
-    end = len(mv)
-    starts: list[int] = []
-    append = starts.append
-    pos = start
-    limit = end - HEADER
-    while pos <= limit:  # the hot loop: only the walk; checks come after, in bulk
-        (length,) = _unpack_len(mv, pos)
-        if length > MAX_RECORD_BYTES or pos + HEADER + length + FOOTER > end:
-            break
-        append(pos)
-        pos += HEADER + length + FOOTER
-    arr_pos = np.asarray(starts, dtype=np.int64)
-    if len(arr_pos):
-        u8 = np.frombuffer(mv, dtype=np.uint8)
-        arr_len = np.diff(np.append(arr_pos, pos)) - (HEADER + FOOTER)
-        data_end = arr_pos + HEADER + arr_len
-        data_crcs = np.fromiter((_crc(mv[a:b]) for a, b in zip((arr_pos + HEADER).tolist(), data_end.tolist())),
-                                dtype=np.uint64, count=len(arr_pos))
-        bad = (_mask_array(crc32c_of_8(u8, arr_pos)) != _gather_u32(u8, arr_pos + 8)) | (
-            _mask_array(data_crcs) != _gather_u32(u8, data_end)
-        )
-        if bad.any():
-            first = int(np.argmax(bad))
-            return _careful_walk(mv, arr_pos[:first] + HEADER, arr_len[:first], int(arr_pos[first]), base_offset)
-    else:
-        arr_len = arr_pos
-    return _tail(mv, arr_pos + HEADER, arr_len, pos, base_offset)
+class _Buffer:
+    """One buffer with the views the walk needs."""
+
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self.mv = memoryview(buf)
+        self.n = len(self.mv)
+        self.u8 = np.frombuffer(self.mv, dtype=np.uint8)
+        # words[p] = the uint64 made of bytes p..p+7, for any p
+        self.words = (np.ndarray((self.n - 7,), dtype="<u8", buffer=self.mv, offset=0, strides=(1,))
+                      if self.n >= 8 else np.zeros(0, np.uint64))
+        self.u16 = (np.ndarray((self.n - 1,), dtype="<u2", buffer=self.mv, offset=0, strides=(1,))
+                    if self.n >= 2 else np.zeros(0, np.uint16))
+        self.u32 = (np.ndarray((self.n - 3,), dtype="<u4", buffer=self.mv, offset=0, strides=(1,))
+                    if self.n >= 4 else np.zeros(0, np.uint32))
+
+    def length(self, pos: int) -> int:
+        return int(_unpack_len(self.mv, pos)[0])
+
+    def header_problem(self, pos: int) -> str | None:
+        """Why the 12 bytes at ``pos`` are not a record header, or None if they are one."""
+        if masked_crc(self.mv[pos : pos + 8]) != _unpack_crc(self.mv, pos + 8)[0]:
+            return "bad length checksum"
+        length = self.length(pos)
+        return f"absurd record length {length}" if length > MAX_RECORD_BYTES else None
+
+    def data_ok(self, pos: int, length: int) -> bool:
+        end = pos + HEADER + length
+        return masked_crc(self.mv[pos + HEADER : end]) == _unpack_crc(self.mv, end)[0]
+
+    def fits(self, pos: int, length: int) -> bool:
+        return pos + HEADER + length + FOOTER <= self.n
+
+    def resync(self, start: int, complete_only: bool = False) -> tuple[int, bool] | None:
+        """The first valid record at or after ``start``: (offset, True) for a complete record
+        with both CRCs right. Failing that, (offset, False) for the first valid header whose
+        record runs past the end (being written); never one that valid records follow."""
+        first_open: int | None = None
+        last = self.n - HEADER  # the last offset with room for a header
+        a = start
+        while a <= last:
+            b = min(last + 1, a + RESYNC_WINDOW)
+            u16 = self.u16
+            hit = (_LOW[u16[a:b]] ^ _HIGH[u16[a + 2 : b + 2]]) == (self.u32[a + 8 : b + 8] - _MASK_DELTA)
+            hit &= (u16[a + 4 : b + 4] == 0) & (u16[a + 6 : b + 6] == 0)
+            for pos in (np.flatnonzero(hit) + a).tolist():
+                length = self.length(pos)
+                if length > MAX_RECORD_BYTES:
+                    continue
+                if self.fits(pos, length):
+                    if self.data_ok(pos, length):
+                        return pos, True
+                elif first_open is None:
+                    first_open = pos
+            a = b
+        if first_open is None or complete_only:
+            return None
+        return first_open, False
 
 
-def _crc32c_table() -> np.ndarray:
-    table = np.arange(256, dtype=np.uint64)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ 0x82F63B78, table >> 1)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c_of_8(u8: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """CRC32C of the 8 bytes at each offset, for all offsets at once (the length fields)."""
-    crc = np.full(len(at), 0xFFFFFFFF, np.uint64)
-    for j in range(8):
-        crc = _TABLE[(crc ^ u8[at + j]) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _gather_u32(u8: np.ndarray, at: np.ndarray) -> np.ndarray:
-    idx = at[:, None] + np.arange(4)
-    return u8[idx].copy().view("<u4").ravel().astype(np.uint64)
-
-
-def _header_problem(mv: memoryview, pos: int) -> str | None:
-    """Why the 12 bytes at ``pos`` are not a record header, or None if they are one."""
-    if masked_crc(mv[pos : pos + 8]) != _unpack_crc(mv, pos + 8)[0]:
-        return "bad length checksum"
-    (length,) = _unpack_len(mv, pos)
-    return f"absurd record length {length}" if length > MAX_RECORD_BYTES else None
-
-
-def _tail(mv: memoryview, starts: np.ndarray, lengths: np.ndarray, pos: int, base: int) -> Frames:
-    """Decide what the bytes after the last good record are: an unfinished record or damage."""
-    pending = len(mv) - pos
-    if pending >= HEADER and _header_problem(mv, pos):
-        return _careful_walk(mv, starts, lengths, pos, base)  # not a record being written: resynchronise
-    return Frames(starts, lengths, pos, [], pending)
-
-
-def _careful_walk(mv: memoryview, starts: np.ndarray, lengths: np.ndarray, pos: int, base: int) -> Frames:
-    """Record-by-record walk from ``pos`` that reports damage and resynchronises."""
+def find_records(buf: bytes | memoryview, base_offset: int = 0, in_garbage: bool = False) -> Frames:
+    """Walk the records of ``buf``. ``base_offset`` is where ``buf`` sits in its file, so that
+    damage is reported at true file offsets; ``in_garbage`` carries the previous read's state."""
+    b = _Buffer(buf)
+    starts: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
     damage: list[Damage] = []
-    good_s, good_l = list(starts), list(lengths)
-    end = len(mv)
-    while pos + HEADER <= end:
-        problem = _header_problem(mv, pos)
+    pos = 0
+
+    def done(end: int, garbage: bool, need: int = 0) -> Frames:
+        s = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        n = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        return Frames(s, n, end, damage, b.n - end, garbage, need)
+
+    while True:
+        if in_garbage:
+            found = b.resync(pos)
+            if found is None:  # keep the last bytes: a header may be starting there
+                return done(max(pos, b.n - HEADER + 1), True)
+            pos, complete = found
+            if not complete:
+                return done(pos, True, HEADER + b.length(pos) + FOOTER)
+            in_garbage = False
+        pos = _walk(b, pos, starts, lengths)
+        if b.n - pos < HEADER:
+            return done(pos, False)
+        problem = b.header_problem(pos)
         if problem is None:
-            (length,) = _unpack_len(mv, pos)
-            nxt = pos + HEADER + length + FOOTER
-            if nxt > end:
-                break  # a record still being written
-            if masked_crc(mv[pos + HEADER : pos + HEADER + length]) == _unpack_crc(mv, nxt - FOOTER)[0]:
-                good_s.append(pos + HEADER)
-                good_l.append(length)
+            length = b.length(pos)
+            if b.fits(pos, length):
+                if b.data_ok(pos, length):  # the walk stopped at a block boundary
+                    continue
+                problem = "record data checksum mismatch"
             else:
-                damage.append(Damage(base + pos, f"record data checksum mismatch ({length} bytes skipped)"))
-            pos = nxt
-            continue
-        resync = _next_header(mv, pos + 1)
-        if resync is None:
-            # Nothing valid follows yet: keep the offset so a writer that is mid-record is not misread.
-            damage.append(Damage(base + pos, f"{problem}; no valid record after it ({end - pos} bytes)"))
-            return Frames(np.asarray(good_s, np.int64), np.asarray(good_l, np.int64), end, damage, 0)
-        damage.append(Damage(base + pos, f"{problem}; skipped {resync - pos} bytes to the next valid record"))
-        pos = resync
-    return Frames(np.asarray(good_s, np.int64), np.asarray(good_l, np.int64), pos, damage, end - pos)
+                after = b.resync(pos + 1, complete_only=True)
+                if after is None:
+                    return done(pos, False, HEADER + length + FOOTER)  # a record being written
+                damage.append(Damage(base_offset + pos, f"record length {length} runs over valid records"))
+                pos = after[0]
+                continue
+        damage.append(Damage(base_offset + pos, problem))
+        pos, in_garbage = pos + 1, True
 
 
-def _next_header(mv: memoryview, pos: int) -> int | None:
-    """The next offset whose 12 bytes form a valid record header."""
-    while pos + HEADER <= len(mv):
-        if _header_problem(mv, pos) is None:
+def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarray]) -> int:
+    """Walk blocks of records trusting their lengths, verify each block's CRCs in bulk, and
+    keep the records up to the first bad one; return where the walk stopped."""
+    unpack, mv, n = _unpack_len, b.mv, b.n
+    limit = n - HEADER
+    while True:
+        offs: list[int] = []
+        append = offs.append
+        p = pos
+        while p <= limit and len(offs) < BLOCK:  # the hot loop: only the walk
+            (length,) = unpack(mv, p)
+            if length > MAX_RECORD_BYTES or p + HEADER + length + FOOTER > n:
+                break
+            append(p)
+            p += HEADER + length + FOOTER
+        if not offs:
             return pos
-        pos += 1
-    return None
+        at = np.asarray(offs, dtype=np.int64)
+        lens = np.diff(np.append(at, p)) - (HEADER + FOOTER)
+        data_end = at + HEADER + lens
+        data_crcs = np.fromiter((_crc(mv[x:y]) for x, y in zip((at + HEADER).tolist(), data_end.tolist())),
+                                dtype=np.uint64, count=len(at))
+        bad = (length_crcs(b.words[at]) != b.u32[at + 8]) | (b.words[at] > MAX_RECORD_BYTES) | (_mask_array(data_crcs) != b.u32[data_end])
+        good = int(np.argmax(bad)) if bad.any() else len(at)
+        starts.append(at[:good] + HEADER)
+        lengths.append(lens[:good])
+        if good < len(at):
+            return int(at[good])
+        pos = p
+        if len(offs) < BLOCK:
+            return pos
