@@ -1,3 +1,5 @@
+import sys
+
 from lrwatch.cli import main
 
-main(prog_name="lrwatch")
+sys.exit(main())

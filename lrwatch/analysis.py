@@ -40,6 +40,20 @@ class Thresholds:
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
 
+    def __post_init__(self) -> None:
+        if self.risk_critical < self.risk_warning or self.runaway_critical < self.runaway_warning:
+            raise ValueError("a critical threshold must not be below its warning threshold")
+        ratios = (self.risk_warning, self.runaway_warning, self.loss_divergence, self.restart_spike,
+                  self.settle_growth)
+        if not all(math.isfinite(r) and r > 1 for r in ratios):
+            raise ValueError("ratios must be finite and above 1")
+        if min(self.runaway_window, self.loss_smoothing) < 1 or self.loss_grace < 0:
+            raise ValueError("windows must be at least 1 step (the loss grace at least 0)")
+        if not 0 < self.restart_jump <= 1:
+            raise ValueError("restart_jump must be in (0, 1]")
+        if not 0 <= self.tiny_lr < 1:
+            raise ValueError("tiny_lr must be in [0, 1)")
+
 
 @dataclass
 class Finding:
@@ -78,9 +92,9 @@ class GroupAnalysis:
     lr_tag: str | None
     dlr_tag: str | None
     steps: np.ndarray
-    lr: np.ndarray
-    dlr: np.ndarray
-    d: np.ndarray  # NaN where unknown (lr zero or tiny before any known d)
+    lr: np.ndarray | None  # None: not logged (never NaN for "absent")
+    dlr: np.ndarray | None
+    d: np.ndarray  # NaN where unknown (no lr or d*lr, lr zero or tiny before any known d)
     cycle_peak: np.ndarray  # the highest (finite) lr of the current cycle so far, at every point
     restarts: list[int]
     cycles: list[Cycle]
@@ -105,6 +119,12 @@ class Analysis:
     last_step: int | None
     schedule: KnownSchedule | None
     notes: list[str]
+    unrecognised: dict[str, int] = field(default_factory=dict)  # scalar tag -> points, when nothing was checked
+
+    @property
+    def checked(self) -> bool:
+        """Whether any lr, d*lr or loss tag was recognised: otherwise nothing was checked."""
+        return bool(self.groups) or self.loss_tag is not None
 
     @property
     def worst(self) -> str | None:
@@ -120,20 +140,58 @@ def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | No
     findings: list[Finding] = []
     notes: list[str] = []
     groups = [analyze_group(run, g, schedule, th, findings) for g in tag_map.groups(tags)]
-    if not groups:
-        notes.append("no lr tags seen")
-    elif not any(g.adaptive for g in groups):
-        notes.append("no adaptive optimizer seen (no d*lr tag): only lr and loss are checked")
     loss_tag = tag_map.loss_tag(tags)
     if loss_tag is not None:
         findings += loss_findings(run, loss_tag, th)
+    notes += _coverage_notes(groups, loss_tag, run.config)
+    if schedule is not None and schedule.problem:
+        notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
+    notes += [f"logged configuration not read: {p}" for p in run.config_problems]
     last = [int(g.steps[-1]) for g in groups if len(g.steps)]
     loss = run.series(loss_tag) if loss_tag else None
     if loss is not None and len(loss.steps):
         last.append(int(loss.steps[-1]))
     findings = _drop_shadowed_warnings(findings)
     findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
-    return Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes)
+    analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes)
+    if not analysis.checked:
+        analysis.unrecognised = {tag: len(run.series(tag).steps) for tag in run.tags}  # type: ignore[union-attr]
+    return analysis
+
+
+def adaptive_optimizer_hint(optimizer: str, source: str) -> str | None:
+    """For a run that logged no d*lr: if ``optimizer`` (from the logged config or a snapshot's
+    metadata) is Prodigy or D-Adaptation, say why d*lr is missing and what to pass instead."""
+    name = optimizer.split("(")[0].strip()
+    cls = name.rsplit(".", 1)[-1]
+    if "prodigy" not in cls.lower() and not cls.lower().startswith("dadapt"):
+        return None
+    instead = "Prodigy" if cls.lower() == "prodigy" else cls
+    return (f"{source} names the optimizer {name!r}, an adaptive one, but no d*lr was logged, so d cannot be "
+            f"checked: kohya logs d*lr only when --optimizer_type is exactly 'Prodigy' or starts with 'DAdapt' "
+            f"(a dotted name like 'prodigyopt.Prodigy' trains the same but logs none); pass --optimizer_type "
+            f"{instead}")
+
+
+def _coverage_notes(groups: list[GroupAnalysis], loss_tag: str | None, config: dict[str, object]) -> list[str]:
+    """What could and could not be checked: never a silent pass."""
+    notes = []
+    for g in groups:
+        if g.dlr_tag and not g.lr_tag:
+            notes.append(f"{g.dlr_tag} has no lr partner: d and restarts cannot be computed for group {g.name} "
+                         "(give the raw lr's tag with --lr-tag); only non-finite values are checked there")
+    if not groups and loss_tag is None:
+        return notes  # nothing checked: the report lists the tags it saw
+    if not any(g.adaptive for g in groups):
+        checked = "lr and loss are" if groups and loss_tag else "the lr is" if groups else "the loss is"
+        notes.append(f"no adaptive optimizer seen (no d*lr tag): only {checked} checked")
+        optimizer = config.get("optimizer_type")
+        hint = adaptive_optimizer_hint(str(optimizer), "the logged config") if optimizer else None
+        if hint:
+            notes.append(hint)
+    elif loss_tag is None:
+        notes.append("no loss tag seen: the loss is not checked")
+    return notes
 
 
 def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
@@ -143,17 +201,17 @@ def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
             if f.severity == CRITICAL or (f.kind, f.group, f.values.get("cycle"), f.step) not in critical]
 
 
-def _joined(run: Run, group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps where both lr and d*lr were logged, with their values (lr alone if no d*lr)."""
+def _joined(run: Run, group: Group) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Steps where both lr and d*lr were logged, with their values; a series that was not
+    logged is None (absent, never NaN)."""
     lr = run.series(group.lr_tag) if group.lr_tag else None
     dlr = run.series(group.dlr_tag) if group.dlr_tag else None
     if lr is None and dlr is None:
-        empty = np.zeros(0)
-        return empty.astype(np.int64), empty, empty
+        return np.zeros(0, np.int64), None, None
     if dlr is None:
-        return lr.steps, lr.values, np.full(len(lr.steps), np.nan)
+        return lr.steps, lr.values, None  # type: ignore[union-attr]
     if lr is None:
-        return dlr.steps, np.full(len(dlr.steps), np.nan), dlr.values
+        return dlr.steps, None, dlr.values
     steps, i, j = np.intersect1d(lr.steps, dlr.steps, assume_unique=True, return_indices=True)
     return steps, lr.values[i], dlr.values[j]
 
@@ -201,18 +259,18 @@ def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Th
                   findings: list[Finding]) -> GroupAnalysis:
     steps, lr, dlr = _joined(run, group)
     name = group.name
-    restarts_idx = find_restarts(lr, th.restart_jump) if len(lr) else np.zeros(0, np.int64)
+    restarts_idx = find_restarts(lr, th.restart_jump) if lr is not None and len(lr) else np.zeros(0, np.int64)
     cycle_of = np.zeros(len(steps), np.int64)
     if len(restarts_idx):
         cycle_of[restarts_idx] = 1
         cycle_of = np.cumsum(cycle_of)
-    d = _d_series(lr, dlr, th.tiny_lr)
-    cycle_peak = _cycle_peak_lr(lr, cycle_of)
+    d = _d_series(lr, dlr, th.tiny_lr) if lr is not None and dlr is not None else np.full(len(steps), np.nan)
+    cycle_peak = _cycle_peak_lr(lr, cycle_of) if lr is not None else np.full(len(steps), np.nan)
 
-    _nonfinite(findings, name, steps, {"lr": lr, "d*lr": dlr} if group.dlr_tag else {"lr": lr})
+    _nonfinite(findings, name, steps, {label: x for label, x in (("lr", lr), ("d*lr", dlr)) if x is not None})
     risk_now = None
     next_restart = schedule.next_restart(int(steps[-1])) if schedule and len(steps) else None
-    if group.dlr_tag and len(steps):
+    if lr is not None and dlr is not None and len(steps):
         best = _running_max_finite(dlr)  # the highest d*lr so far, at every point
         risk = _restart_risk(steps, d, cycle_peak, best, schedule)
         risk_now = None if not np.isfinite(risk[-1]) else float(risk[-1])
@@ -375,7 +433,7 @@ def _trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
 
 
 def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> list[Cycle]:
-    if not len(steps):
+    if not len(steps) or lr is None:
         return []
     bounds = np.r_[0, restarts_idx, len(steps)]
     out = []
@@ -386,7 +444,7 @@ def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> 
         finite = np.isfinite(seg)
         lo = a + int(np.argmin(np.where(finite, seg, np.inf))) if finite.any() else a
         dseg = d[a:b][np.isfinite(d[a:b])]
-        dlr_seg = dlr[a:b][np.isfinite(dlr[a:b])]
+        dlr_seg = dlr[a:b][np.isfinite(dlr[a:b])] if dlr is not None else dseg[:0]
         d_start = float(dseg[0]) if len(dseg) else None
         d_end = float(dseg[-1]) if len(dseg) else None
         complete = b < len(steps) or bool(schedule and schedule.max_steps and steps[-1] >= schedule.max_steps)

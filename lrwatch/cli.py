@@ -1,4 +1,8 @@
-"""The command line: a thin layer over the library. ``lrwatch PATH`` watches; ``lrwatch audit`` reports."""
+"""The command line: a thin layer over the library. ``lrwatch PATH`` watches; ``lrwatch audit`` reports.
+
+``main(argv) -> int`` runs it in-process (the console script calls it); every command
+ends with its exit code, errors go to stderr and reports to stdout.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,27 @@ import click
 
 from lrwatch import __version__
 from lrwatch.analysis import Thresholds
-from lrwatch.monitor import Monitor
-from lrwatch.report import exit_code, render, to_json
-from lrwatch.snapshots import DEFAULT_SAFE_LR, MANIFEST, SnapshotBook, best_safe
+from lrwatch.output import terminal_safe
+from lrwatch.report import EXIT_CRITICAL, EXIT_OK, EXIT_UNREADABLE
+from lrwatch.snapshots import DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 
 _DEFAULTS = Thresholds()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: the process's arguments) and return its exit code."""
+    try:
+        rv = cli.main(args=argv, prog_name="lrwatch", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return int(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return rv if isinstance(rv, int) else EXIT_OK
 
 
 class _WatchByDefault(click.Group):
@@ -28,9 +47,23 @@ class _WatchByDefault(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _CommandAfterDashes(click.Command):
+    """``PATHS... [OPTIONS] -- COMMAND...``: what follows ``--`` is the trainer to launch,
+    split off here, before click would take it as more PATHS."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["lrwatch.command"] = args[i + 1 :]
+            if not args[i + 1 :]:
+                raise click.UsageError("nothing to launch after --", ctx)
+            args = args[:i]
+        return super().parse_args(ctx, args)
+
+
 @click.group(cls=_WatchByDefault, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lrwatch")
-def main() -> None:
+def cli() -> None:
     """Watch TensorBoard logs of Prodigy / D-Adaptation runs with cyclic lr schedules:
     predict the d*lr blow-up before the restart, flag it or stop the trainer.
 
@@ -76,22 +109,12 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
             loss=tuple(kwargs.pop("loss_tags")) or DEFAULT_LOSS_TAGS,
         )
         try:
-            kwargs["thresholds"] = _checked(Thresholds(**{name: kwargs.pop(name) for name, _, _ in THRESHOLD_OPTIONS}))
+            kwargs["thresholds"] = Thresholds(**{name: kwargs.pop(name) for name, _, _ in THRESHOLD_OPTIONS})
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         return f(*args, **kwargs)
 
     return wrapper
-
-
-def _checked(th: Thresholds) -> Thresholds:
-    if th.risk_critical < th.risk_warning or th.runaway_critical < th.runaway_warning:
-        raise ValueError("a critical threshold must not be below its warning threshold")
-    if th.runaway_window < 1 or min(th.risk_warning, th.runaway_warning, th.loss_divergence, th.restart_spike) <= 1:
-        raise ValueError("ratios must be above 1 and the window at least 1 step")
-    if not 0 < th.restart_jump <= 1:
-        raise ValueError("--restart-jump must be in (0, 1]")
-    return th
 
 
 def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,49 +134,79 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         f = option(f)
 
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        dirs = kwargs.pop("snapshot_dirs")
-        spe, safe_lr = kwargs.pop("steps_per_epoch"), kwargs.pop("safe_lr")
-        kwargs["book"] = SnapshotBook(list(dirs), spe, safe_lr) if dirs else None
-        return f(*args, **kwargs)
-
-    return wrapper
+    return f
 
 
-@main.command()
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README) instead of tables.")
 @click.option("--best", is_flag=True, help="Print only the path of the newest safe snapshot (needs --snapshots).")
 @snapshot_options
 @analysis_options
-def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, book: SnapshotBook | None,
-          tag_map: TagMap, thresholds: Thresholds) -> None:
+def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, snapshot_dirs: tuple[str, ...],
+          steps_per_epoch: int | None, safe_lr: float, tag_map: TagMap, thresholds: Thresholds) -> int:
     """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
 
-    Exit code 0: no critical finding; 1: a run has a critical finding; 2: bad usage,
-    or a path that is missing or holds no readable run. With --best: 0 and the path,
-    or 1 and nothing on stdout when no snapshot is safe.
+    Exit codes (most urgent first): 1 a critical finding; 4 lrwatch failed on a run;
+    2 bad usage, a missing path or nothing readable; 3 a run where no tag was
+    recognised (nothing checked); 0 otherwise. With --best: 0 and the path, 1 and
+    nothing on stdout when no snapshot is safe, 2 when a path is missing or unreadable.
     """
-    if best and book is None:
+    from lrwatch.audit import audit as run_audit
+
+    if best and not snapshot_dirs:
         raise click.UsageError("--best needs --snapshots DIR")
-    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book)
-    _poll_with_progress(monitor)
-    monitor.judge_snapshots()
-    if book is not None and not no_manifest:
-        book.write_manifests()
+    result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
+                       manifest=not no_manifest, on_run=_progress())
+    for line in _errors(result.monitor) + result.manifest_problems:
+        click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:
-        pick = best_safe([s for snaps in book.by_run.values() for s in snaps])
+        if result.exit_code not in (EXIT_OK, EXIT_CRITICAL):
+            click.echo("lrwatch: --best: not every path could be checked (see above)", err=True)
+            return _exit(result.exit_code)
+        pick = result.best_snapshot()
         if pick is None:
             click.echo("lrwatch: no safe snapshot", err=True)
-            sys.exit(1)
+            return _exit(1)
         click.echo(pick.path)
-        sys.exit(0)
-    click.echo(to_json(monitor) if as_json else render(monitor))
-    sys.exit(exit_code(monitor))
+        return _exit(0)
+    click.echo(result.to_json() if as_json else terminal_safe(result.render()))
+    return _exit(result.exit_code)
 
 
-@main.command()
+def _exit(code: int) -> int:
+    """End the command with ``code``, also under click's standalone mode (CliRunner)."""
+    click.get_current_context().exit(code)
+    return code  # not reached
+
+
+def _errors(monitor: Any) -> list[str]:
+    out = [f"{monitor.as_given(p)}: no such file or directory" for p in monitor.missing_roots()]
+    if not monitor.runs and not out:
+        out.append("no event files found under " + ", ".join(map(monitor.as_given, monitor.roots)))
+    return out
+
+
+def _progress() -> Callable[[int, int], None] | None:
+    """A progress bar on stderr when it is a terminal and there is more than one run."""
+    if not sys.stderr.isatty():
+        return None
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if total < 2:
+            return
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=total, label="reading runs", file=sys.stderr)
+            state["bar"].__enter__()
+        state["bar"].update(1)
+        if done == total:
+            state["bar"].__exit__(None, None, None)
+
+    return update
+
+
+@cli.command(cls=_CommandAfterDashes)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--kill-on-spike", is_flag=True, help="Stop the trainer when a critical finding fires.")
 @click.option("--kill-at", type=click.Choice(["now", "restart"]), default="now", show_default=True,
@@ -178,7 +231,8 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, 
 def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | None, dry_run: bool,
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
           events_out: str | None, exec_cmd: str | None, webhook: str | None, no_manifest: bool,
-          book: SnapshotBook | None, tag_map: TagMap, thresholds: Thresholds) -> None:
+          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, tag_map: TagMap,
+          thresholds: Thresholds) -> int:
     """Follow the runs under PATHS as they are written (PATHS may not exist yet).
 
     \b
@@ -187,27 +241,39 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     Ends when the trainer exits (or --until-idle), printing the final audit; exit codes as audit.
     Ctrl-C stops lrwatch, never the trainer.
     """
-    from lrwatch.hooks import Hooks
+    from lrwatch.hooks import Hooks, webhook_problem
+    from lrwatch.monitor import Monitor
+    from lrwatch.snapshots import SnapshotBook
     from lrwatch.watch import WatchOptions, watch as run_watch
 
-    paths, command = _split_command(paths)
+    command = click.get_current_context().meta.get("lrwatch.command")
     if poll is not None and poll <= 0:
         raise click.UsageError("--poll must be a positive number of seconds")
     if kill_at == "restart" and not kill_on_spike:
         raise click.UsageError("--kill-at restart goes with --kill-on-spike")
+    if min(grace_int, grace_term) < 0 or (until_idle is not None and until_idle <= 0):
+        raise click.UsageError("--grace-int, --grace-term and --until-idle take positive seconds")
+    if webhook and (problem := webhook_problem(webhook)):
+        raise click.UsageError(f"--webhook {webhook}: {problem}")
     options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid, command=command,
                            dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle,
                            manifest=not no_manifest)
-    hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
+    try:
+        hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
+    except OSError as e:
+        raise click.UsageError(f"--events-out {events_out}: {e.strerror or e}") from None
+    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr) if snapshot_dirs else None
     monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book)
     try:
         code = run_watch(monitor, options, hooks)
+        for line in _errors(monitor):
+            hooks.say(f"lrwatch: {line}")
     finally:
         hooks.close()
-    sys.exit(code)
+    return _exit(code)
 
 
-@main.command()
+@cli.command()
 @click.option("--max-steps", type=click.IntRange(min=1), required=True, help="--max_train_steps of the run.")
 @click.option("--save-every", type=click.IntRange(min=1), required=True, help="--save_every_n_steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="--lr_warmup_steps.")
@@ -215,7 +281,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
 @click.option("--schedule", type=click.Choice(["cosine", "rex"]), default="cosine", show_default=True,
               help="cosine: kohya's cosine_with_restarts; rex: lrwatch.schedulers.RexWithRestarts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, schedule: str, as_json: bool) -> None:
+def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, schedule: str, as_json: bool) -> int:
     """How many cycles, where their minima fall, whether every save lands on one, and the kohya
     arguments to paste. Exit code 0 when every save lands on a minimum, 1 when not."""
     import json
@@ -227,28 +293,4 @@ def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, sched
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
-    sys.exit(0 if result.ok else 1)
-
-
-def _split_command(args: tuple[str, ...]) -> tuple[list[str], list[str] | None]:
-    """``PATHS -- COMMAND...``: click hands everything after ``--`` to PATHS; split it back off."""
-    raw = sys.argv[1:]
-    if "--" not in raw:
-        return list(args), None
-    after = raw[raw.index("--") + 1 :]
-    if not after:
-        raise click.UsageError("nothing to launch after --")
-    paths = list(args[: len(args) - len(after)])
-    if not paths:
-        raise click.UsageError("give the log folder to watch before --")
-    return paths, after
-
-
-def _poll_with_progress(monitor: Monitor) -> None:
-    runs = monitor.discover()
-    if len(runs) < 2 or not sys.stderr.isatty():
-        monitor.poll()
-        return
-    with click.progressbar(runs, label="reading runs", file=sys.stderr) as bar:
-        for run in bar:
-            monitor.poll({run.path})
+    return _exit(0 if result.ok else 1)

@@ -1,33 +1,51 @@
-"""Telling people: finding lines on stderr, JSON lines to a file, a command, a webhook.
+"""Telling people: lines on stderr, JSON lines to a file, a command, a webhook.
 
-Hooks run in the background; a failing hook is reported on stderr and never
-stops or slows the watcher.
+Findings and actions (a trainer stopped, a stop planned or impossible) reach every
+hook; each record is serialised by :mod:`lrwatch.output`, so it is always valid JSON.
+Hooks run in the background; a failing hook is reported on stderr and never stops
+or slows the watcher.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from typing import Any, TextIO
 
 from lrwatch.analysis import Finding
+from lrwatch.output import dumps, terminal_safe
+from lrwatch.report import finding_dict
 from lrwatch.runs import Run
 
 HOOK_TIMEOUT = 30.0
 
 
-def finding_record(run: Run, finding: Finding) -> dict[str, Any]:
-    return {"type": "finding", "time": time.time(), "run": run.name, "path": str(run.path), **finding.to_dict()}
+def webhook_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook (checked before the watch starts), or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.scheme not in ("http", "https"):
+        return f"only http:// and https:// URLs are posted to, not {parts.scheme + '://' if parts.scheme else url!r}"
+    if not parts.hostname:
+        return "the URL has no host"
+    return None
 
 
 def finding_line(run: Run, finding: Finding) -> str:
     where = f" [{finding.group}]" if finding.group else ""
     return f"lrwatch: {finding.severity.upper()} {run.name} step {finding.step}: {finding.kind}{where}: {finding.message}"
+
+
+def _env_value(value: object) -> str:
+    """Environment values cannot hold NUL; names from logs may."""
+    return "" if value is None else str(value).replace("\x00", "\\x00")
 
 
 class Hooks:
@@ -41,31 +59,46 @@ class Hooks:
         self._lock = threading.Lock()
 
     def say(self, line: str) -> None:
+        """A line for the person at the terminal; names from logs are shown escaped."""
         with self._lock:
-            print(line, file=self.err, flush=True)
+            print(terminal_safe(line), file=self.err, flush=True)
 
     def record(self, record: dict[str, Any]) -> None:
         """One JSON line per event, written whole and flushed (readers never see half a line)."""
         if self._events is not None:
             with self._lock:
-                self._events.write(json.dumps(record, default=str) + "\n")
-                self._events.flush()
+                try:
+                    self._events.write(dumps(record) + "\n")
+                    self._events.flush()
+                except OSError as e:
+                    print(terminal_safe(f"lrwatch: --events-out write failed: {e}"), file=self.err, flush=True)
 
     def finding(self, run: Run, finding: Finding) -> None:
-        self.say(finding_line(run, finding))
-        record = finding_record(run, finding)
+        line = finding_line(run, finding)
+        self.say(line)
+        self._deliver({"type": "finding", "time": time.time(), "run": run.name, "path": str(run.path),
+                       **finding_dict(finding)}, line)
+
+    def action(self, run: Run | None, kind: str, what: str, notify: bool = True, **details: Any) -> None:
+        """Something lrwatch did or decided (``kind``: stop, stop_planned, no_stop, snapshot, ...).
+        With ``notify``, it also reaches --exec and --webhook."""
+        line = f"lrwatch: {what}"
+        self.say(line)
+        record = {"type": "action", "kind": kind, "time": time.time(), "run": run.name if run else None,
+                  "path": str(run.path) if run else None, "message": what, **details}
+        if notify:
+            self._deliver(record, line)
+        else:
+            self.record(record)
+
+    def _deliver(self, record: dict[str, Any], line: str) -> None:
         self.record(record)
         if self.exec_cmd:
             self._background(self._run_exec, record)
         if self.webhook:
-            self._background(self._post, record, finding_line(run, finding))
+            self._background(self._post, record, line)
 
-    def action(self, run: Run | None, what: str, **details: Any) -> None:
-        self.say(f"lrwatch: {what}")
-        self.record({"type": "action", "time": time.time(), "run": run.name if run else None, "message": what,
-                     **details})
-
-    def _background(self, fn, *args: Any) -> None:
+    def _background(self, fn: Any, *args: Any) -> None:
         t = threading.Thread(target=fn, args=args, daemon=True)
         t.start()
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -73,25 +106,26 @@ class Hooks:
     def _run_exec(self, record: dict[str, Any]) -> None:
         env = dict(os.environ)
         env.update({
-            "LRWATCH_KIND": record["kind"], "LRWATCH_SEVERITY": record["severity"],
-            "LRWATCH_GROUP": record["group"] or "", "LRWATCH_STEP": str(record["step"]),
-            "LRWATCH_MESSAGE": record["message"], "LRWATCH_RUN": record["run"], "LRWATCH_PATH": record["path"],
-            "LRWATCH_JSON": json.dumps(record, default=str),
+            "LRWATCH_TYPE": record["type"], "LRWATCH_KIND": record["kind"],
+            "LRWATCH_SEVERITY": record.get("severity"), "LRWATCH_GROUP": record.get("group"),
+            "LRWATCH_STEP": record.get("step"), "LRWATCH_MESSAGE": record["message"],
+            "LRWATCH_RUN": record["run"], "LRWATCH_PATH": record["path"], "LRWATCH_JSON": dumps(record),
         })
+        env = {k: _env_value(v) for k, v in env.items()}
         try:
             done = subprocess.run(self.exec_cmd, shell=True, env=env, timeout=HOOK_TIMEOUT,
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
                 self.say(f"lrwatch: --exec hook exited with {done.returncode}: {tail[0]}")
-        except (OSError, subprocess.SubprocessError) as e:
+        except Exception as e:  # any failure of the hook is reported, never raised into the watcher
             self.say(f"lrwatch: --exec hook failed: {e}")
 
     def _post(self, record: dict[str, Any], line: str) -> None:
         # Discord reads "content", Slack reads "text"; both ignore the other fields.
-        body = json.dumps({"content": line, "text": line, "lrwatch": record}, default=str).encode()
-        req = urllib.request.Request(self.webhook, data=body, headers={"Content-Type": "application/json",
-                                                                       "User-Agent": "lrwatch"})
+        body = dumps({"content": line, "text": line, "lrwatch": record}).encode()
+        req = urllib.request.Request(self.webhook or "", data=body,
+                                     headers={"Content-Type": "application/json", "User-Agent": "lrwatch"})
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 resp.read()

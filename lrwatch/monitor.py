@@ -1,10 +1,15 @@
 """The pipeline audit and watch share: find runs, read what is new, analyse, report
 findings not reported before. An audit is one pass of it; the watcher repeats the
-pass whenever files change."""
+pass whenever files change.
+
+One run's trouble (an unreadable file, a config that cannot be understood, a bug in
+the analysis of odd data) is kept on that run and reported; the other runs go on.
+"""
 
 from __future__ import annotations
 
 import os
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +19,29 @@ from lrwatch.snapshots import SnapshotBook
 from lrwatch.tags import TagMap
 
 
-@dataclass
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@dataclass(eq=False)  # compared by identity: a recreated run folder is a new RunState
 class RunState:
     run: Run
     analysis: Analysis | None = None
     reported: set[tuple] = field(default_factory=set)
+    error: str | None = None  # why the last read or analysis of this run failed
+    seen_at_start: bool = False  # the run was there when the watch started
+    grew: bool = False  # it received new data while watched (only such runs may lead to a stop)
+    folder: tuple[int, int] | None = None  # (device, inode) of the run's path when it was found
+    announced: set[str] = field(default_factory=set)  # live notes already said about this run
+
+    @property
+    def earlier(self) -> bool:
+        """A run that was there before the watch started and got nothing new since."""
+        return self.seen_at_start and not self.grew
 
 
 class Monitor:
@@ -39,6 +62,7 @@ class Monitor:
         self.thresholds = thresholds or Thresholds()
         self.states: dict[Path, RunState] = {}
         self.snapshots = snapshots
+        self.live = False  # set by the watcher once the runs already there have been read
 
     def missing_roots(self) -> list[Path]:
         return [r for r in self.roots if not r.exists()]
@@ -47,8 +71,18 @@ class Monitor:
         """A root spelled the way the user gave it."""
         return self._as_given.get(root, str(root))
 
+    def start_live(self) -> None:
+        """From now on, new data marks a run as growing; the runs there now are earlier runs."""
+        self.live = True
+        for state in self.states.values():
+            state.seen_at_start = True
+
     def discover(self) -> list[Run]:
-        """Add runs that appeared under the roots since the last call."""
+        """Add runs that appeared under the roots since the last call; a run folder that was
+        deleted (and perhaps created again) is forgotten and, if there, found anew."""
+        for path, state in list(self.states.items()):
+            if _identity(path) != state.folder:
+                del self.states[path]
         new = []
         for root in self.roots:
             if not root.exists():
@@ -57,27 +91,35 @@ class Monitor:
             for path in discover(root):
                 if path not in self.states:
                     run = Run(path, base)
-                    self.states[path] = RunState(run)
+                    self.states[path] = RunState(run, folder=_identity(path))
                     new.append(run)
         return new
 
-    def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True) -> list[tuple[Run, Finding]]:
+    def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True) -> list[tuple[RunState, Finding]]:
         """Read what is new (in the given runs, or all) and return findings not reported before."""
         if rediscover:
             self.discover()
-        out: list[tuple[Run, Finding]] = []
-        for path, state in self.states.items():
+        out: list[tuple[RunState, Finding]] = []
+        for path, state in list(self.states.items()):
             if run_paths is not None and path not in run_paths:
                 continue
-            if not state.run.refresh() and state.analysis is not None:
+            try:
+                new_points = state.run.refresh()
+                if not new_points and state.analysis is not None:
+                    continue
+                if self.live and (new_points or not state.seen_at_start):
+                    state.grew = True
+                state.analysis = analyze(state.run, self.tag_map, self.thresholds)
+                state.error = None
+            except Exception as e:  # one run's trouble never stops the others (or the watch)
+                state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
                 continue
-            state.analysis = analyze(state.run, self.tag_map, self.thresholds)
             for finding in state.analysis.findings:
                 key = finding.key()
                 if key in state.reported:
                     continue
                 state.reported.add(key)
-                out.append((state.run, finding))
+                out.append((state, finding))
         return out
 
     def judge_snapshots(self) -> None:
@@ -95,3 +137,8 @@ class Monitor:
     @property
     def runs(self) -> list[RunState]:
         return [self.states[p] for p in sorted(self.states)]
+
+
+def _where(e: BaseException) -> str:
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    return f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"

@@ -1,11 +1,14 @@
 """Which process is the trainer, and stopping it safely.
 
 A process is only ever signalled if lrwatch launched it, was given its pid, or
-found it as the writer of the run's event files, and only while its identity
-(pid + create time) is still the one that was found. Stopping escalates
-SIGINT -> SIGTERM -> SIGKILL over the trainer's process tree (with a launcher
-parent such as ``accelerate launch``); on Windows, CTRL_BREAK (for a process
-group lrwatch launched), then TerminateProcess.
+proved it the writer of the run's event files (this host by its full name, the
+pid alive, the process older than the file and than the file's first record),
+and only while its identity (pid + create time) is still the one that was found.
+A process that merely has the file open (TensorBoard, ``tail -f``) is never a
+candidate. Stopping escalates SIGINT -> SIGTERM -> SIGKILL over the trainer's
+process tree (with a launcher parent such as ``accelerate launch``, recognised by
+its executable or module, never by a pattern in a command line); on Windows,
+CTRL_BREAK (for a process group lrwatch launched), then TerminateProcess.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ WINDOWS = os.name == "nt"
 # events.out.tfevents.<unix time>.<hostname, may contain dots>.<pid>.<n><suffix>
 _WRITER_NAME = re.compile(r"tfevents\.(?P<time>\d+)\.(?P<host>.+)\.(?P<pid>\d+)\.(?P<n>\d+)(?P<suffix>[^/\\]*)$")
 # Parents that only launch the trainer: stopping the trainer alone would leave them (or restart it).
-LAUNCHER = re.compile(r"(^|[/\\\s])(accelerate(\.exe)?\s+launch|torchrun|torch\.distributed\.(run|launch)|deepspeed)\b")
+# Recognised by what they are: the program they run (console script or executable) ...
+LAUNCHER_PROGRAMS = {"torchrun": None, "deepspeed": None, "accelerate": "launch"}  # name -> required subcommand
+# ... or the module given to ``python -m``.
+LAUNCHER_MODULES = {"torch.distributed.run", "torch.distributed.launch", "accelerate.commands.launch",
+                    "deepspeed.launcher.runner"}
 # A process must be older than its event file; allow for the name's whole-second timestamp.
 CLOCK_SLACK = 2.0
 
@@ -53,7 +60,7 @@ class Identity:
 @dataclass
 class Target:
     identity: Identity
-    found_by: str  # launched | pid | writer (from the event file's name) | holder (has the file open)
+    found_by: str  # launched | pid | writer (proved from the event file's name and records)
     detail: str
     own_group: bool = False  # launched by lrwatch in its own process group (Windows CTRL_BREAK)
 
@@ -78,19 +85,20 @@ def parse_writer_name(path: Path) -> tuple[int, str, int] | None:
     return int(m["time"]), m["host"], int(m["pid"])
 
 
-def _is_this_host(host: str) -> bool:
-    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
-    names |= {n.split(".")[0] for n in names}
-    return host.lower() in names or host.lower().split(".")[0] in names
+def is_this_host(host: str) -> bool:
+    """The whole name must match (the writer uses ``socket.gethostname()``): ``vm`` is not
+    ``vm.cluster-b.example``."""
+    return host.lower() in {socket.gethostname().lower(), socket.getfqdn().lower()}
 
 
-def writer_from_name(path: Path) -> tuple[Target | None, str]:
-    """The writer named in an event file's name, confirmed: this host, alive, older than the file."""
+def writer_from_name(path: Path, first_wall_time: float | None = None) -> tuple[Target | None, str]:
+    """The writer named in an event file's name, confirmed: this host, alive, older than the
+    file and than its first record (``first_wall_time``, when known)."""
     parsed = parse_writer_name(path)
     if parsed is None:
         return None, f"{path.name}: no writer pid in the name"
     stamp, host, pid = parsed
-    if not _is_this_host(host):
+    if not is_this_host(host):
         return None, f"{path.name}: written on host {host!r}, not this machine"
     try:
         proc = psutil.Process(pid)
@@ -107,39 +115,22 @@ def writer_from_name(path: Path) -> tuple[Target | None, str]:
     if created > stamp + CLOCK_SLACK:
         return None, (f"{path.name}: pid {pid} started {created - stamp:.0f} s after the file was created, "
                       "so it is not the writer (pid reused)")
+    if first_wall_time is not None and created > first_wall_time + CLOCK_SLACK:
+        return None, (f"{path.name}: pid {pid} started {created - first_wall_time:.0f} s after the file's first "
+                      "record was written, so it is not the writer")
     return Target(Identity(pid, created), "writer", f"named in {path.name}"), "ok"
 
 
-def holder_of(paths: list[Path]) -> Target | None:
-    """A process of ours that holds one of ``paths`` open (writers that keep the file open)."""
-    wanted = {str(p.resolve()) for p in paths}
-    me = psutil.Process()
-    try:
-        user = me.username()
-    except psutil.Error:
-        user = None
-    for proc in psutil.process_iter(["pid", "username"]):
-        if proc.pid == me.pid or (user and proc.info.get("username") != user):
-            continue
-        try:
-            if any(f.path in wanted for f in proc.open_files()):
-                return Target(Identity.of(proc), "holder", "holds the event file open")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
-
-
-def find_writer(event_files: list[Path]) -> tuple[Target | None, list[str]]:
-    """The process writing a run, newest file first; with the reasons for every file ruled out."""
+def find_writer(event_files: dict[Path, float | None]) -> tuple[Target | None, list[str]]:
+    """The process writing a run (event file -> its first record's wall time), newest file
+    first; with the reason each file was ruled out. Only a writer named in a file's name can
+    be proved: a process that has the file open may just be reading it (TensorBoard)."""
     reasons = []
     for path in sorted(event_files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True):
-        target, why = writer_from_name(path)
+        target, why = writer_from_name(path, event_files[path])
         if target:
             return target, reasons
         reasons.append(why)
-    holder = holder_of(event_files)
-    if holder:
-        return holder, reasons
     return None, reasons
 
 
@@ -153,16 +144,85 @@ def _protected() -> set[int]:
     return pids
 
 
+def refuse_pid(pid: int) -> str | None:
+    """Why ``--pid`` must not be ``pid`` (init, lrwatch itself, one of its ancestors), or None."""
+    if pid <= 1:
+        return f"pid {pid} is init (or not a process): stopping it would stop everything"
+    if pid == os.getpid():
+        return f"pid {pid} is lrwatch itself"
+    if pid in _protected():
+        return f"pid {pid} is one of lrwatch's parents (the shell or terminal it runs in)"
+    return None
+
+
+def _program(arg: str) -> str:
+    name = re.split(r"[/\\]", arg)[-1].lower()
+    for suffix in (".exe", ".py"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def is_launcher(proc: psutil.Process) -> bool:
+    """``accelerate launch``, ``torchrun``, ``deepspeed`` or ``python -m torch.distributed.run``
+    (and the like), recognised by the program or module they run. A script whose name only
+    contains such a word (``sweep_torchrun.py``) is not one."""
+    try:
+        argv = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    if not argv:
+        return False
+    args = argv[1:]
+    if _program(argv[0]).startswith("python"):  # python [-opts] (script | -m module) ...
+        while args and args[0].startswith("-") and args[0] != "-m":
+            args = args[1:]
+        if len(args) >= 2 and args[0] == "-m":
+            return args[1] in LAUNCHER_MODULES
+        if not args:
+            return False
+        argv, args = args, args[1:]
+    name = _program(argv[0])
+    if name not in LAUNCHER_PROGRAMS:
+        return False
+    sub = LAUNCHER_PROGRAMS[name]
+    return sub is None or (bool(args) and args[0] == sub)
+
+
+def descendants(root: Identity) -> set[int]:
+    """Pids of ``root`` and everything below it, now."""
+    proc = root.process()
+    if proc is None:
+        return set()
+    try:
+        return {proc.pid, *(c.pid for c in proc.children(recursive=True))}
+    except psutil.Error:
+        return {proc.pid}
+
+
+def ignores_sigint(pid: int) -> bool:
+    """Whether the process ignores SIGINT (started in the background by a shell): Linux tells."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def process_tree(target: Target) -> list[Identity]:
-    """The trainer, its children, and a launcher parent with all of its children (deepest first)."""
+    """The trainer and its children; for a writer found from its file, also a launcher parent
+    with all of its children (deepest first). A launched or given process's tree never reaches
+    above it."""
     root = target.identity.process()
     if root is None:
         return []
     protected = _protected()
     top = root
-    if target.found_by != "launched":
+    if target.found_by == "writer":
         for parent in root.parents():
-            if parent.pid in protected or not LAUNCHER.search(_cmdline(parent)):
+            if parent.pid in protected or not is_launcher(parent):
                 break
             top = parent
     members = [top]
@@ -204,9 +264,13 @@ def stop(
         return result
     names = ", ".join(f"{i.pid}" for i in tree)
     if dry_run:
-        log(f"lrwatch: --dry-run: would stop pid(s) {names}: {target.describe()}")
+        log(f"lrwatch: --dry-run: would send SIGINT to pid(s) {names} (nothing sent)")
         return result
     phases: list[tuple[str, float]] = [("SIGINT", grace_int), ("SIGTERM", grace_term), ("SIGKILL", 0.0)]
+    if not WINDOWS and ignores_sigint(target.identity.pid):
+        log(f"lrwatch: pid {target.identity.pid} ignores SIGINT (started in the background by a shell?): "
+            "sending SIGTERM instead")
+        phases = phases[1:]
     for phase, grace in phases:
         alive = []
         for ident in tree:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from lrwatch import __version__
-from lrwatch.analysis import CRITICAL, WARNING
+from lrwatch.analysis import CRITICAL, WARNING, Finding
 from lrwatch.monitor import Monitor, RunState
+from lrwatch.output import dumps
 
 SCHEMA_VERSION = 1
 
-EXIT_OK = 0
-EXIT_CRITICAL = 1
-EXIT_UNREADABLE = 2
+# Exit codes, most urgent first when several apply (the README's table).
+EXIT_OK = 0  # every run was checked and none has a critical finding
+EXIT_CRITICAL = 1  # a run has a critical finding
+EXIT_INTERNAL = 4  # lrwatch itself failed on a run (reported with the run); others were still checked
+EXIT_UNREADABLE = 2  # bad usage, a missing path, or a run with nothing readable
+EXIT_NOT_CHECKED = 3  # a run had data but no tag lrwatch recognised: nothing in it was checked
 
 
 def run_problem(state: RunState) -> str | None:
@@ -23,6 +26,8 @@ def run_problem(state: RunState) -> str | None:
     run = state.run
     if run.tags:
         return None
+    if run.file_errors and len(run.file_errors) == len(run.files):
+        return "; ".join(f"{p.name}: {why}" for p, why in run.file_errors.items())
     if run.damage and not any(f.records_read for f in run.files.values()):
         return "not a TensorBoard event file (no valid record in it)"
     if run.damage:
@@ -32,20 +37,39 @@ def run_problem(state: RunState) -> str | None:
     return "no scalar events"
 
 
+def not_checked(state: RunState) -> bool:
+    """The run had scalars, but none that lrwatch recognised as lr, d*lr or loss."""
+    return state.analysis is not None and not state.analysis.checked and run_problem(state) is None
+
+
 def exit_code(monitor: Monitor) -> int:
     states = monitor.runs
-    if monitor.missing_roots() or not states or any(run_problem(s) for s in states):
-        return EXIT_UNREADABLE
     if any(s.analysis and s.analysis.worst == CRITICAL for s in states):
         return EXIT_CRITICAL
+    if any(s.error for s in states):
+        return EXIT_INTERNAL
+    if monitor.missing_roots() or not states or any(run_problem(s) for s in states):
+        return EXIT_UNREADABLE
+    if any(not_checked(s) for s in states):
+        return EXIT_NOT_CHECKED
     return EXIT_OK
 
 
-def _num(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+def finding_dict(finding: Finding) -> dict[str, Any]:
+    """A finding as every JSON consumer sees it."""
+    return {"kind": finding.kind, "severity": finding.severity, "group": finding.group, "step": finding.step,
+            "message": finding.message, "values": dict(finding.values)}
+
+
+def mapping_hint(analysis_tags: dict[str, int]) -> list[str]:
+    """For a run where nothing was recognised: the tags seen, and how to map them."""
+    lines = ["not checked: no lr, d*lr or loss tag recognised. Scalar tags seen (points):"]
+    lines += [f"  {tag} ({count})" for tag, count in sorted(analysis_tags.items())[:40]]
+    if len(analysis_tags) > 40:
+        lines.append(f"  ... and {len(analysis_tags) - 40} more")
+    lines.append("map them with --lr-tag PATTERN, --dlr-tag PATTERN (d*lr) and --loss-tag TAG, "
+                 "e.g. --lr-tag 'train/lr/{group}' --dlr-tag 'train/dlr/{group}' --loss-tag train/loss")
+    return lines
 
 
 def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
@@ -55,6 +79,10 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
         "name": run.name,
         "files": [str(p) for p in run.files],
         "problem": run_problem(state),
+        "error": state.error,
+        "checked": None if state.analysis is None else state.analysis.checked,
+        "earlier_run": state.earlier,
+        "file_errors": {str(p): why for p, why in run.file_errors.items()},
         "damage": [{"file": str(p), "offset": d.offset, "message": d.message} for p, d in run.damage],
         "pending_bytes": run.pending_bytes,
         "superseded_points": run.superseded_points,
@@ -73,28 +101,25 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
         return out
     out["last_step"] = a.last_step
     out["notes"] = a.notes
+    out["unrecognised_tags"] = a.unrecognised
     out["worst"] = a.worst
     if a.schedule is not None:
         s = a.schedule
         out["schedule"] = {"name": s.name, "max_steps": s.max_steps, "warmup": s.warmup,
-                           "restarts": None if s.restarts is None else list(s.restarts), "save_every": s.save_every}
+                           "restarts": None if s.restarts is None else list(s.restarts), "save_every": s.save_every,
+                           "problem": s.problem}
     for g in a.groups:
         out["groups"].append({
             "name": g.name, "lr_tag": g.lr_tag, "dlr_tag": g.dlr_tag, "adaptive": g.adaptive,
-            "d_now": _num(g.d_now), "risk": _num(g.risk), "restarts": g.restarts, "next_restart": g.next_restart,
+            "d_now": g.d_now, "risk": g.risk, "restarts": g.restarts, "next_restart": g.next_restart,
         })
         for c in g.cycles:
             out["cycles"].append({
                 "group": g.name, "index": c.index, "start": c.start, "end": c.end, "complete": c.complete,
-                "peak_lr": _num(c.peak_lr), "min_lr": _num(c.min_lr), "min_lr_step": c.min_lr_step,
-                "d_start": _num(c.d_start), "d_end": _num(c.d_end), "d_growth": _num(c.d_growth),
-                "peak_dlr": _num(c.peak_dlr),
+                "peak_lr": c.peak_lr, "min_lr": c.min_lr, "min_lr_step": c.min_lr_step,
+                "d_start": c.d_start, "d_end": c.d_end, "d_growth": c.d_growth, "peak_dlr": c.peak_dlr,
             })
-    out["findings"] = [
-        {"kind": f.kind, "severity": f.severity, "group": f.group, "step": f.step, "message": f.message,
-         "values": {k: (_num(v) if isinstance(v, float) else v) for k, v in f.values.items()}}
-        for f in a.findings
-    ]
+    out["findings"] = [finding_dict(f) for f in a.findings]
     return out
 
 
@@ -109,7 +134,7 @@ def to_json(monitor: Monitor) -> str:
                            "exit_code": exit_code(monitor)}
     if monitor.snapshots is not None:
         doc["unassigned_snapshots"] = [snap.to_dict() for snap in monitor.snapshots.orphans]
-    return json.dumps(doc, indent=2, allow_nan=False, default=str)
+    return dumps(doc, indent=2)
 
 
 def _g(x: float | None) -> str:
@@ -134,12 +159,23 @@ def render_snapshots(snapshots: list, indent: str = "  ") -> list[str]:
 def render_run(state: RunState, snapshots: list | None = None) -> str:
     run, a = state.run, state.analysis
     lines = [f"run {run.name}"]
+    if state.earlier:
+        lines.append("  earlier run: no new data while lrwatch watched; its findings never led to a stop")
     problem = run_problem(state)
     if problem:
         lines.append(f"  unreadable: {problem}")
+    for path, why in run.file_errors.items():
+        if not problem:
+            lines.append(f"  not read: {path.name}: {why}")
     for path, d in run.damage:
         lines.append(f"  damaged: {path.name} at byte {d.offset}: {d.message}")
+    if state.error:
+        lines.append(f"  internal error (lrwatch could not analyse this run; please report it): {state.error}")
     if a is None or problem:
+        return "\n".join(lines)
+    if not a.checked:
+        lines += ["  " + line for line in mapping_hint(a.unrecognised)]
+        lines.append("  verdict: NOT CHECKED")
         return "\n".join(lines)
     files = f"{len(run.files)} event file{'s' if len(run.files) != 1 else ''}"
     extra = f", {run.superseded_points} points re-logged after a resume (later ones kept)" if run.superseded_points else ""
@@ -173,10 +209,8 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
 
 
 def render(monitor: Monitor) -> str:
-    parts = [f"lrwatch: {monitor.as_given(p)}: no such file or directory" for p in monitor.missing_roots()]
-    if not monitor.runs and not parts:
-        parts.append("lrwatch: no event files found under " + ", ".join(map(monitor.as_given, monitor.roots)))
-    parts += [render_run(s, _snapshots_of(monitor, s)) for s in monitor.runs]
+    """The report (stdout); missing paths are errors, said on stderr by the caller."""
+    parts = [render_run(s, _snapshots_of(monitor, s)) for s in monitor.runs]
     if monitor.snapshots is not None and monitor.snapshots.orphans:
         parts.append("\n".join(["snapshots matching no run (by output name):",
                                 *render_snapshots(monitor.snapshots.orphans)[1:]]))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from lrwatch.loader import EventFile
 from lrwatch.records import Damage
@@ -93,9 +94,11 @@ class Run:
         self.files: dict[Path, EventFile] = {}
         self.config: dict[str, object] = {}
         self.damage: list[tuple[Path, Damage]] = []
+        self.file_errors: dict[Path, str] = {}  # files that could not be read at the last attempt
         self.pending_bytes = 0
         self._chunks: dict[str, _TagChunks] = {}
         self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
+        self.config_problems: list[str] = []  # logged configuration that could not be read
 
     # -- reading ---------------------------------------------------------------------------
     def event_files(self) -> list[Path]:
@@ -120,6 +123,10 @@ class Run:
             if loader is None:
                 loader = self.files[path] = EventFile(path)
             batch = loader.read_new()
+            if batch.error:
+                self.file_errors[path] = batch.error
+                continue
+            self.file_errors.pop(path, None)
             self.pending_bytes += batch.pending
             self.damage += [(path, d) for d in batch.damage]
             self.config.update(batch.scalars.hparams)
@@ -143,17 +150,29 @@ class Run:
             chunks.walls.append(scalars.wall_times[sel])
             chunks.merged = None
 
+    def writer_evidence(self) -> dict[Path, float | None]:
+        """Each event file with the wall time of its first record (who wrote it, and when)."""
+        return {path: loader.first_wall_time for path, loader in self.files.items()}
+
     def _read_hparams_yml(self) -> None:
         for candidate in [self.path / "hparams.yml", *self.path.glob("*/hparams.yml")]:
             try:
                 mtime = candidate.stat().st_mtime
             except OSError:
-                continue
+                continue  # none there (or gone since listed)
             if self._yml_seen.get(candidate) == mtime:
                 continue
             self._yml_seen[candidate] = mtime
-            for key, value in parse_flat_yaml(candidate.read_text(errors="replace")).items():
-                self.config.setdefault(key, value)
+            try:
+                loaded = yaml.safe_load(candidate.read_text(encoding="utf-8", errors="replace"))
+            except (OSError, yaml.YAMLError) as e:
+                self.config_problems.append(f"{candidate.name}: {e}".splitlines()[0])
+                continue
+            if not isinstance(loaded, dict):
+                self.config_problems.append(f"{candidate.name}: not a mapping of settings")
+                continue
+            for key, value in loaded.items():
+                self.config.setdefault(str(key), value)
 
     # -- series ------------------------------------------------------------------------------
     @property
@@ -180,34 +199,3 @@ class Run:
     def superseded_points(self) -> int:
         """Points replaced because steps went back (a resume); counted once series are built."""
         return sum(c.superseded for c in self._chunks.values())
-
-
-_YAML_LINE = re.compile(r"^([A-Za-z_][\w.\-]*):\s*(.*?)\s*$")
-
-
-def parse_flat_yaml(text: str) -> dict[str, object]:
-    """The flat ``key: value`` mapping accelerate writes as hparams.yml (yaml.dump of a flat dict).
-    Nested or multi-line entries are skipped rather than guessed at."""
-    out: dict[str, object] = {}
-    for line in text.splitlines():
-        m = _YAML_LINE.match(line)
-        if not m:
-            continue
-        key, raw = m.groups()
-        out[key] = _yaml_scalar(raw)
-    return out
-
-
-def _yaml_scalar(raw: str) -> object:
-    if raw in ("", "null", "~"):
-        return None
-    if raw in ("true", "false"):
-        return raw == "true"
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        return raw[1:-1]
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw

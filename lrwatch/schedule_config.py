@@ -8,6 +8,7 @@ is coming at all.
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 
 from lrwatch.schedules import cosine_restart_steps, cyclic_restart_steps
@@ -26,6 +27,7 @@ class KnownSchedule:
     warmup: int
     restarts: tuple[int, ...] | None
     save_every: int | None
+    problem: str | None = None  # why the logged schedule could not be used (restarts then unknown)
 
     def next_restart(self, step: int) -> int | None:
         """The first restart after ``step``; None if none is coming (or unknown: see ``restarts``)."""
@@ -34,12 +36,28 @@ class KnownSchedule:
         return next((r for r in self.restarts if r > step), None)
 
 
+MAX_RESTARTS = 100_000  # more cycles than this is a mistyped setting, not a schedule
+
+
+class _Unusable(ValueError):
+    """A logged setting that cannot describe a schedule."""
+
+
 def _int(config: dict, key: str) -> int | None:
-    value = config.get(key)
-    try:
-        return int(value) if value not in (None, "", "None") else None
-    except (TypeError, ValueError):
+    """A whole, non-negative number of steps (or cycles), or None when not logged."""
+    return _whole(config.get(key), key)
+
+
+def _whole(value: object, key: str, minimum: int = 0) -> int | None:
+    if value in (None, "", "None"):
         return None
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise _Unusable(f"{key}={value!r} is not a number") from None
+    if not math.isfinite(number) or number != int(number) or number < minimum:
+        raise _Unusable(f"{key}={value!r} is not a whole number of at least {minimum}")
+    return int(number)
 
 
 def _scheduler_args(raw: object) -> dict[str, object]:
@@ -63,9 +81,19 @@ def _scheduler_args(raw: object) -> dict[str, object]:
 
 
 def known_schedule(config: dict[str, object]) -> KnownSchedule | None:
-    """The schedule the config describes, or None when nothing was logged."""
+    """The schedule the config describes, or None when nothing was logged. Settings that cannot
+    describe a schedule (``first_cycle=auto``, ``cycle_mult=0.5``, more cycles than steps) leave
+    the restarts unknown, with the reason in ``problem``."""
     if not config:
         return None
+    try:
+        return _known_schedule(config)
+    except _Unusable as e:
+        name = str(config.get("lr_scheduler_type") or config.get("lr_scheduler") or "")
+        return KnownSchedule(name, None, 0, None, None, problem=str(e))
+
+
+def _known_schedule(config: dict[str, object]) -> KnownSchedule:
     scheduler = str(config.get("lr_scheduler") or "")
     custom = str(config.get("lr_scheduler_type") or "")
     max_steps = _int(config, "max_train_steps")
@@ -74,10 +102,17 @@ def known_schedule(config: dict[str, object]) -> KnownSchedule | None:
     restarts: tuple[int, ...] | None = None
     if custom.endswith(("RexWithRestarts", "CosineWithRestarts")):
         args = _scheduler_args(config.get("lr_scheduler_args"))
-        first = int(args.get("first_cycle", 0) or 0)
-        warmup = int(args.get("warmup", 0) or 0)
-        mult = float(args.get("cycle_mult", 1.0) or 1.0)
-        if first > 0 and max_steps:
+        first = _whole(args.get("first_cycle"), "first_cycle", minimum=1)
+        warmup = _whole(args.get("warmup"), "warmup") or 0
+        try:
+            mult = float(str(args.get("cycle_mult", 1.0)))
+        except ValueError:
+            raise _Unusable(f"cycle_mult={args.get('cycle_mult')!r} is not a number") from None
+        if not (math.isfinite(mult) and mult >= 1):
+            raise _Unusable(f"cycle_mult={mult!r}: cycles must not shrink (at least 1)")
+        if first and max_steps:
+            if max_steps - warmup > MAX_RESTARTS * first:
+                raise _Unusable(f"first_cycle={first} over {max_steps} steps is more than {MAX_RESTARTS} cycles")
             restarts = tuple(cyclic_restart_steps(max_steps, first, mult, warmup))
         name = custom
     elif custom:
@@ -85,6 +120,9 @@ def known_schedule(config: dict[str, object]) -> KnownSchedule | None:
     elif scheduler == "cosine_with_restarts":
         cycles = _int(config, "lr_scheduler_num_cycles") or 1
         if max_steps:
+            if cycles > max(1, min(MAX_RESTARTS, max_steps - warmup)):
+                raise _Unusable(f"lr_scheduler_num_cycles={cycles} is more cycles than the {max_steps - warmup} "
+                                f"steps after warmup (or than {MAX_RESTARTS})")
             restarts = tuple(cosine_restart_steps(max_steps, warmup, cycles))
         name = scheduler
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis
+from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimizer_hint
 from lrwatch.runs import Run
 
 SAFE = "safe"
@@ -208,7 +208,7 @@ def _first_prediction(analysis: Analysis) -> tuple[int | None, str]:
 def _lr_of_last_update(group: GroupAnalysis, step: int) -> tuple[float, float, float | None] | None:
     """(lr logged at step-1, its cycle's peak so far, d then) for the group; None if not covered."""
     steps = group.steps
-    if not len(steps) or step - 1 < steps[0] or step - 1 > steps[-1]:
+    if group.lr is None or not len(steps) or step - 1 < steps[0] or step - 1 > steps[-1]:
         return None
     i = int(np.searchsorted(steps, step - 1, side="right")) - 1
     if i < 0:
@@ -283,10 +283,15 @@ def manifest_text(folder: Path, snapshots: list[Snapshot], run_names: dict[str, 
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Our own output files are written whole: a temp file beside the target, then a rename."""
+    """Our own output files are written whole: a temp file beside the target, then a rename.
+    On failure nothing is left behind and the error is raised."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class SnapshotBook:
@@ -334,11 +339,14 @@ class SnapshotBook:
             mine = self.by_run[state.run.path]
             resolve_steps(mine, state.run, self.steps_per_epoch)
             judge(mine, state.analysis, self.safe_lr)
+            _optimizer_hint(state.analysis, mine)
             mine.sort(key=lambda s: (s.step is None, s.step or 0, s.path))
         return snaps
 
-    def write_manifests(self) -> list[Path]:
-        written = []
+    def write_manifests(self) -> list[str]:
+        """Write each folder's manifest; return what could not be written (a read-only folder,
+        a directory in the manifest's place): reported, never fatal."""
+        problems = []
         names = {s.path: str(run) for run, snaps in self.by_run.items() for s in snaps}
         for folder in self.folders:
             if not folder.is_dir():
@@ -346,9 +354,25 @@ class SnapshotBook:
             mine = [s for snaps in self.by_run.values() for s in snaps if Path(s.path).parent == folder]
             mine += [s for s in self.orphans if Path(s.path).parent == folder]
             target = folder / MANIFEST
-            write_atomic(target, manifest_text(folder, mine, names))
-            written.append(target)
-        return written
+            try:
+                write_atomic(target, manifest_text(folder, mine, names))
+            except OSError as e:
+                problems.append(f"could not write {target}: {e.strerror or e} (verdicts are in the report; "
+                                "--no-manifest skips the file)")
+        return problems
+
+
+def _optimizer_hint(analysis: Analysis | None, snapshots: list[Snapshot]) -> None:
+    """A run without d*lr whose snapshots say it trained with Prodigy or D-Adaptation: say why."""
+    if analysis is None or any(g.adaptive for g in analysis.groups):
+        return
+    for snap in snapshots:
+        optimizer = (snap.metadata or {}).get("ss_optimizer")
+        hint = adaptive_optimizer_hint(optimizer, f"snapshot {Path(snap.path).name}") if optimizer else None
+        if hint:
+            if hint not in analysis.notes:
+                analysis.notes.append(hint)
+            return
 
 
 def _fresh_copy(snap: Snapshot) -> Snapshot:

@@ -8,13 +8,15 @@ again, from where the last read stopped.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import psutil
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -24,8 +26,11 @@ from watchdog.observers.polling import PollingObserver
 from lrwatch.analysis import CRITICAL, Finding
 from lrwatch.hooks import Hooks
 from lrwatch.monitor import Monitor, RunState
-from lrwatch.processes import WINDOWS, Identity, Target, find_writer, stop, writer_from_name
-from lrwatch.report import EXIT_UNREADABLE, exit_code, render
+from lrwatch.output import terminal_safe
+from lrwatch.processes import (WINDOWS, Identity, Target, descendants, find_writer, is_this_host, parse_writer_name,
+                               refuse_pid, stop, writer_from_name)
+from lrwatch.report import (EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint,
+                            render)
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
 
@@ -164,7 +169,7 @@ class StatusBoard:
             lines = [line for s in states if (line := self.line(s))]
             width = max(20, _terminal_width() - 1)
             for line in lines:
-                self.out.write(line[:width] + "\n")
+                self.out.write(terminal_safe(line)[:width] + "\n")
             self._drawn = len(lines)
             self.out.flush()
             return
@@ -177,7 +182,7 @@ class StatusBoard:
                 self._last_cycle[s.run.path] = cycle
                 line = self.line(s)
                 if line:
-                    print(f"lrwatch: {line}", file=self.out, flush=True)
+                    print(terminal_safe(f"lrwatch: {line}"), file=self.out, flush=True)
 
 
 def _terminal_width() -> int:
@@ -189,35 +194,81 @@ def _terminal_width() -> int:
 
 def launch(command: list[str]) -> subprocess.Popen:
     """Start the trainer in its own process group/session, so that Ctrl-C in lrwatch's terminal
-    reaches lrwatch only: stopping lrwatch never stops the trainer."""
+    reaches lrwatch only: stopping lrwatch never stops the trainer. SIGINT is reset to its
+    default in the child, as a terminal would give it (a shell's background job ignores it)."""
     if WINDOWS:
         return subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)  # type: ignore[attr-defined]
-    return subprocess.Popen(command, start_new_session=True)
+    return subprocess.Popen(command, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+class Guarded:
+    """The trainer lrwatch launched or was given with --pid, and which runs are provably its:
+    an event file named after one of its processes (on this host), or, for a file whose name
+    carries no pid, a run that appeared after the watch started and began after the process."""
+
+    def __init__(self, target: Target, launched: bool) -> None:
+        self.target = target
+        self.launched = launched
+        self.pids: set[int] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.pids |= descendants(self.target.identity)
+
+    def owns(self, state: RunState) -> tuple[bool, str]:
+        self.refresh()
+        who = "the trainer lrwatch launched" if self.launched else f"--pid {self.target.identity.pid}"
+        evidence = state.run.writer_evidence()
+        for path in sorted(evidence, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True):
+            parsed = parse_writer_name(path)
+            if parsed and is_this_host(parsed[1]):
+                if parsed[2] in self.pids:
+                    return True, f"written by pid {parsed[2]} of {who}"
+                return False, f"{path.name} was written by pid {parsed[2]}, not by {who} or its children"
+        first = min((t for t in evidence.values() if t is not None), default=None)
+        if not state.seen_at_start and first is not None and first >= self.target.identity.create_time - 2:
+            return True, f"no writer pid in its file names; it appeared after {who} started"
+        return False, f"no writer pid in its file names, and it does not provably come from {who}"
 
 
 class _Stopper:
-    """Decides what to stop when a critical finding fires, and when (now, or at the restart)."""
+    """Decides what to stop when a critical finding fires, and when (now, or at the restart).
 
-    def __init__(self, options: WatchOptions, hooks: Hooks, launched: Target | None, given: Target | None) -> None:
+    Only a run that received new data while watched can lead to a stop; findings of earlier
+    runs wait (and act only if their run grows). With a launched or given trainer, only the
+    runs it provably writes can stop it."""
+
+    def __init__(self, options: WatchOptions, hooks: Hooks, guarded: Guarded | None) -> None:
         self.options = options
         self.hooks = hooks
-        self.launched = launched
-        self.given = given
-        self.pending: dict[Path, tuple[int, Finding]] = {}  # run -> (stop at this step, why)
-        self.done: set[Path] = set()
+        self.guarded = guarded
+        self.pending: dict[RunState, tuple[int, Finding]] = {}  # run -> (stop at this step, why)
+        self.waiting: dict[RunState, Finding] = {}  # earlier runs' critical findings: act if the run grows
+        self.done: set[RunState] = set()
         self.stopped: list[Target] = []  # each process is stopped once, whichever runs it writes
         self.threads: list[threading.Thread] = []
 
+    @property
+    def verb(self) -> str:
+        return "would stop (--dry-run: nothing is sent)" if self.options.dry_run else "stopping"
+
     def on_critical(self, state: RunState, finding: Finding) -> None:
-        run = state.run
-        if run.path in self.done or run.path in self.pending:
+        if state in self.done or state in self.pending:
             return
+        if not state.grew:
+            self.waiting.setdefault(state, finding)
+            return
+        self.waiting.pop(state, None)
+        run = state.run
         at = self._restart_step(state, finding) if self.options.kill_at == "restart" else None
         last = state.analysis.last_step if state.analysis else None
         if at is not None and last is not None and at > last:
-            self.pending[run.path] = (at, finding)
-            self.hooks.action(run, f"{run.name}: will stop the trainer when step {at} (the predicted restart, "
-                                   "after the cycle-minimum snapshot) is logged", stop_at_step=at)
+            self.pending[state] = (at, finding)
+            when = "would stop" if self.options.dry_run else "will stop"
+            self.hooks.action(run, "stop_planned", f"{run.name}: {when} the trainer when step {at} (the predicted "
+                                                   "restart, after the cycle-minimum snapshot) is logged",
+                              stop_at_step=at, dry_run=self.options.dry_run)
             return
         self._stop(state, finding)
 
@@ -231,8 +282,9 @@ class _Stopper:
             return a.schedule.next_restart(finding.step)
         group = next((g for g in a.groups if g.name == finding.group), None)
         if group is None or not group.restarts:
-            self.hooks.action(state.run, f"{state.run.name}: cycle length unknown (no restart seen, no logged "
-                                         "config): stopping now instead of at the restart")
+            self.hooks.action(state.run, "note", f"{state.run.name}: cycle length unknown (no restart seen, no "
+                                                 "logged config): the stop comes now instead of at the restart",
+                              notify=False)
             return None
         starts = [int(group.steps[0]) - 1, *group.restarts]
         length = starts[-1] - starts[-2]
@@ -242,27 +294,35 @@ class _Stopper:
         return nxt
 
     def tick(self, monitor: Monitor) -> None:
-        for path, (at, finding) in list(self.pending.items()):
-            state = monitor.states.get(path)
-            if state and state.analysis and state.analysis.last_step is not None and state.analysis.last_step >= at:
-                del self.pending[path]
+        for state, finding in list(self.waiting.items()):
+            if state.grew:
+                self.on_critical(state, finding)
+        for state, (at, finding) in list(self.pending.items()):
+            a = state.analysis
+            if a is not None and a.last_step is not None and a.last_step >= at:
+                del self.pending[state]
                 self._stop(state, finding)
+
+    def _target(self, state: RunState) -> tuple[Target | None, str]:
+        if self.guarded is not None:
+            mine, why = self.guarded.owns(state)
+            return (self.guarded.target, why) if mine else (None, why)
+        target, reasons = find_writer(state.run.writer_evidence())
+        return target, "; ".join(reasons or ["no writer found"])
 
     def _stop(self, state: RunState, finding: Finding) -> None:
         run = state.run
-        self.done.add(run.path)
-        target, reasons = self.launched or self.given, []
+        self.done.add(state)
+        target, why = self._target(state)
         if target is None:
-            target, reasons = find_writer(list(run.files))
-        if target is None:
-            self.hooks.action(run, f"{run.name}: critical finding, but no trainer process to stop ("
-                                   + "; ".join(reasons or ["no writer found"]) + ")")
+            self.hooks.action(run, "no_stop", f"{run.name}: critical finding, but no trainer process provably "
+                                              f"writes this run, so nothing is stopped ({why})")
             return
         if any(t.identity == target.identity for t in self.stopped):
             return  # already being stopped for another of its runs
-        self.hooks.action(run, f"{run.name}: stopping the trainer after {finding.kind} at step {finding.step}: "
-                               f"{target.describe()}", pid=target.identity.pid, found_by=target.found_by,
-                          dry_run=self.options.dry_run)
+        self.hooks.action(run, "stop", f"{run.name}: {self.verb} the trainer after {finding.kind} at step "
+                                       f"{finding.step}: {target.describe()}",
+                          pid=target.identity.pid, found_by=target.found_by, dry_run=self.options.dry_run)
         self.stopped.append(target)
 
         def work() -> None:
@@ -273,64 +333,93 @@ class _Stopper:
         self.threads.append(t)
 
 
+def _given(options: WatchOptions, hooks: Hooks) -> Target | None:
+    assert options.pid is not None
+    refusal = refuse_pid(options.pid)
+    if refusal:
+        raise _Refused(f"--pid {options.pid}: {refusal}; give the trainer's own pid")
+    try:
+        proc = psutil.Process(options.pid)
+        return Target(Identity.of(proc), "pid", "given with --pid")
+    except psutil.Error as e:
+        raise _Refused(f"--pid {options.pid}: {e}") from None
+
+
+class _Refused(Exception):
+    """The watch cannot start as asked (a refused pid, a command that does not start)."""
+
+
 def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | None = None) -> int:
     """Follow the runs until the trainer ends (launched, given or found), ``until_idle``
     passes, or Ctrl-C; then print the final audit. Returns the audit's exit code."""
     out = out or sys.stdout
-    launched_proc: subprocess.Popen | None = None
-    launched = given = None
-    if options.pid is not None:
-        try:
-            proc = psutil.Process(options.pid)
-            given = Target(Identity.of(proc), "pid", "given with --pid")
-        except psutil.Error as e:
-            hooks.say(f"lrwatch: --pid {options.pid}: {e}")
-            return EXIT_UNREADABLE
-    if options.command:
-        try:
-            launched_proc = launch(options.command)
-        except OSError as e:
-            hooks.say(f"lrwatch: could not start {options.command[0]!r}: {e}")
-            return EXIT_UNREADABLE
-        launched = Target(Identity.of(psutil.Process(launched_proc.pid)), "launched",
-                          "started by lrwatch", own_group=WINDOWS)
-    stopper = _Stopper(options, hooks, launched, given)
+    try:
+        given = _given(options, hooks) if options.pid is not None else None
+    except _Refused as e:
+        hooks.say(f"lrwatch: {e}")
+        return EXIT_UNREADABLE
     board = StatusBoard(sys.stderr)
     watcher = Watcher(monitor, options.poll)
     watcher.start()
     for root in monitor.missing_roots():
         hooks.say(f"lrwatch: waiting for {monitor.as_given(root)} to appear")
-
-    writers: dict[Path, Identity] = {}  # runs' writers seen alive, to end when they have all exited
-    checked: dict[Path, int] = {}
+    _safely(monitor.poll, hooks)  # what is there before anything is launched: earlier runs
+    monitor.start_live()
+    launched_proc: subprocess.Popen | None = None
+    guarded = Guarded(given, launched=False) if given else None
+    if options.command:
+        try:
+            launched_proc = launch(options.command)
+        except OSError as e:
+            watcher.stop()
+            hooks.say(f"lrwatch: could not start {options.command[0]!r}: {e}")
+            return EXIT_UNREADABLE
+        guarded = Guarded(Target(Identity.of(psutil.Process(launched_proc.pid)), "launched", "started by lrwatch",
+                                 own_group=WINDOWS), launched=True)
+    stopper = _Stopper(options, hooks, guarded)
+    writers: dict[RunState, Identity] = {}  # runs' writers seen alive, to end when they have all exited
     verdicts = _Verdicts(monitor, hooks, options.manifest)
+    first = [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]
+    for state, finding in first:
+        hooks.finding(state.run, finding)  # already in the logs before the watch started
+        if options.kill_on_spike and finding.severity == CRITICAL:
+            stopper.on_critical(state, finding)
     last_data = time.monotonic()
     last_full = time.monotonic()
     reason = "interrupted"
+    failures = 0
     try:
         runs, rediscover, snapshots_changed = set(), True, True
         while True:
-            if rediscover or time.monotonic() - last_full > SAFETY_REPOLL:
-                new = monitor.poll()
-                last_full = time.monotonic()
-            else:
-                new = monitor.poll(runs, rediscover=False) if runs else []
-            changed = bool(runs or new or rediscover)
-            if changed:
-                last_data = time.monotonic()
-            if new:
-                board.clear()
-            for run, finding in new:
-                hooks.finding(run, finding)
-                if options.kill_on_spike and finding.severity == CRITICAL:
-                    stopper.on_critical(monitor.states[run.path], finding)
-            if changed or snapshots_changed:
-                verdicts.update()
-            if changed:  # idle wake-ups only check whether the trainer is still there
-                stopper.tick(monitor)
-                board.draw(monitor.runs)
-                if launched is None and given is None:
-                    _track_writers(monitor, writers, checked)
+            try:
+                if rediscover or time.monotonic() - last_full > SAFETY_REPOLL:
+                    new = monitor.poll()
+                    last_full = time.monotonic()
+                else:
+                    new = monitor.poll(runs, rediscover=False) if runs else []
+                changed = bool(runs or new or rediscover)
+                if changed:
+                    last_data = time.monotonic()
+                if new:
+                    board.clear()
+                for state, finding in new:
+                    hooks.finding(state.run, finding)
+                    if options.kill_on_spike and finding.severity == CRITICAL:
+                        stopper.on_critical(state, finding)
+                if changed or snapshots_changed:
+                    verdicts.update()
+                if changed:  # idle wake-ups only check whether the trainer is still there
+                    _announce(monitor, hooks, board)
+                    stopper.tick(monitor)
+                    board.draw(monitor.runs)
+                    if guarded is None:
+                        _track_writers(monitor, writers)
+                    else:
+                        guarded.refresh()
+            except Exception as e:  # never leave a trainer unguarded because of one bad pass
+                failures += 1
+                hooks.say(f"lrwatch: internal error while watching (the watch goes on): {type(e).__name__}: {e}")
+                time.sleep(min(2.0, 0.1 * failures))
 
             if launched_proc is not None and launched_proc.poll() is not None:
                 reason = f"the trainer exited with code {launched_proc.returncode}"
@@ -347,17 +436,45 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
             runs, rediscover, snapshots_changed = watcher.wait(
                 timeout=0.5 if options.poll is None else min(0.5, options.poll))
     except KeyboardInterrupt:
-        reason = "interrupted (the trainer was left running)" if (launched_proc or writers or given) else "interrupted"
+        alive = launched_proc or writers or given
+        reason = "interrupted (the trainer was left running)" if alive else "interrupted"
     finally:
         watcher.stop()
-    monitor.poll()  # whatever arrived last
-    verdicts.update()
+    board.clear()
+    for state, finding in _safely(monitor.poll, hooks) or []:  # what the trainer wrote last
+        hooks.finding(state.run, finding)
+    _safely(verdicts.update, hooks)
     for t in stopper.threads:
         t.join(options.grace_int + options.grace_term + 10)
-    board.clear()
     hooks.say(f"lrwatch: stopped watching: {reason}")
-    print(render(monitor), file=out, flush=True)
-    return exit_code(monitor)
+    print(terminal_safe(render(monitor)), file=out, flush=True)
+    code = exit_code(monitor)
+    return EXIT_INTERNAL if failures and code in (EXIT_OK, EXIT_NOT_CHECKED) else code
+
+
+def _safely(fn: Callable[[], Any], hooks: Hooks) -> Any:
+    try:
+        return fn()
+    except Exception as e:
+        hooks.say(f"lrwatch: internal error: {type(e).__name__}: {e}")
+        return None
+
+
+def _announce(monitor: Monitor, hooks: Hooks, board: StatusBoard) -> None:
+    """Say once, as soon as it is known, what lrwatch could not check in a run and why."""
+    for state in monitor.runs:
+        lines = []
+        if state.error:
+            lines.append(f"internal error on this run (the others are still watched): {state.error}")
+        lines += [f"cannot read {p.name}: {why}" for p, why in state.run.file_errors.items()]
+        a = state.analysis
+        if a is not None and state.run.tags:
+            lines += ["; ".join(mapping_hint(a.unrecognised))] if not a.checked else a.notes
+        for line in lines:
+            if line not in state.announced:
+                state.announced.add(line)
+                board.clear()
+                hooks.action(state.run, "note", f"{state.run.name}: {line}", notify=False)
 
 
 class _Verdicts:
@@ -383,20 +500,21 @@ class _Verdicts:
                     continue
                 self.seen[snap.path] = key
                 changed = True
-                self.hooks.action(None, f"snapshot {Path(snap.path).name} (step {snap.step}): {snap.verdict}: "
-                                        f"{snap.reason}", snapshot=snap.to_dict())
+                self.hooks.action(None, "snapshot", f"snapshot {Path(snap.path).name} (step {snap.step}): "
+                                                    f"{snap.verdict}: {snap.reason}", notify=False,
+                                  snapshot=snap.to_dict())
         if changed and self.manifest:
-            book.write_manifests()
+            for problem in book.write_manifests():
+                self.hooks.action(None, "note", problem, notify=False)
 
 
-def _track_writers(monitor: Monitor, writers: dict[Path, Identity], checked: dict[Path, int]) -> None:
-    """Note the live writer of each run, from its newest event file's name; looked at again only
-    when the run gains a file (a name check, not a scan of every process's open files)."""
-    for path, state in monitor.states.items():
-        files = list(state.run.files)
-        if path in writers or not files or checked.get(path) == len(files):
+def _track_writers(monitor: Monitor, writers: dict[RunState, Identity]) -> None:
+    """Note the proved writer of each run that grew while watched (earlier runs do not keep
+    the watch going); a name check, not a scan of every process's open files."""
+    for state in monitor.runs:
+        if state in writers or not state.grew or not state.run.files:
             continue
-        checked[path] = len(files)
-        target, _ = writer_from_name(files[-1])
+        path = max(state.run.files, key=lambda p: (parse_writer_name(p) or (0,))[0])
+        target, _ = writer_from_name(path, state.run.files[path].first_wall_time)
         if target is not None:
-            writers[path] = target.identity
+            writers[state] = target.identity

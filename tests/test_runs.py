@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import FIXTURES, LABELS, fixture_run, write_scalars
 from lrwatch.monitor import Monitor
-from lrwatch.runs import Run, discover, parse_flat_yaml, resolve_relogged
+from lrwatch.runs import Run, discover, resolve_relogged
 from lrwatch.schedule_config import known_schedule
 from lrwatch.tags import TagMap
 
@@ -83,9 +83,23 @@ def test_resolve_relogged_keeps_the_later_write_of_every_step():
     assert np.flatnonzero(keep).tolist() == [0, 9, 10]
 
 
-def test_flat_yaml_values_keep_their_types():
-    parsed = parse_flat_yaml('a: 1\nb: 0.5\nc: "x y"\nd: null\ne: true\nf: plain\n  nested: skipped\n')
-    assert parsed == {"a": 1, "b": 0.5, "c": "x y", "d": None, "e": True, "f": "plain"}
+def test_hparams_yml_is_read_as_yaml_with_types_nesting_and_non_finite_values(tmp_path):
+    write_scalars(tmp_path, {"lr/unet": [(1, 1.0)]})
+    (tmp_path / "hparams.yml").write_text('a: 1\nb: 0.5\nc: "x y"\nd: null\ne: true\nf: plain\n'
+                                          'g: .nan\nh:\n  nested: 2\nlr_scheduler_args:\n- first_cycle=100\n')
+    run = Run(tmp_path)
+    run.refresh()
+    c = run.config
+    assert (c["a"], c["b"], c["c"], c["d"], c["e"], c["f"], c["h"]) == (1, 0.5, "x y", None, True, "plain", {"nested": 2})
+    assert c["g"] != c["g"] and c["lr_scheduler_args"] == ["first_cycle=100"]
+
+
+def test_a_broken_hparams_yml_is_a_note_not_a_crash(tmp_path):
+    write_scalars(tmp_path, {"lr/unet": [(1, 1.0)]})
+    (tmp_path / "hparams.yml").write_text("a: [unclosed\n")
+    run = Run(tmp_path)
+    run.refresh()
+    assert run.config == {} and run.config_problems and "hparams.yml" in run.config_problems[0]
 
 
 def test_kohya_tags_pair_into_groups():
