@@ -230,19 +230,22 @@ def _scalar_of(value) -> float | None:
         return None  # not a scalar
     if tensor.tensor_content:
         dtype = _TENSOR_DTYPES.get(tensor.dtype)
-        if dtype is None:
-            return None
-        return float(np.frombuffer(tensor.tensor_content, dtype=dtype)[0])
+        if dtype is None or len(tensor.tensor_content) < np.dtype(dtype).itemsize:
+            return None  # too short to hold one value: not a scalar we can read
+        return float(np.frombuffer(tensor.tensor_content, dtype=dtype, count=1)[0])
     field_name = _TENSOR_FIELDS.get(tensor.dtype)
     if field_name is None:
         return None
     vals = getattr(tensor, field_name)
     if not len(vals):
         return None
-    if tensor.dtype == DT_HALF:
-        return float(np.array([vals[0]], np.uint16).view(np.float16)[0])
-    if tensor.dtype == DT_BFLOAT16:
-        return float(np.array([vals[0] << 16], np.uint32).view(np.float32)[0])
+    if tensor.dtype in (DT_HALF, DT_BFLOAT16):
+        bits = int(vals[0])
+        if not 0 <= bits <= 0xFFFF:
+            return None  # half_val holds 16-bit patterns; anything else is damage
+        if tensor.dtype == DT_HALF:
+            return float(np.array([bits], np.uint16).view(np.float16)[0])
+        return float(np.array([bits << 16], np.uint32).view(np.float32)[0])
     return float(vals[0])
 
 

@@ -44,3 +44,16 @@ def write_scalars(log_dir: Path, points: dict[str, list[tuple[int, float]]]) -> 
         writer.add_scalar(tag, value, step)
     writer.close()
     return sorted(Path(log_dir).glob("events.out.tfevents.*"))[-1]
+
+
+@pytest.fixture
+def cli():
+    """The CLI in-process through click's CliRunner (stdout and stderr kept apart)."""
+    from click.testing import CliRunner
+
+    from lrwatch.cli import cli as command
+
+    def run(*args: str):
+        return CliRunner().invoke(command, list(args), catch_exceptions=False)
+
+    return run
