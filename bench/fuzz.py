@@ -21,6 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import event_file_of  # noqa: E402
 from framing_oracle import Mutated, read_in_pieces, records_of  # noqa: E402
+
 from lrwatch.events import decode  # noqa: E402
 from lrwatch.records import find_records  # noqa: E402
 

@@ -62,7 +62,7 @@ class Finding:
     group: str | None
     step: int
     message: str
-    values: dict[str, float | int | None] = field(default_factory=dict)
+    values: dict[str, float | int | str | None] = field(default_factory=dict)
 
     def key(self) -> tuple:
         return (self.kind, self.severity, self.group, self.values.get("cycle"), self.values.get("what"))

@@ -16,7 +16,7 @@ import click
 from lrwatch import __version__
 from lrwatch.analysis import Thresholds
 from lrwatch.output import terminal_safe
-from lrwatch.report import EXIT_CRITICAL, EXIT_OK, EXIT_UNREADABLE
+from lrwatch.report import EXIT_CRITICAL, EXIT_OK
 from lrwatch.snapshots import DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 
@@ -75,7 +75,8 @@ def cli() -> None:
 
 # (Thresholds field, type, help): each becomes --field-name with the field's default.
 THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
-    ("risk_warning", float, "Warn when d now x the next cycle's peak lr exceeds the highest d*lr so far by this ratio."),
+    ("risk_warning", float,
+     "Warn when d now x the next cycle's peak lr exceeds the highest d*lr so far by this ratio."),
     ("risk_critical", float, "Critical at this predicted ratio."),
     ("runaway_window", int, "Steps over which d's growth is measured."),
     ("runaway_warning", float, "Warn when d grows by this factor within the window (after d's warm-up)."),
@@ -90,7 +91,8 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Tag mapping and thresholds, shared by audit and watch."""
     options = [
         click.option("--lr-tag", "lr_tags", multiple=True, metavar="PATTERN",
-                     help=f"lr tag pattern, {{group}} = one path segment (repeatable). Default: {', '.join(DEFAULT_LR_TAGS)}"),
+                     help="lr tag pattern, {group} = one path segment (repeatable). "
+                          f"Default: {', '.join(DEFAULT_LR_TAGS)}"),
         click.option("--dlr-tag", "dlr_tags", multiple=True, metavar="PATTERN",
                      help=f"d*lr tag pattern (repeatable). Default: {', '.join(DEFAULT_DLR_TAGS)}"),
         click.option("--loss-tag", "loss_tags", multiple=True, metavar="TAG",
@@ -170,7 +172,9 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, 
             return _exit(1)
         click.echo(pick.path)
         return _exit(0)
-    click.echo(result.to_json() if as_json else terminal_safe(result.render()))
+    report = result.to_json() if as_json else terminal_safe(result.render())
+    if report:
+        click.echo(report)
     return _exit(result.exit_code)
 
 
@@ -244,7 +248,8 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     from lrwatch.hooks import Hooks, webhook_problem
     from lrwatch.monitor import Monitor
     from lrwatch.snapshots import SnapshotBook
-    from lrwatch.watch import WatchOptions, watch as run_watch
+    from lrwatch.watch import WatchOptions
+    from lrwatch.watch import watch as run_watch
 
     command = click.get_current_context().meta.get("lrwatch.command")
     if poll is not None and poll <= 0:
@@ -277,7 +282,8 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
 @click.option("--max-steps", type=click.IntRange(min=1), required=True, help="--max_train_steps of the run.")
 @click.option("--save-every", type=click.IntRange(min=1), required=True, help="--save_every_n_steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="--lr_warmup_steps.")
-@click.option("--cycles", type=click.IntRange(min=1), help="--lr_scheduler_num_cycles. Default: max steps / save every.")
+@click.option("--cycles", type=click.IntRange(min=1),
+              help="--lr_scheduler_num_cycles. Default: max steps / save every.")
 @click.option("--schedule", type=click.Choice(["cosine", "rex"]), default="cosine", show_default=True,
               help="cosine: kohya's cosine_with_restarts; rex: lrwatch.schedulers.RexWithRestarts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

@@ -101,6 +101,10 @@ def _words(buf: bytes | memoryview, size: int) -> np.ndarray:
 
 class _Layout:
     __slots__ = ("ok", "tag_start", "tag_len", "step")
+    ok: np.ndarray
+    tag_start: np.ndarray
+    tag_len: np.ndarray
+    step: np.ndarray
 
 
 def _byte(word: np.ndarray, j: int) -> np.ndarray:

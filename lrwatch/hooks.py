@@ -40,7 +40,8 @@ def webhook_problem(url: str) -> str | None:
 
 def finding_line(run: Run, finding: Finding) -> str:
     where = f" [{finding.group}]" if finding.group else ""
-    return f"lrwatch: {finding.severity.upper()} {run.name} step {finding.step}: {finding.kind}{where}: {finding.message}"
+    return (f"lrwatch: {finding.severity.upper()} {run.name} step {finding.step}: "
+            f"{finding.kind}{where}: {finding.message}")
 
 
 def _env_value(value: object) -> str:
@@ -104,16 +105,16 @@ class Hooks:
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def _run_exec(self, record: dict[str, Any]) -> None:
-        env = dict(os.environ)
+        env: dict[str, object] = dict(os.environ)
         env.update({
             "LRWATCH_TYPE": record["type"], "LRWATCH_KIND": record["kind"],
             "LRWATCH_SEVERITY": record.get("severity"), "LRWATCH_GROUP": record.get("group"),
             "LRWATCH_STEP": record.get("step"), "LRWATCH_MESSAGE": record["message"],
             "LRWATCH_RUN": record["run"], "LRWATCH_PATH": record["path"], "LRWATCH_JSON": dumps(record),
         })
-        env = {k: _env_value(v) for k, v in env.items()}
         try:
-            done = subprocess.run(self.exec_cmd, shell=True, env=env, timeout=HOOK_TIMEOUT,
+            done = subprocess.run(self.exec_cmd or "", shell=True, timeout=HOOK_TIMEOUT,
+                                  env={k: _env_value(v) for k, v in env.items()},
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]

@@ -66,7 +66,8 @@ def make_plan(max_steps: int, save_every: int, warmup: int = 0, schedule: str = 
     if schedule == "cosine":
         restarts = cosine_restart_steps(max_steps, warmup, cycles)
     else:  # the last cycle ends the run: no restart at max_steps
-        restarts = [r for r in cyclic_restart_steps(max_steps, int_length, warmup=warmup) if r < max_steps][: cycles - 1]
+        restarts = [r for r in cyclic_restart_steps(max_steps, int_length, warmup=warmup)
+                    if r < max_steps][: cycles - 1]
     saves = []
     for step in range(save_every, max_steps + 1, save_every):
         m = multiplier(schedule, step - 1, max_steps, warmup, cycles, int_length)

@@ -125,7 +125,7 @@ def find_writer(event_files: dict[Path, float | None]) -> tuple[Target | None, l
     """The process writing a run (event file -> its first record's wall time), newest file
     first; with the reason each file was ruled out. Only a writer named in a file's name can
     be proved: a process that has the file open may just be reading it (TensorBoard)."""
-    reasons = []
+    reasons: list[str] = []
     for path in sorted(event_files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True):
         target, why = writer_from_name(path, event_files[path])
         if target:

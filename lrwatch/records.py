@@ -222,7 +222,7 @@ def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarr
         data_end = at + HEADER + lens
         data_crcs = np.fromiter((_crc(mv[x:y]) for x, y in zip((at + HEADER).tolist(), data_end.tolist())),
                                 dtype=np.uint64, count=len(at))
-        bad = (length_crcs(b.words[at]) != b.u32[at + 8]) | (b.words[at] > MAX_RECORD_BYTES) | (_mask_array(data_crcs) != b.u32[data_end])
+        bad = (length_crcs(b.words[at]) != b.u32[at + 8]) | (_mask_array(data_crcs) != b.u32[data_end])
         good = int(np.argmax(bad)) if bad.any() else len(at)
         starts.append(at[:good] + HEADER)
         lengths.append(lens[:good])

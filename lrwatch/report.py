@@ -178,7 +178,8 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
         lines.append("  verdict: NOT CHECKED")
         return "\n".join(lines)
     files = f"{len(run.files)} event file{'s' if len(run.files) != 1 else ''}"
-    extra = f", {run.superseded_points} points re-logged after a resume (later ones kept)" if run.superseded_points else ""
+    extra = (f", {run.superseded_points} points re-logged after a resume (later ones kept)"
+             if run.superseded_points else "")
     sched = a.schedule.name if a.schedule else "not logged"
     lines.append(f"  {files}, last step {a.last_step}, schedule: {sched}{extra}")
     for note in a.notes:

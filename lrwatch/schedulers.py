@@ -115,7 +115,7 @@ class _CyclicScheduler(LRScheduler):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         step = self.last_epoch
-        lrs = [base * self.multiplier(step) for base in self.base_lrs]
+        lrs = [float(base) * self.multiplier(step) for base in self.base_lrs]
         if self.guard is not None:
             in_first_cycle = cycle_position(step, self.first_cycle, self.cycle_mult, self.warmup).cycle <= 0
             lrs = self.guard.apply(self.optimizer, lrs, learning=in_first_cycle)

@@ -94,7 +94,8 @@ def cyclic_multiplier(
 
 def cyclic_restart_steps(total: int, first_cycle: int, cycle_mult: float = 1.0, warmup: int = 0) -> list[int]:
     """Steps up to ``total`` at which :func:`cyclic_multiplier` starts a new cycle."""
-    steps, step = [], warmup
+    steps: list[int] = []
+    step = warmup
     while True:
         pos = cycle_position(step, first_cycle, cycle_mult, warmup)
         step = pos.start + pos.length

@@ -95,7 +95,7 @@ def describe(path: Path) -> Snapshot:
     """What a snapshot's name and (safetensors) header say about it."""
     if path.is_dir():
         m = _CHECKPOINT_DIR.match(path.name)
-        return Snapshot(str(path), "checkpoint_dir", None, int(m["step"]), "name",
+        return Snapshot(str(path), "checkpoint_dir", None, int(m["step"]) if m else None, "name",
                         saved_at=path.stat().st_mtime, saved_at_source="mtime")
     return _describe(path)
 
@@ -146,9 +146,9 @@ def steps_per_epoch_from(snapshots: list[Snapshot]) -> int | None:
     """From a snapshot that knows both its global step and its epoch (kohya's ss_steps, ss_epoch),
     saved at an epoch's end: the epoch-numbered files and the final one are."""
     for s in snapshots:
-        if s.kind == "epoch" and s.step_source == "metadata" and s.epoch:
-            if s.step % s.epoch == 0:
-                return s.step // s.epoch
+        if (s.kind == "epoch" and s.step_source == "metadata" and s.epoch and s.step is not None
+                and s.step % s.epoch == 0):
+            return s.step // s.epoch
     return None
 
 

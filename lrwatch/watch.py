@@ -27,10 +27,19 @@ from lrwatch.analysis import CRITICAL, Finding
 from lrwatch.hooks import Hooks
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.output import terminal_safe
-from lrwatch.processes import (WINDOWS, Identity, Target, descendants, find_writer, is_this_host, parse_writer_name,
-                               refuse_pid, stop, writer_from_name)
-from lrwatch.report import (EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint,
-                            render)
+from lrwatch.processes import (
+    WINDOWS,
+    Identity,
+    Target,
+    descendants,
+    find_writer,
+    is_this_host,
+    parse_writer_name,
+    refuse_pid,
+    stop,
+    writer_from_name,
+)
+from lrwatch.report import EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint, render
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
 
@@ -389,7 +398,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     reason = "interrupted"
     failures = 0
     try:
-        runs, rediscover, snapshots_changed = set(), True, True
+        runs: set[Path] = set()
+        rediscover, snapshots_changed = True, True
         while True:
             try:
                 if rediscover or time.monotonic() - last_full > SAFETY_REPOLL:

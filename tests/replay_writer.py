@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--output")
     args = ap.parse_args()
 
+    from conftest import FIXTURES, LABELS, fixture_run
     from torch.utils.tensorboard import SummaryWriter
 
-    from conftest import FIXTURES, LABELS, fixture_run
     from lrwatch.runs import Run
 
     src = Run(fixture_run(args.run))

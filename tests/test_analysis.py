@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import LABELS, fixture_run, write_scalars
+
 from lrwatch.analysis import CRITICAL, Thresholds, analyze, find_restarts
 from lrwatch.runs import Run
 from lrwatch.schedules import cosine_hard_restarts, cyclic_multiplier

@@ -43,7 +43,7 @@ def test_json_has_the_documented_schema():
 
 def test_a_missing_path_exits_2_with_a_clear_message():
     out = lrwatch("audit", "no/such/logs")
-    assert out.returncode == 2 and "no such file or directory" in out.stdout
+    assert out.returncode == 2 and "no such file or directory" in out.stderr and out.stdout == ""
 
 
 def test_a_foreign_file_exits_2_and_says_it_is_not_an_event_file():

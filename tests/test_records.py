@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import event_file_of, write_scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import event_file_of, write_scalars
 from lrwatch.loader import EventFile
 from lrwatch.records import HEADER, find_records, masked_crc
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
 from conftest import FIXTURES, LABELS, fixture_run, write_scalars
+
 from lrwatch.monitor import Monitor
 from lrwatch.runs import Run, discover, resolve_relogged
 from lrwatch.schedule_config import known_schedule

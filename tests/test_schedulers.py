@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import LABELS
+
 from lrwatch.schedulers import CosineWithRestarts, DGuard, RexWithRestarts
 
 

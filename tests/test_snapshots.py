@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, LABELS, ROOT, fixture_run
 from safetensors.numpy import save_file
 
-from conftest import FIXTURES, LABELS, ROOT, fixture_run
 from lrwatch.monitor import Monitor
 from lrwatch.snapshots import MANIFEST, SnapshotBook, find_snapshots
 

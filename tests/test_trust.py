@@ -15,9 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import FIXTURES, ROOT, event_file_of, fixture_run, write_scalars
-from test_watch import REPLAY, finish, first_bad_step, last_step_written, lrwatch, start_and_wait_for_file
+from test_watch import REPLAY, finish, first_bad_step, last_step_written, lrwatch
 
 POSIX = os.name != "nt"
 
@@ -290,8 +289,8 @@ def test_a_dotted_prodigy_optimizer_in_the_config_or_metadata_is_named_with_the_
     out = cli("audit", str(tmp_path / "logs")).stdout
     assert "'prodigyopt.Prodigy'" in out and "pass --optimizer_type Prodigy" in out
     (run / "hparams.yml").unlink()
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     snaps = tmp_path / "output"
     snaps.mkdir()
