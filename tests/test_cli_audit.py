@@ -1,4 +1,4 @@
-"""`lrwatch audit` as a user runs it: a real subprocess, real exit codes."""
+"""`lrwatch audit` through the CLI in-process (click's CliRunner), and once as a real process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ from conftest import FIXTURES, LABELS, ROOT, fixture_run
 
 
 def lrwatch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lrwatch", *args], capture_output=True, text=True, cwd=ROOT)
+    from click.testing import CliRunner
+
+    from lrwatch.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def test_python_m_lrwatch_gives_the_exit_code_and_keeps_errors_on_stderr():
+    done = subprocess.run([sys.executable, "-m", "lrwatch", "audit", str(FIXTURES / "dadapt_sgd_blowup"), "no/such"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "verdict: CRITICAL" in done.stdout
+    assert "no/such: no such file or directory" in done.stderr and "no such" not in done.stdout
 
 
 def test_audit_of_a_blowup_prints_findings_with_steps_and_exits_1():
