@@ -74,11 +74,12 @@ class Hooks:
                 except OSError as e:
                     print(terminal_safe(f"lrwatch: --events-out write failed: {e}"), file=self.err, flush=True)
 
-    def finding(self, run: Run, finding: Finding) -> None:
-        line = finding_line(run, finding)
+    def finding(self, run: Run, finding: Finding, earlier: bool = False) -> None:
+        """A new finding; ``earlier``: it was in the logs before the watch started."""
+        line = finding_line(run, finding) + (" (earlier run: in the logs before lrwatch started)" if earlier else "")
         self.say(line)
         self._deliver({"type": "finding", "time": time.time(), "run": run.name, "path": str(run.path),
-                       **finding_dict(finding)}, line)
+                       "earlier_run": earlier, **finding_dict(finding)}, line)
 
     def action(self, run: Run | None, kind: str, what: str, notify: bool = True, **details: Any) -> None:
         """Something lrwatch did or decided (``kind``: stop, stop_planned, no_stop, snapshot, ...).

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ from lrwatch.processes import (
 from lrwatch.report import EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint, render
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
+# watchdog's inotify observer warns when a new folder's watch is added twice (its own race between
+# the creation event and its recursive walk); harmless, and not the user's concern.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
 @dataclass
@@ -390,7 +394,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     verdicts = _Verdicts(monitor, hooks, options.manifest)
     first = [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]
     for state, finding in first:
-        hooks.finding(state.run, finding)  # already in the logs before the watch started
+        hooks.finding(state.run, finding, earlier=True)
         if options.kill_on_spike and finding.severity == CRITICAL:
             stopper.on_critical(state, finding)
     last_data = time.monotonic()

@@ -48,6 +48,7 @@ def test_an_earlier_runs_critical_finding_never_stops_a_newly_launched_trainer(t
     assert stop_lines(err) == []
     assert last_step_written(logs / "dadapt_adam_rex_healthy20261124090000") == 600
     assert "earlier run: no new data while lrwatch watched" in out
+    assert "(earlier run: in the logs before lrwatch started)" in err
     assert code == 1  # the report still says the earlier run is critical
 
 
