@@ -155,7 +155,7 @@ def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | No
     findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
     analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes)
     if not analysis.checked:
-        analysis.unrecognised = {tag: len(run.series(tag).steps) for tag in run.tags}  # type: ignore[union-attr]
+        analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
     return analysis
 
 

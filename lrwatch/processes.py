@@ -18,7 +18,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,12 +121,17 @@ def writer_from_name(path: Path, first_wall_time: float | None = None) -> tuple[
     return Target(Identity(pid, created), "writer", f"named in {path.name}"), "ok"
 
 
+def newest_first(event_files: Iterable[Path]) -> list[Path]:
+    """Event files by the creation time in their names, newest first (unnamed ones last)."""
+    return sorted(event_files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True)
+
+
 def find_writer(event_files: dict[Path, float | None]) -> tuple[Target | None, list[str]]:
     """The process writing a run (event file -> its first record's wall time), newest file
     first; with the reason each file was ruled out. Only a writer named in a file's name can
     be proved: a process that has the file open may just be reading it (TensorBoard)."""
     reasons: list[str] = []
-    for path in sorted(event_files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True):
+    for path in newest_first(event_files):
         target, why = writer_from_name(path, event_files[path])
         if target:
             return target, reasons

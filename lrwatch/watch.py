@@ -35,6 +35,7 @@ from lrwatch.processes import (
     descendants,
     find_writer,
     is_this_host,
+    newest_first,
     parse_writer_name,
     refuse_pid,
     stop,
@@ -233,7 +234,7 @@ class Guarded:
         self.refresh()
         who = "the trainer lrwatch launched" if self.launched else f"--pid {self.target.identity.pid}"
         evidence = state.run.writer_evidence()
-        for path in sorted(evidence, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True):
+        for path in newest_first(evidence):
             parsed = parse_writer_name(path)
             if parsed and is_this_host(parsed[1]):
                 if parsed[2] in self.pids:
@@ -528,7 +529,7 @@ def _track_writers(monitor: Monitor, writers: dict[RunState, Identity]) -> None:
     for state in monitor.runs:
         if state in writers or not state.grew or not state.run.files:
             continue
-        path = max(state.run.files, key=lambda p: (parse_writer_name(p) or (0,))[0])
+        path = newest_first(state.run.files)[0]
         target, _ = writer_from_name(path, state.run.files[path].first_wall_time)
         if target is not None:
             writers[state] = target.identity
