@@ -33,7 +33,8 @@ class Thresholds:
     runaway_window: int = 50  # steps over which d's growth is measured
     runaway_warning: float = 3.0  # d grew by this factor within the window (after d's warm-up)
     runaway_critical: float = 10.0
-    settle_growth: float = 1.1  # d's warm-up is over once it grows less than this over a window
+    settle_growth: float = 1.1  # d's warm-up is over once it grows less than this over a window ...
+    settle_climb: float = 10.0  # ... after it has climbed this far above its first value (out of d0)
     loss_divergence: float = 10.0  # smoothed loss / its best so far
     loss_smoothing: int = 10  # steps averaged (trailing mean) before the loss is compared
     loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
@@ -44,7 +45,7 @@ class Thresholds:
         if self.risk_critical < self.risk_warning or self.runaway_critical < self.runaway_warning:
             raise ValueError("a critical threshold must not be below its warning threshold")
         ratios = (self.risk_warning, self.runaway_warning, self.loss_divergence, self.restart_spike,
-                  self.settle_growth)
+                  self.settle_growth, self.settle_climb)
         if not all(math.isfinite(r) and r > 1 for r in ratios):
             raise ValueError("ratios must be finite and above 1")
         if min(self.runaway_window, self.loss_smoothing) < 1 or self.loss_grace < 0:
@@ -332,18 +333,28 @@ def _risk_findings(findings, group, steps, risk, d, best, cycle_of, schedule, th
 
 
 def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds) -> int:
-    """First index after d's warm-up from d0: d has grown less than ``settle_growth`` over a
-    window, or the first restart came. Runaway growth before that is the normal warm-up."""
+    """First index after d's warm-up: d has climbed out of d0 (``settle_climb`` x its first
+    value) and then either grown less than ``settle_growth`` over a window, or met a restart
+    at least a window after the climb began. Growth before that is the warm-up itself,
+    however slow: Prodigy with safeguard_warmup, or an lr warmup, can hold d at d0 for a
+    cycle or more, and short cycles restart while it climbs."""
+    finite = np.flatnonzero(np.isfinite(d))
+    if not len(finite):
+        return len(d)
+    climbed = np.flatnonzero(np.isfinite(d) & (d >= th.settle_climb * d[finite[0]]))
+    if not len(climbed):
+        return len(d)
+    start = int(climbed[0])
     w = th.runaway_window
-    restart = np.flatnonzero(cycle_of > 0)
-    first_restart = int(restart[0]) if len(restart) else len(d)
-    if len(d) > w:
+    restart = np.flatnonzero(np.diff(cycle_of[start + w :]) > 0)
+    out = start + w + 1 + int(restart[0]) if len(restart) else len(d)
+    if len(d) - start > w:
         with np.errstate(divide="ignore", invalid="ignore"):
-            growth = d[w:] / d[:-w]
+            growth = d[start + w :] / d[start:-w]
         settled = np.flatnonzero(np.isfinite(growth) & (growth < th.settle_growth))
         if len(settled):
-            return min(first_restart, int(settled[0]) + w)
-    return first_restart
+            out = min(out, start + int(settled[0]) + w)
+    return out
 
 
 def _runaway_findings(findings, group, steps, d, cycle_of, th: Thresholds) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
-from conftest import LABELS, fixture_run, write_scalars
+from conftest import LABELS, ROOT, fixture_run, write_scalars
 
 from lrwatch.analysis import CRITICAL, Thresholds, analyze, find_restarts
 from lrwatch.runs import Run
@@ -165,3 +166,23 @@ def test_thresholds_are_options_and_change_the_verdict():
     lax = Thresholds(risk_warning=50, risk_critical=100, runaway_warning=50, runaway_critical=100, restart_spike=100)
     assert analyze(run, thresholds=lax).findings == []
     assert analyze(run).findings
+
+
+# --- the realistic corpus (fixtures/corpus: LoRA on a tiny diffusion model, labelled by eval loss) ---
+
+CORPUS = ROOT / "fixtures" / "corpus"
+CORPUS_LABELS = json.loads((CORPUS / "labels.json").read_text())
+
+
+def corpus_analysis(name: str):
+    import lrwatch
+
+    return lrwatch.audit([CORPUS / "runs" / name / "logs"]).runs[0].analysis
+
+
+@pytest.mark.parametrize("name", ["prodigy_safeguard_s0", "prodigy_safeguard_s1"])
+def test_a_slow_d_warm_up_out_of_d0_is_not_a_runaway(name):
+    """Prodigy with safeguard_warmup holds d at d0 for 50-90 steps, then climbs x2000 across
+    short cycles: the warm-up, not a runaway (these healthy runs were critical before)."""
+    assert CORPUS_LABELS[name]["fry"] == "healthy"
+    assert [f for f in corpus_analysis(name).findings if f.kind == "runaway_d"] == []
