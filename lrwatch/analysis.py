@@ -38,6 +38,11 @@ class Thresholds:
     loss_divergence: float = 10.0  # smoothed loss / its best so far
     loss_smoothing: int = 10  # steps averaged (trailing mean) before the loss is compared
     loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
+    # The loss against the base model's (a LoRA's B starts at zero, so the first steps are the
+    # base model): chosen on the realistic corpus's train seeds and the toy runs (README).
+    loss_above_base: float = 8.0  # median loss of the last `loss_base_window` steps / the first steps'
+    loss_base_window: int = 5
+    loss_reference: int = 10  # the first steps, whose median is the base model's loss
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
 
@@ -45,10 +50,11 @@ class Thresholds:
         if self.risk_critical < self.risk_warning or self.runaway_critical < self.runaway_warning:
             raise ValueError("a critical threshold must not be below its warning threshold")
         ratios = (self.risk_warning, self.runaway_warning, self.loss_divergence, self.restart_spike,
-                  self.settle_growth, self.settle_climb)
+                  self.settle_growth, self.settle_climb, self.loss_above_base)
         if not all(math.isfinite(r) and r > 1 for r in ratios):
             raise ValueError("ratios must be finite and above 1")
-        if min(self.runaway_window, self.loss_smoothing) < 1 or self.loss_grace < 0:
+        if min(self.runaway_window, self.loss_smoothing, self.loss_base_window, self.loss_reference) < 1 \
+                or self.loss_grace < 0:
             raise ValueError("windows must be at least 1 step (the loss grace at least 0)")
         if not 0 < self.restart_jump <= 1:
             raise ValueError("restart_jump must be in (0, 1]")
@@ -417,6 +423,7 @@ def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
     _nonfinite(out, None, steps, {loss_tag: loss})
     finite_upto = np.flatnonzero(~np.isfinite(loss))
     n = int(finite_upto[0]) if len(finite_upto) else len(loss)
+    out += _loss_above_base(steps[:n], loss[:n], loss_tag, th)
     if n <= th.loss_grace:
         return out
     smooth = _trailing_mean(loss[:n], th.loss_smoothing)
@@ -433,6 +440,33 @@ def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
              "baseline": float(baseline[i])},
         ))
     return out
+
+
+def _loss_above_base(steps: np.ndarray, loss: np.ndarray, loss_tag: str, th: Thresholds) -> list[Finding]:
+    """The loss far above the base model's: the median of the last few steps over the median of
+    the run's first steps (before a LoRA has changed anything). Medians, because a diffusion
+    loss swings ~30x with the random timestep; this catches fries within the first cycle,
+    which the best-so-far rule cannot (its best is taken after d's warm-up)."""
+    w, ref_n = th.loss_base_window, th.loss_reference
+    if len(loss) < max(w, ref_n + 1):
+        return []
+    base = float(np.median(loss[:ref_n]))
+    if base <= 0:
+        return []
+    medians = np.median(np.lib.stride_tricks.sliding_window_view(loss, w), axis=1)  # medians[k]: loss[k:k+w]
+    ends = np.arange(w - 1, len(loss))
+    hits = np.flatnonzero((ends >= ref_n) & (medians >= th.loss_above_base * base))
+    if not len(hits):
+        return []
+    k = int(hits[0])
+    i = int(ends[k])
+    return [Finding(
+        "blowup", CRITICAL, None, int(steps[i]),
+        f"{loss_tag} far above the base model's: median of the last {w} steps {medians[k]:.3g} is "
+        f"{medians[k] / base:.1f}x the first {ref_n} steps' ({base:.3g})",
+        {"what": "loss_above_base", "ratio": round(float(medians[k] / base), 4), "loss": float(medians[k]),
+         "baseline": base},
+    )]
 
 
 def _trailing_mean(x: np.ndarray, span: int) -> np.ndarray:

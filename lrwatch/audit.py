@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.report import exit_code, render, to_json
-from lrwatch.snapshots import DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
+from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
 from lrwatch.tags import TagMap
 
 
@@ -43,12 +43,13 @@ def audit(
     steps_per_epoch: int | None = None,
     safe_lr: float = DEFAULT_SAFE_LR,
     manifest: bool = True,
+    fried_loss: float = DEFAULT_FRIED_LOSS,
     on_run: Callable[[int, int], None] | None = None,
 ) -> AuditResult:
     """Read and analyse every run under ``paths`` once (a watch that does not wait); with
     ``snapshots``, judge the snapshots in those folders and, with ``manifest``, write
     ``lrwatch-snapshots.json`` into each. ``on_run(done, total)`` reports progress."""
-    book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr) if snapshots else None
+    book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss) if snapshots else None
     monitor = Monitor(paths, tag_map, thresholds, snapshots=book)
     runs = monitor.discover()
     for i, run in enumerate(runs, 1):

@@ -17,7 +17,7 @@ from lrwatch import __version__
 from lrwatch.analysis import Thresholds
 from lrwatch.output import terminal_safe
 from lrwatch.report import EXIT_CRITICAL, EXIT_OK
-from lrwatch.snapshots import DEFAULT_SAFE_LR, MANIFEST
+from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 
 _DEFAULTS = Thresholds()
@@ -130,6 +130,9 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--safe-lr", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_SAFE_LR,
                      show_default=True, help="A save is at a cycle minimum when its last update's lr was at most "
                                              "this fraction of the cycle's peak."),
+        click.option("--fried-loss", type=click.FloatRange(1, min_open=True), default=DEFAULT_FRIED_LOSS,
+                     show_default=True, help="A snapshot is fried when the median loss over the 25 steps before its "
+                                             "save is at least this multiple of the run's first 10 steps'."),
         click.option("--no-manifest", is_flag=True,
                      help=f"Do not write {MANIFEST} into the snapshot folders."),
     ]
@@ -146,7 +149,8 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @snapshot_options
 @analysis_options
 def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, snapshot_dirs: tuple[str, ...],
-          steps_per_epoch: int | None, safe_lr: float, tag_map: TagMap, thresholds: Thresholds) -> int:
+          steps_per_epoch: int | None, safe_lr: float, fried_loss: float, tag_map: TagMap,
+          thresholds: Thresholds) -> int:
     """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
 
     Exit codes (most urgent first): 1 a critical finding; 4 lrwatch failed on a run;
@@ -159,7 +163,7 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, 
     if best and not snapshot_dirs:
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
-                       manifest=not no_manifest, on_run=_progress())
+                       manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress())
     for line in _errors(result.monitor) + result.manifest_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:
@@ -235,8 +239,8 @@ def _progress() -> Callable[[int, int], None] | None:
 def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | None, dry_run: bool,
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
           events_out: str | None, exec_cmd: str | None, webhook: str | None, no_manifest: bool,
-          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, tag_map: TagMap,
-          thresholds: Thresholds) -> int:
+          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
+          tag_map: TagMap, thresholds: Thresholds) -> int:
     """Follow the runs under PATHS as they are written (PATHS may not exist yet).
 
     \b
@@ -267,7 +271,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
         hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
     except OSError as e:
         raise click.UsageError(f"--events-out {events_out}: {e.strerror or e}") from None
-    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr) if snapshot_dirs else None
+    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss) if snapshot_dirs else None
     monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book)
     try:
         code = run_watch(monitor, options, hooks)

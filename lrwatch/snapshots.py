@@ -14,6 +14,7 @@ the weights after N-1 updates, and the lr and d*lr for update N+1). Hence:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -33,6 +34,10 @@ UNKNOWN = "unknown"
 
 MANIFEST = "lrwatch-snapshots.json"
 DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cycle's peak: "at a minimum"
+# The loss evidence (chosen on the corpus's train seeds, README "Detection on realistic runs"):
+DEFAULT_FRIED_LOSS = 3.0  # median loss before the save / the base model's: at least this is fried
+LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
+REFERENCE_STEPS = 10  # the run's first steps: the loss of the untouched base model (LoRA's B starts at 0)
 
 _STEP_NAME = re.compile(r"^(?P<base>.+?)-step(?P<step>\d{8})$")
 _EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
@@ -56,6 +61,7 @@ class Snapshot:
     verdict: str = UNKNOWN
     lr_multiplier: float | None = None
     d: float | None = None
+    loss_ratio: float | None = None  # median loss over the LOSS_WINDOW steps before its save / the base model's
     reason: str = ""
 
     def to_dict(self) -> dict:
@@ -184,14 +190,14 @@ def _wall_index(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     return best.steps[order], best.wall_times[order]
 
 
-def _first_affected(analysis: Analysis) -> tuple[int | None, str]:
+def _first_affected(analysis: Analysis, nonfinite_only: bool = False) -> tuple[int | None, str]:
     """The first snapshot step whose weights a blow-up reached (see the module docstring)."""
     first, why = None, ""
     for f in analysis.findings:
-        if f.kind != "blowup":
-            continue
         what = str(f.values.get("what", ""))
-        loss_based = what == "loss_diverged" or (what.startswith("nonfinite_") and f.group is None)
+        if f.kind != "blowup" or (nonfinite_only and not what.startswith("nonfinite_")):
+            continue
+        loss_based = what in ("loss_diverged", "loss_above_base") or (what.startswith("nonfinite_") and f.group is None)
         step = f.step - 1 if loss_based else f.step + 1
         if first is None or step < first:
             first, why = step, f"{f.message} (step {f.step})"
@@ -217,8 +223,32 @@ def _lr_of_last_update(group: GroupAnalysis, step: int) -> tuple[float, float, f
     return float(group.lr[i]), float(group.cycle_peak[i]), d
 
 
-def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR) -> None:
-    """Give every snapshot its verdict, lr multiplier, d and reason."""
+def loss_ratio(run: Run | None, analysis: Analysis | None, step: int) -> float | None:
+    """The evidence for the weights saved at ``step``: the median loss over the LOSS_WINDOW steps
+    before it, over the median of the run's first REFERENCE_STEPS (the base model: a LoRA's B
+    starts at zero). Medians, because a diffusion loss swings ~30x with the random timestep.
+    None when the loss was not logged there; inf when it was non-finite."""
+    if run is None or analysis is None or analysis.loss_tag is None:
+        return None
+    series = run.series(analysis.loss_tag)
+    if series is None or len(series.steps) < REFERENCE_STEPS:
+        return None
+    ref = series.values[:REFERENCE_STEPS]
+    window = series.values[(series.steps > step - LOSS_WINDOW) & (series.steps <= step)]
+    if len(window) < LOSS_WINDOW // 2 or not np.isfinite(ref).all():
+        return None
+    base = float(np.median(ref))
+    if not np.isfinite(window).all():
+        return math.inf
+    return float(np.median(window)) / base if base > 0 else None
+
+
+def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,
+          run: Run | None = None, fried_loss: float = DEFAULT_FRIED_LOSS) -> None:
+    """Give every snapshot its verdict, lr multiplier, d and reason. Where the run logged a loss,
+    the verdict follows the evidence at the snapshot (a fry it recovered from does not spoil it;
+    a high predicted restart ratio alone does not either); otherwise, the findings before it."""
+    nonfinite_from, nonfinite_why = _first_affected(analysis, nonfinite_only=True) if analysis else (None, "")
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
     group = None
@@ -239,17 +269,28 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
         if covered is not None:
             lr, peak, s.d = covered
             s.lr_multiplier = round(lr / peak, 6) if peak > 0 and np.isfinite(lr) else None
-        if fried_from is not None and s.step >= fried_from:
-            s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why}"
+        s.loss_ratio = loss_ratio(run, analysis, s.step)
+        if nonfinite_from is not None and s.step >= nonfinite_from:
+            s.verdict, s.reason = FRIED, f"saved after the blow-up: {nonfinite_why}"
+            continue
+        if s.loss_ratio is not None and s.loss_ratio >= fried_loss:
+            s.verdict = FRIED
+            s.reason = (f"the loss over the {LOSS_WINDOW} steps before its save is {s.loss_ratio:.3g}x the base "
+                        f"model's (its first {REFERENCE_STEPS} steps)")
+            continue
+        if s.loss_ratio is None and fried_from is not None and s.step >= fried_from:
+            s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why} (no loss logged to judge it)"
             continue
         if covered is None:
             s.reason = f"no lr logged for step {s.step - 1}, whose lr made its last update"
             continue
-        if risky_after is not None and s.step > risky_after:
+        if s.loss_ratio is None and risky_after is not None and s.step > risky_after:
             s.verdict, s.reason = AT_RISK, f"saved after a critical prediction ({risky_why}), before any blow-up"
         elif s.lr_multiplier is not None and s.lr_multiplier <= safe_lr:
             s.verdict = SAFE
             s.reason = f"last update at {s.lr_multiplier:.3g} of the cycle's peak lr: at a cycle minimum"
+            if s.loss_ratio is not None:
+                s.reason += f"; loss at {s.loss_ratio:.3g}x the base model's"
         else:
             mult = "unknown" if s.lr_multiplier is None else f"{s.lr_multiplier:.3g}"
             s.verdict, s.reason = HIGH_LR, f"last update at {mult} of the cycle's peak lr: mid-cycle"
@@ -299,10 +340,11 @@ class SnapshotBook:
     file version (size, mtime), so the watcher can re-judge whenever anything changes."""
 
     def __init__(self, folders: list[str | os.PathLike[str]], steps_per_epoch: int | None = None,
-                 safe_lr: float = DEFAULT_SAFE_LR) -> None:
+                 safe_lr: float = DEFAULT_SAFE_LR, fried_loss: float = DEFAULT_FRIED_LOSS) -> None:
         self.folders = [Path(os.path.abspath(f)) for f in folders]
         self.steps_per_epoch = steps_per_epoch
         self.safe_lr = safe_lr
+        self.fried_loss = fried_loss
         self._cache: dict[Path, tuple[tuple[int, float], Snapshot]] = {}
         self.by_run: dict[Path, list[Snapshot]] = {}
         self.orphans: list[Snapshot] = []  # snapshots no run could be matched with
@@ -338,7 +380,7 @@ class SnapshotBook:
         for state in states:
             mine = self.by_run[state.run.path]
             resolve_steps(mine, state.run, self.steps_per_epoch)
-            judge(mine, state.analysis, self.safe_lr)
+            judge(mine, state.analysis, self.safe_lr, state.run, self.fried_loss)
             _optimizer_hint(state.analysis, mine)
             mine.sort(key=lambda s: (s.step is None, s.step or 0, s.path))
         return snaps

@@ -16,11 +16,12 @@ from safetensors.numpy import save_file
 
 from lrwatch.monitor import Monitor
 from lrwatch.snapshots import MANIFEST, SnapshotBook, find_snapshots
+from lrwatch.tags import TagMap
 
 
-def verdicts(name: str, snapshot_dir=None, **book_kw) -> dict[int | str, object]:
+def verdicts(name: str, snapshot_dir=None, tag_map=None, **book_kw) -> dict[int | str, object]:
     book = SnapshotBook([snapshot_dir or FIXTURES / name / "output"], **book_kw)
-    monitor = Monitor([fixture_run(name)], snapshots=book)
+    monitor = Monitor([fixture_run(name)], tag_map, snapshots=book)
     monitor.poll()
     monitor.judge_snapshots()
     (snaps,) = book.by_run.values()
@@ -52,17 +53,25 @@ def test_saves_every_t_over_c_with_warmup_miss_the_shifted_minima_and_say_so():
     assert "mid-cycle" in got[220].reason
 
 
-def test_saves_after_a_recorded_blowup_are_fried_and_the_one_before_is_at_risk():
+def test_saves_are_judged_by_the_loss_at_them_not_by_a_prediction_before_them():
+    """The cycle-minimum save at 100 came after the critical prediction (step 89) but before the
+    restart that fried the run (loss diverged at 135): its weights are fine, and it is safe."""
     got = verdicts("dadapt_sgd_blowup")
-    assert got[100].verdict == "at_risk"  # after the critical prediction at step 89
+    assert got[100].verdict == "safe" and got[100].loss_ratio < 1.5
     assert all(got[s].verdict == "fried" for s in (200, 300, 400, 500, 600))
-    first_bad = LABELS["dadapt_sgd_blowup"]["first_nonfinite_loss_step"]
-    assert all(s.step > first_bad for s in got.values() if s.verdict == "fried" and s.step > 200)
+    first_bad = LABELS["dadapt_sgd_blowup"]["first_diverged_loss_step"]
+    assert all(s.step >= first_bad - 1 for s in got.values() if s.verdict == "fried")
 
 
 def test_a_blowup_that_happened_later_leaves_earlier_minimum_saves_safe():
-    got = verdicts("dadapt_sgd_growth_blowup")
-    assert got[100].verdict == "safe" and got[200].verdict == "at_risk" and got[300].verdict == "fried"
+    got = verdicts("dadapt_sgd_growth_blowup")  # loss non-finite at 516
+    assert [got[s].verdict for s in (100, 200, 300, 400, 500, 600)] == ["safe"] * 5 + ["fried"]
+
+
+def test_without_a_loss_the_verdicts_fall_back_to_the_findings_before_the_save():
+    got = verdicts("dadapt_sgd_blowup", tag_map=TagMap(loss=("no/such/loss",)))
+    assert got[100].verdict == "at_risk" and got[100].loss_ratio is None  # after the critical prediction at 89
+    assert got[200].verdict == "fried" and "no loss logged" in got[200].reason
 
 
 def _copy_output(tmp_path, name):
@@ -143,12 +152,13 @@ def test_audit_shows_verdicts_writes_the_manifest_atomically_and_never_touches_s
     before = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in out.iterdir()}
     done = lrwatch("audit", str(FIXTURES / "dadapt_sgd_blowup" / "logs"), "--snapshots", str(out))
     assert done.returncode == 1
-    assert "at_risk" in done.stdout and "fried" in done.stdout
+    assert "safe" in done.stdout and "fried" in done.stdout
     after = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in out.iterdir()
              if p.name != MANIFEST}
     assert after == before
     manifest = json.loads((out / MANIFEST).read_text())
-    assert len(manifest["snapshots"]) == len(before) and manifest["best"] is None
+    assert len(manifest["snapshots"]) == len(before)
+    assert manifest["best"] == str(out / "dadapt_sgd_blowup-step00000100.safetensors")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -166,9 +176,14 @@ def test_best_prints_only_the_newest_safe_snapshot(tmp_path):
     out = _copy_output(tmp_path, "dadapt_sgd_growth_blowup")
     done = lrwatch("audit", "--best", str(FIXTURES / "dadapt_sgd_growth_blowup"), "--snapshots", str(out))
     assert done.returncode == 0
-    assert done.stdout.strip() == str(out / "dadapt_sgd_growth_blowup-step00000100.safetensors")
+    assert done.stdout.strip() == str(out / "dadapt_sgd_growth_blowup-step00000500.safetensors")
+    fried_only = tmp_path / "fried"
+    fried_only.mkdir()
+    for step in (200, 300, 400):
+        name = f"dadapt_sgd_blowup-step{step:08d}.safetensors"
+        shutil.copy(FIXTURES / "dadapt_sgd_blowup" / "output" / name, fried_only / name)
     none = lrwatch("audit", "--best", "--no-manifest", str(FIXTURES / "dadapt_sgd_blowup"),
-                   "--snapshots", str(FIXTURES / "dadapt_sgd_blowup" / "output"))
+                   "--snapshots", str(fried_only))
     assert none.returncode == 1 and none.stdout == "" and "no safe snapshot" in none.stderr
 
 
@@ -182,7 +197,7 @@ def test_snapshots_of_several_runs_are_matched_by_output_name(tmp_path):
                    str(FIXTURES / "dadapt_sgd_blowup"), "--snapshots", str(out))
     doc = json.loads(done.stdout)
     by_run = {r["name"]: {s["verdict"] for s in r["snapshots"]} for r in doc["runs"]}
-    assert {frozenset(v) for v in by_run.values()} == {frozenset({"safe"}), frozenset({"at_risk", "fried"})}
+    assert {frozenset(v) for v in by_run.values()} == {frozenset({"safe"}), frozenset({"safe", "fried"})}
     assert doc["unassigned_snapshots"] == []
 
 
@@ -203,3 +218,31 @@ def test_headers_are_read_once_per_file_version_while_watching(tmp_path, monkeyp
     os.utime(victim, (victim.stat().st_atime, victim.stat().st_mtime + 5))  # rewritten
     monitor.judge_snapshots()
     assert reads[5:] == [victim.name]
+
+
+# --- on the realistic corpus: verdicts from the evidence at each snapshot -----------------------------
+
+CORPUS = ROOT / "fixtures" / "corpus"
+
+
+def corpus_verdicts(name: str) -> tuple[dict, list[dict]]:
+    import lrwatch
+
+    run = CORPUS / "runs" / name
+    result = lrwatch.audit([run / "logs"], snapshots=[run / "output"], manifest=False)
+    (snaps,) = result.monitor.snapshots.by_run.values()
+    labels = json.loads((CORPUS / "labels.json").read_text())[name]
+    return {s.step: s for s in snaps}, labels["snapshots"]
+
+
+def test_a_fry_the_run_recovered_from_leaves_its_later_snapshots_safe():
+    got, truth = corpus_verdicts("prodigy_growth_s1")  # eval loss fried at 475, good again by 600
+    assert [got[t["step"]].verdict in ("fried", "at_risk") for t in truth] == [t["fried"] for t in truth]
+    assert got[1000].verdict == "safe" and not [t for t in truth if t["step"] >= 600 and t["fried"]]
+
+
+def test_a_permanent_fry_makes_every_later_snapshot_fried_even_without_a_finding():
+    got, truth = corpus_verdicts("prodigy_dcoef5_s1")  # fried in its first 25 steps and never recovered
+    assert all(t["fried"] for t in truth)
+    assert {got[t["step"]].verdict for t in truth} == {"fried"}
+    assert "the base model's" in got[500].reason
