@@ -82,6 +82,8 @@ THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
     ("runaway_warning", float, "Warn when d grows by this factor within the window (after d's warm-up)."),
     ("runaway_critical", float, "Critical at this growth factor."),
     ("loss_divergence", float, "Critical when the smoothed loss reaches this multiple of its best."),
+    ("loss_above_base", float, "Critical when the median loss of the last 5 steps reaches this multiple of the "
+                               "first 10 steps' (the base model's)."),
     ("restart_spike", float, "Critical when d*lr right after a restart is this multiple of the highest before."),
     ("restart_jump", float, "An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
 ]

@@ -39,12 +39,12 @@ def test_restarts_found_from_lr_alone_are_the_real_ones(name):
 
 
 @pytest.mark.parametrize("name", BLOWUPS)
-def test_every_blowup_is_flagged_critical_before_the_loss_goes_bad(name):
+def test_every_blowup_is_warned_early_and_critical_no_later_than_the_loss_going_bad(name):
     lab = LABELS[name]
     first_bad = min(s for s in (lab["first_nonfinite_loss_step"], lab["first_diverged_loss_step"]) if s)
-    critical = [f for f in analysis_of(name).findings if f.severity == CRITICAL and f.kind != "blowup"]
-    assert critical, "no critical prediction"
-    assert critical[0].step < first_bad
+    findings = analysis_of(name).findings
+    assert findings[0].severity == "warning" and findings[0].step < first_bad - 50
+    assert min(f.step for f in findings if f.severity == CRITICAL) <= first_bad
 
 
 @pytest.mark.parametrize("name", HEALTHY)
@@ -61,16 +61,17 @@ def test_the_normal_warm_up_of_d_is_never_a_finding(name):
     assert a.findings == []
 
 
-def test_the_seed_picture_is_caught_at_the_bump_not_at_the_restart():
+def test_the_seed_picture_is_warned_at_the_bump_and_not_called_a_fry_while_the_loss_holds():
+    """d climbs x5 while the lr decays in the first cycle: warned during the bump, before the
+    restart. d is still warming up and the toy's loss survives the 10.8x restart, so nothing is
+    critical: a high ratio alone is not a fry (the realistic corpus says so)."""
     a = analysis_of("prodigy_seed_bump")
     first_restart = LABELS["prodigy_seed_bump"]["restart_steps"][0]
     predicted = [f for f in a.findings if f.kind == "predicted_restart_blowup"]
-    assert predicted and predicted[0].step < first_restart
-    assert predicted[0].severity in ("warning", "critical")
-    assert any(f.severity == CRITICAL and f.step < first_restart for f in predicted)
-    # and what happened at the restart: d*lr far above anything before
+    assert predicted and predicted[0].step < first_restart and predicted[0].severity == "warning"
     spike = [f for f in a.findings if f.values.get("what") == "restart_spike"]
-    assert spike and spike[0].step == first_restart and spike[0].values["ratio"] > 2
+    assert spike and spike[0].step == first_restart and spike[0].values["ratio"] > 10
+    assert a.worst == "warning"
 
 
 def test_runaway_d_mid_cycle_is_flagged_before_the_loss_goes_non_finite():

@@ -28,7 +28,8 @@ def test_python_m_lrwatch_gives_the_exit_code_and_keeps_errors_on_stderr():
 def test_audit_of_a_blowup_prints_findings_with_steps_and_exits_1():
     out = lrwatch("audit", str(FIXTURES / "dadapt_sgd_blowup"))
     assert out.returncode == 1, out.stderr
-    assert "CRITICAL step 89" in out.stdout and "predicted_restart_blowup" in out.stdout
+    assert "WARNING  step 67" in out.stdout and "predicted_restart_blowup" in out.stdout
+    assert "CRITICAL step 119" in out.stdout and "runaway_d" in out.stdout
     assert "verdict: CRITICAL" in out.stdout
 
 

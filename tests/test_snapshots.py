@@ -14,14 +14,15 @@ import pytest
 from conftest import FIXTURES, LABELS, ROOT, fixture_run
 from safetensors.numpy import save_file
 
+from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor
 from lrwatch.snapshots import MANIFEST, SnapshotBook, find_snapshots
 from lrwatch.tags import TagMap
 
 
-def verdicts(name: str, snapshot_dir=None, tag_map=None, **book_kw) -> dict[int | str, object]:
+def verdicts(name: str, snapshot_dir=None, tag_map=None, thresholds=None, **book_kw) -> dict[int | str, object]:
     book = SnapshotBook([snapshot_dir or FIXTURES / name / "output"], **book_kw)
-    monitor = Monitor([fixture_run(name)], tag_map, snapshots=book)
+    monitor = Monitor([fixture_run(name)], tag_map, thresholds, snapshots=book)
     monitor.poll()
     monitor.judge_snapshots()
     (snaps,) = book.by_run.values()
@@ -54,8 +55,8 @@ def test_saves_every_t_over_c_with_warmup_miss_the_shifted_minima_and_say_so():
 
 
 def test_saves_are_judged_by_the_loss_at_them_not_by_a_prediction_before_them():
-    """The cycle-minimum save at 100 came after the critical prediction (step 89) but before the
-    restart that fried the run (loss diverged at 135): its weights are fine, and it is safe."""
+    """The cycle-minimum save at 100 came after the warning (step 67) and before the restart
+    that fried the run (loss diverged at 135): its weights are fine, and it is safe."""
     got = verdicts("dadapt_sgd_blowup")
     assert got[100].verdict == "safe" and got[100].loss_ratio < 1.5
     assert all(got[s].verdict == "fried" for s in (200, 300, 400, 500, 600))
@@ -69,9 +70,15 @@ def test_a_blowup_that_happened_later_leaves_earlier_minimum_saves_safe():
 
 
 def test_without_a_loss_the_verdicts_fall_back_to_the_findings_before_the_save():
-    got = verdicts("dadapt_sgd_blowup", tag_map=TagMap(loss=("no/such/loss",)))
-    assert got[100].verdict == "at_risk" and got[100].loss_ratio is None  # after the critical prediction at 89
-    assert got[200].verdict == "fried" and "no loss logged" in got[200].reason
+    no_loss = TagMap(loss=("no/such/loss",))
+    got = verdicts("dadapt_sgd_blowup", tag_map=no_loss)
+    assert got[100].verdict == "safe" and got[100].loss_ratio is None  # before anything reached its weights
+    assert got[200].verdict == "fried" and "no loss logged" in got[200].reason  # after the restart spike at 100
+    # a critical prediction (thresholds lowered to make one) before the save, no blow-up yet: at_risk
+    th = Thresholds(risk_warning=1.5, risk_critical=2.0, restart_spike=100.0)
+    got = verdicts("dadapt_sgd_growth_blowup", tag_map=no_loss, thresholds=th)
+    assert got[200].verdict == "safe"
+    assert got[300].verdict == "at_risk" and "predicted_restart_blowup at step 275" in got[300].reason
 
 
 def _copy_output(tmp_path, name):
