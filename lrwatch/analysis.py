@@ -281,9 +281,10 @@ def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Th
         best = _running_max_finite(dlr)  # the highest d*lr so far, at every point
         risk = _restart_risk(steps, d, cycle_peak, best, schedule)
         risk_now = None if not np.isfinite(risk[-1]) else float(risk[-1])
-        settled = _d_settled_index(d, cycle_of, th)
+        w = points(steps, th.runaway_window)
+        settled = _d_settled_index(d, cycle_of, th, w)
         _risk_findings(findings, name, steps, risk, d, best, cycle_of, schedule, th, settled)
-        _runaway_findings(findings, name, steps, d, cycle_of, th, settled)
+        _runaway_findings(findings, name, steps, d, cycle_of, th, settled, w)
         _spike_findings(findings, name, steps, dlr, best, restarts_idx, th)
     cycles = _cycles(steps, lr, dlr, d, restarts_idx, schedule)
     return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d, cycle_peak,
@@ -344,7 +345,17 @@ def _risk_findings(findings, group, steps, risk, d, best, cycle_of, schedule, th
             ))
 
 
-def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds) -> int:
+def points(steps: np.ndarray, span: int) -> int:
+    """How many logged points cover ``span`` optimizer steps: windows and grace periods are
+    counted in steps, whether a trainer logs every step or every N (repeats at one step,
+    from gradient accumulation, are already folded into one point)."""
+    if len(steps) < 2:
+        return span
+    spacing = float(np.median(np.diff(steps)))
+    return max(1, math.ceil(span / max(spacing, 1.0)))
+
+
+def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds, w: int) -> int:
     """First index after d's warm-up: d has climbed out of d0 (``settle_climb`` x its first
     value) and then either grown less than ``settle_growth`` over a window, or met a restart
     at least a window after the climb began. Growth before that is the warm-up itself,
@@ -357,7 +368,6 @@ def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds) -> int
     if not len(climbed):
         return len(d)
     start = int(climbed[0])
-    w = th.runaway_window
     restart = np.flatnonzero(np.diff(cycle_of[start + w :]) > 0)
     out = start + w + 1 + int(restart[0]) if len(restart) else len(d)
     if len(d) - start > w:
@@ -369,11 +379,10 @@ def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds) -> int
     return out
 
 
-def _runaway_findings(findings, group, steps, d, cycle_of, th: Thresholds, settled: int) -> None:
-    w = th.runaway_window
+def _runaway_findings(findings, group, steps, d, cycle_of, th: Thresholds, settled: int, w: int) -> None:
     if len(d) <= 1:
         return
-    # Growth over the trailing window (by index: kohya logs every step). The window never
+    # Growth over the trailing window (``w`` points: the window's steps). The window never
     # reaches back into d's warm-up: growth measured from d0 is the warm-up itself.
     back = np.maximum(np.arange(len(d)) - w, settled)
     eligible = np.arange(len(d)) > back
@@ -431,13 +440,14 @@ def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
     finite_upto = np.flatnonzero(~np.isfinite(loss))
     n = int(finite_upto[0]) if len(finite_upto) else len(loss)
     out += _loss_above_base(steps[:n], loss[:n], loss_tag, th)
-    if n <= th.loss_grace:
+    grace = points(steps, th.loss_grace)
+    if n <= grace:
         return out
-    smooth = _trailing_mean(loss[:n], th.loss_smoothing)
-    baseline = np.minimum.accumulate(np.where(np.arange(n) >= th.loss_grace, smooth, np.inf))
+    smooth = _trailing_mean(loss[:n], points(steps, th.loss_smoothing))
+    baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = smooth / baseline
-    hits = np.flatnonzero((np.arange(n) > th.loss_grace) & (baseline > 0) & (ratio >= th.loss_divergence))
+    hits = np.flatnonzero((np.arange(n) > grace) & (baseline > 0) & (ratio >= th.loss_divergence))
     if len(hits):
         i = int(hits[0])
         out.append(Finding(
@@ -454,7 +464,7 @@ def _loss_above_base(steps: np.ndarray, loss: np.ndarray, loss_tag: str, th: Thr
     the run's first steps (before a LoRA has changed anything). Medians, because a diffusion
     loss swings ~30x with the random timestep; this catches fries within the first cycle,
     which the best-so-far rule cannot (its best is taken after d's warm-up)."""
-    w, ref_n = th.loss_base_window, th.loss_reference
+    w, ref_n = points(steps, th.loss_base_window), points(steps, th.loss_reference)
     if len(loss) < max(w, ref_n + 1):
         return []
     base = float(np.median(loss[:ref_n]))
@@ -469,8 +479,8 @@ def _loss_above_base(steps: np.ndarray, loss: np.ndarray, loss_tag: str, th: Thr
     i = int(ends[k])
     return [Finding(
         "blowup", CRITICAL, None, int(steps[i]),
-        f"{loss_tag} far above the base model's: median of the last {w} steps {medians[k]:.3g} is "
-        f"{medians[k] / base:.1f}x the first {ref_n} steps' ({base:.3g})",
+        f"{loss_tag} far above the base model's: median of the last {th.loss_base_window} steps "
+        f"{medians[k]:.3g} is {medians[k] / base:.1f}x the first {th.loss_reference} steps' ({base:.3g})",
         {"what": "loss_above_base", "ratio": round(float(medians[k] / base), 4), "loss": float(medians[k]),
          "baseline": base},
     )]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimizer_hint
+from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimizer_hint, points
 from lrwatch.runs import Run
 
 SAFE = "safe"
@@ -231,11 +231,11 @@ def loss_ratio(run: Run | None, analysis: Analysis | None, step: int) -> float |
     if run is None or analysis is None or analysis.loss_tag is None:
         return None
     series = run.series(analysis.loss_tag)
-    if series is None or len(series.steps) < REFERENCE_STEPS:
+    if series is None or len(series.steps) < 2:
         return None
-    ref = series.values[:REFERENCE_STEPS]
+    ref = series.values[series.steps < series.steps[0] + REFERENCE_STEPS]
     window = series.values[(series.steps > step - LOSS_WINDOW) & (series.steps <= step)]
-    if len(window) < LOSS_WINDOW // 2 or not np.isfinite(ref).all():
+    if not len(ref) or len(window) < max(1, points(series.steps, LOSS_WINDOW) // 2) or not np.isfinite(ref).all():
         return None
     base = float(np.median(ref))
     if not np.isfinite(window).all():

@@ -187,3 +187,19 @@ def test_a_slow_d_warm_up_out_of_d0_is_not_a_runaway(name):
     short cycles: the warm-up, not a runaway (these healthy runs were critical before)."""
     assert CORPUS_LABELS[name]["fry"] == "healthy"
     assert [f for f in corpus_analysis(name).findings if f.kind == "runaway_d"] == []
+
+
+def test_windows_count_optimizer_steps_when_a_trainer_logs_every_nth_step(tmp_path):
+    """The same run logged every 5th step (as trainers with a log interval do): the runaway
+    and the loss rules see the same steps, not 5x longer windows."""
+    full = Run(fixture_run("dadapt_sgd_blowup"))
+    full.refresh()
+    sparse = {tag: [(int(s), float(v)) for s, v in zip(full.series(tag).steps, full.series(tag).values) if s % 5 == 0]
+              for tag in full.tags}
+    write_scalars(tmp_path, sparse)
+    run = Run(tmp_path)
+    run.refresh()
+    a = analyze(run)
+    critical = [f for f in a.findings if f.severity == CRITICAL]
+    assert critical and critical[0].kind == "runaway_d" and 115 <= critical[0].step <= 130
+    assert critical[0].values["window"] <= 50
