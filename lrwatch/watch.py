@@ -29,6 +29,7 @@ from lrwatch.hooks import Hooks
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.output import terminal_safe
 from lrwatch.processes import (
+    CLOCK_SLACK,
     WINDOWS,
     Identity,
     Target,
@@ -241,7 +242,7 @@ class Guarded:
                     return True, f"written by pid {parsed[2]} of {who}"
                 return False, f"{path.name} was written by pid {parsed[2]}, not by {who} or its children"
         first = min((t for t in evidence.values() if t is not None), default=None)
-        if not state.seen_at_start and first is not None and first >= self.target.identity.create_time - 2:
+        if not state.seen_at_start and first is not None and first >= self.target.identity.create_time - CLOCK_SLACK:
             return True, f"no writer pid in its file names; it appeared after {who} started"
         return False, f"no writer pid in its file names, and it does not provably come from {who}"
 
@@ -347,16 +348,15 @@ class _Stopper:
         self.threads.append(t)
 
 
-def _given(options: WatchOptions, hooks: Hooks) -> Target | None:
-    assert options.pid is not None
-    refusal = refuse_pid(options.pid)
+def _given(pid: int) -> Target:
+    """The process given with --pid, unless it is one that must never be stopped."""
+    refusal = refuse_pid(pid)
     if refusal:
-        raise _Refused(f"--pid {options.pid}: {refusal}; give the trainer's own pid")
+        raise _Refused(f"--pid {pid}: {refusal}; give the trainer's own pid")
     try:
-        proc = psutil.Process(options.pid)
-        return Target(Identity.of(proc), "pid", "given with --pid")
+        return Target(Identity.of(psutil.Process(pid)), "pid", "given with --pid")
     except psutil.Error as e:
-        raise _Refused(f"--pid {options.pid}: {e}") from None
+        raise _Refused(f"--pid {pid}: {e}") from None
 
 
 class _Refused(Exception):
@@ -368,7 +368,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     passes, or Ctrl-C; then print the final audit. Returns the audit's exit code."""
     out = out or sys.stdout
     try:
-        given = _given(options, hooks) if options.pid is not None else None
+        given = _given(options.pid) if options.pid is not None else None
     except _Refused as e:
         hooks.say(f"lrwatch: {e}")
         return EXIT_UNREADABLE
