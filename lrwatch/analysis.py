@@ -127,6 +127,7 @@ class Analysis:
     schedule: KnownSchedule | None
     notes: list[str]
     unrecognised: dict[str, int] = field(default_factory=dict)  # scalar tag -> points, when nothing was checked
+    base_loss: float | None = None  # the median loss of the run's first steps: the base model's (a LoRA's B is 0)
 
     @property
     def checked(self) -> bool:
@@ -148,8 +149,10 @@ def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | No
     notes: list[str] = []
     groups = [analyze_group(run, g, schedule, th, findings) for g in tag_map.groups(tags)]
     loss_tag = tag_map.loss_tag(tags)
+    base = None
     if loss_tag is not None:
-        findings += loss_findings(run, loss_tag, th)
+        loss_found, base = loss_findings(run, loss_tag, th)
+        findings += loss_found
     notes += _coverage_notes(groups, loss_tag, run.config)
     if schedule is not None and schedule.problem:
         notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
@@ -160,7 +163,7 @@ def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | No
         last.append(int(loss.steps[-1]))
     findings = _drop_shadowed_warnings(findings)
     findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
-    analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes)
+    analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes, base_loss=base)
     if not analysis.checked:
         analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
     return analysis
@@ -430,19 +433,22 @@ def _nonfinite(findings, group, steps, named: dict[str, np.ndarray]) -> None:
             ))
 
 
-def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
+def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> tuple[list[Finding], float | None]:
+    """The loss's findings, and the base model's loss (None where it cannot be known)."""
     series = run.series(loss_tag)
     if series is None or not len(series.steps):
-        return []
+        return [], None
     out: list[Finding] = []
     steps, loss = series.steps, series.values
     _nonfinite(out, None, steps, {loss_tag: loss})
     finite_upto = np.flatnonzero(~np.isfinite(loss))
     n = int(finite_upto[0]) if len(finite_upto) else len(loss)
-    out += _loss_above_base(steps[:n], loss[:n], loss_tag, th)
+    base = _base_loss(steps[:n], loss[:n], th)
+    if base is not None:
+        out += _loss_above_base(steps[:n], loss[:n], base, loss_tag, th)
     grace = points(steps, th.loss_grace)
     if n <= grace:
-        return out
+        return out, base
     smooth = _trailing_mean(loss[:n], points(steps, th.loss_smoothing))
     baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -456,19 +462,27 @@ def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> list[Finding]:
             {"what": "loss_diverged", "ratio": round(float(ratio[i]), 4), "loss": float(smooth[i]),
              "baseline": float(baseline[i])},
         ))
-    return out
+    return out, base
 
 
-def _loss_above_base(steps: np.ndarray, loss: np.ndarray, loss_tag: str, th: Thresholds) -> list[Finding]:
-    """The loss far above the base model's: the median of the last few steps over the median of
-    the run's first steps (before a LoRA has changed anything). Medians, because a diffusion
-    loss swings ~30x with the random timestep; this catches fries within the first cycle,
-    which the best-so-far rule cannot (its best is taken after d's warm-up)."""
+def _base_loss(steps: np.ndarray, loss: np.ndarray, th: Thresholds) -> float | None:
+    """The base model's loss: the median over the run's first ``loss_reference`` steps (a LoRA's
+    B starts at zero, so they are the untouched model). Medians, because a diffusion loss
+    swings ~30x with the random timestep. ``loss`` is finite here."""
+    ref_n = points(steps, th.loss_reference)
+    if len(loss) < ref_n:
+        return None
+    base = float(np.median(loss[:ref_n]))
+    return base if base > 0 else None
+
+
+def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str,
+                     th: Thresholds) -> list[Finding]:
+    """The loss far above the base model's: the median of the last few steps over ``base``.
+    This catches fries within the first cycle, which the best-so-far rule cannot (its best
+    is taken after d's warm-up)."""
     w, ref_n = points(steps, th.loss_base_window), points(steps, th.loss_reference)
     if len(loss) < max(w, ref_n + 1):
-        return []
-    base = float(np.median(loss[:ref_n]))
-    if base <= 0:
         return []
     medians = np.median(np.lib.stride_tricks.sliding_window_view(loss, w), axis=1)  # medians[k]: loss[k:k+w]
     ends = np.arange(w - 1, len(loss))

@@ -19,7 +19,6 @@ from typing import Any, TextIO
 
 from lrwatch.analysis import Finding
 from lrwatch.output import dumps, terminal_safe
-from lrwatch.report import finding_dict
 from lrwatch.runs import Run
 
 HOOK_TIMEOUT = 30.0
@@ -79,7 +78,7 @@ class Hooks:
         line = finding_line(run, finding) + (" (earlier run: in the logs before lrwatch started)" if earlier else "")
         self.say(line)
         self._deliver({"type": "finding", "time": time.time(), "run": run.name, "path": str(run.path),
-                       "earlier_run": earlier, **finding_dict(finding)}, line)
+                       "earlier_run": earlier, **finding.to_dict()}, line)
 
     def action(self, run: Run | None, kind: str, what: str, notify: bool = True, **details: Any) -> None:
         """Something lrwatch did or decided (``kind``: stop, stop_planned, no_stop, snapshot, ...).

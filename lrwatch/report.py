@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lrwatch import __version__
-from lrwatch.analysis import CRITICAL, WARNING, Finding
+from lrwatch.analysis import CRITICAL, WARNING
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.output import dumps
 
@@ -53,12 +53,6 @@ def exit_code(monitor: Monitor) -> int:
     if any(not_checked(s) for s in states):
         return EXIT_NOT_CHECKED
     return EXIT_OK
-
-
-def finding_dict(finding: Finding) -> dict[str, Any]:
-    """A finding as every JSON consumer sees it."""
-    return {"kind": finding.kind, "severity": finding.severity, "group": finding.group, "step": finding.step,
-            "message": finding.message, "values": dict(finding.values)}
 
 
 def mapping_hint(analysis_tags: dict[str, int]) -> list[str]:
@@ -119,7 +113,7 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
                 "peak_lr": c.peak_lr, "min_lr": c.min_lr, "min_lr_step": c.min_lr_step,
                 "d_start": c.d_start, "d_end": c.d_end, "d_growth": c.d_growth, "peak_dlr": c.peak_dlr,
             })
-    out["findings"] = [finding_dict(f) for f in a.findings]
+    out["findings"] = [f.to_dict() for f in a.findings]
     return out
 
 

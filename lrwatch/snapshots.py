@@ -37,7 +37,6 @@ DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cyc
 # The loss evidence (chosen on the corpus's train seeds, README "Detection on realistic runs"):
 DEFAULT_FRIED_LOSS = 3.0  # median loss before the save / the base model's: at least this is fried
 LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
-REFERENCE_STEPS = 10  # the run's first steps: the loss of the untouched base model (LoRA's B starts at 0)
 
 _STEP_NAME = re.compile(r"^(?P<base>.+?)-step(?P<step>\d{8})$")
 _EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
@@ -225,22 +224,20 @@ def _lr_of_last_update(group: GroupAnalysis, step: int) -> tuple[float, float, f
 
 def loss_ratio(run: Run | None, analysis: Analysis | None, step: int) -> float | None:
     """The evidence for the weights saved at ``step``: the median loss over the LOSS_WINDOW steps
-    before it, over the median of the run's first REFERENCE_STEPS (the base model: a LoRA's B
-    starts at zero). Medians, because a diffusion loss swings ~30x with the random timestep.
-    None when the loss was not logged there; inf when it was non-finite."""
-    if run is None or analysis is None or analysis.loss_tag is None:
+    before it, over the base model's (``analysis.base_loss``). Medians, because a diffusion
+    loss swings ~30x with the random timestep. None when the loss was not logged there (or
+    the base is unknown); inf when it was non-finite."""
+    if run is None or analysis is None or analysis.loss_tag is None or analysis.base_loss is None:
         return None
     series = run.series(analysis.loss_tag)
-    if series is None or len(series.steps) < 2:
+    if series is None:
         return None
-    ref = series.values[series.steps < series.steps[0] + REFERENCE_STEPS]
     window = series.values[(series.steps > step - LOSS_WINDOW) & (series.steps <= step)]
-    if not len(ref) or len(window) < max(1, points(series.steps, LOSS_WINDOW) // 2) or not np.isfinite(ref).all():
+    if len(window) < max(1, points(series.steps, LOSS_WINDOW) // 2):
         return None
-    base = float(np.median(ref))
     if not np.isfinite(window).all():
         return math.inf
-    return float(np.median(window)) / base if base > 0 else None
+    return float(np.median(window)) / analysis.base_loss
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,
@@ -251,6 +248,7 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
     nonfinite_from, nonfinite_why = _first_affected(analysis, nonfinite_only=True) if analysis else (None, "")
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
+    base_loss = analysis.base_loss if analysis else None
     group = None
     if analysis is not None and analysis.groups:
         group = next((g for g in analysis.groups if g.adaptive), analysis.groups[0])
@@ -276,7 +274,7 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
         if s.loss_ratio is not None and s.loss_ratio >= fried_loss:
             s.verdict = FRIED
             s.reason = (f"the loss over the {LOSS_WINDOW} steps before its save is {s.loss_ratio:.3g}x the base "
-                        f"model's (its first {REFERENCE_STEPS} steps)")
+                        f"model's ({base_loss:.3g}, over the run's first steps)")
             continue
         if s.loss_ratio is None and fried_from is not None and s.step >= fried_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why} (no loss logged to judge it)"
