@@ -36,6 +36,8 @@ def judge_run(name: str, label: dict, thresholds: Thresholds) -> dict:
     state = result.runs[0]
     criticals = [f for f in state.analysis.findings if f.severity == CRITICAL] if state.analysis else []
     first_critical = min((f.step for f in criticals), default=None)
+    # --kill-at confirm: a predicted restart blow-up does not stop; the first other critical does
+    first_evidence = min((f.step for f in criticals if f.kind != "predicted_restart_blowup"), default=None)
     fried_at = label["first_fried_step"]
     verdicts = {Path(s.path).name: s.verdict for s in result.monitor.snapshots.by_run.get(state.run.path, [])}
     right = 0
@@ -46,6 +48,8 @@ def judge_run(name: str, label: dict, thresholds: Thresholds) -> dict:
     return {"name": name, "fry": label["fry"], "fried_at": fried_at, "first_critical": first_critical,
             "first_kind": next((f.kind for f in criticals if f.step == first_critical), None),
             "caught": first_critical is not None and fried_at is not None and first_critical < fried_at,
+            "first_evidence": first_evidence,
+            "caught_confirmed": first_evidence is not None and fried_at is not None and first_evidence < fried_at,
             "snapshots": len(label["snapshots"]), "verdicts_right": right}
 
 
@@ -59,6 +63,10 @@ def summary(rows: list[dict]) -> list[str]:
         leads = [r["fried_at"] - r["first_critical"] for r in caught]
         lead = f", median lead {statistics.median(leads):.0f} steps" if leads else ""
         lines.append(f"  {kind} fries caught before their first fried step: {len(caught)}/{len(group)}{lead}")
+        confirmed = [r for r in group if r["caught_confirmed"]]
+        leads = [r["fried_at"] - r["first_evidence"] for r in confirmed]
+        lead = f", median lead {statistics.median(leads):.0f} steps" if leads else ""
+        lines.append(f"    with --kill-at confirm (predictions do not stop): {len(confirmed)}/{len(group)}{lead}")
     false = [r for r in healthy if r["first_critical"] is not None]
     lines.append(f"  healthy runs with a critical finding: {len(false)}/{len(healthy)}"
                  + (f" ({', '.join(r['name'] for r in false)})" if false else ""))

@@ -219,8 +219,9 @@ def _progress() -> Callable[[int, int], None] | None:
 @cli.command(cls=_CommandAfterDashes)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--kill-on-spike", is_flag=True, help="Stop the trainer when a critical finding fires.")
-@click.option("--kill-at", type=click.Choice(["now", "restart"]), default="now", show_default=True,
-              help="Stop at once, or just before the predicted restart (after the cycle-minimum snapshot).")
+@click.option("--kill-at", type=click.Choice(["now", "restart", "confirm"]), default="now", show_default=True,
+              help="On a critical prediction: stop at once, just before the predicted restart (after the "
+                   "cycle-minimum snapshot), or only once evidence confirms it.")
 @click.option("--pid", type=int, help="The trainer's pid (else: the command after --, else the run's writer).")
 @click.option("--dry-run", is_flag=True, help="Say what would be stopped; stop nothing.")
 @click.option("--grace-int", type=float, default=10.0, show_default=True,
@@ -260,8 +261,8 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     command = click.get_current_context().meta.get("lrwatch.command")
     if poll is not None and poll <= 0:
         raise click.UsageError("--poll must be a positive number of seconds")
-    if kill_at == "restart" and not kill_on_spike:
-        raise click.UsageError("--kill-at restart goes with --kill-on-spike")
+    if kill_at != "now" and not kill_on_spike:
+        raise click.UsageError(f"--kill-at {kill_at} goes with --kill-on-spike")
     if min(grace_int, grace_term) < 0 or (until_idle is not None and until_idle <= 0):
         raise click.UsageError("--grace-int, --grace-term and --until-idle take positive seconds")
     if webhook and (problem := webhook_problem(webhook)):

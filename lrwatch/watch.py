@@ -54,7 +54,7 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 class WatchOptions:
     poll: float | None = None  # seconds between polls; None: native file-system events
     kill_on_spike: bool = False
-    kill_at: str = "now"  # now | restart
+    kill_at: str = "now"  # now | restart | confirm
     pid: int | None = None
     command: list[str] | None = None
     dry_run: bool = False
@@ -261,6 +261,7 @@ class _Stopper:
         self.pending: dict[RunState, tuple[int, Finding]] = {}  # run -> (stop at this step, why)
         self.waiting: dict[RunState, Finding] = {}  # earlier runs' critical findings: act if the run grows
         self.done: set[RunState] = set()
+        self.unconfirmed: set[RunState] = set()  # --kill-at confirm: predictions noted, no stop yet
         self.stopped: list[Target] = []  # each process is stopped once, whichever runs it writes
         self.threads: list[threading.Thread] = []
 
@@ -276,6 +277,14 @@ class _Stopper:
             return
         self.waiting.pop(state, None)
         run = state.run
+        if self.options.kill_at == "confirm" and finding.kind == "predicted_restart_blowup":
+            if state in self.unconfirmed:
+                return
+            self.unconfirmed.add(state)
+            self.hooks.action(run, "note", f"{run.name}: --kill-at confirm: a prediction does not stop the "
+                                           "trainer; the loss or d*lr after the restart must confirm it",
+                              notify=False)
+            return
         at = self._restart_step(state, finding) if self.options.kill_at == "restart" else None
         last = state.analysis.last_step if state.analysis else None
         if at is not None and last is not None and at > last:

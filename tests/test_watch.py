@@ -163,6 +163,19 @@ def test_kill_at_restart_waits_for_the_predicted_restart(tmp_path):
     assert (tmp_path / "out" / f"{name}-step00000300.safetensors").exists()  # the cycle-minimum save is kept
 
 
+def test_kill_at_confirm_stops_on_evidence_not_on_a_prediction(tmp_path):
+    logs = tmp_path / "logs"
+    name = "dadapt_sgd_growth_blowup"  # critical predictions at 275 and 369; the loss diverges at 514
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--kill-at", "confirm",
+                                    "--risk-warning", "1.5", "--risk-critical", "2", "--",
+                                    *REPLAY, name, str(logs), "--delay", "0.005", "--output", str(tmp_path / "out")))
+    assert code == 1, err
+    assert err.count("--kill-at confirm: a prediction does not stop the trainer") == 1
+    stop = next(line for line in err.splitlines() if "stopping" in line)
+    assert "after blowup at step 514" in stop, stop  # the loss's evidence, not the prediction at 275
+    assert 514 <= last_step_written(logs) < 600
+
+
 # --- following ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("poll", [None, "0.2"], ids=["native", "polling"])
