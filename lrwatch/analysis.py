@@ -18,6 +18,7 @@ import numpy as np
 from lrwatch.runs import Run
 from lrwatch.schedule_config import KnownSchedule, known_schedule
 from lrwatch.tags import Group, TagMap
+from lrwatch.trainers import Reading, fold_duplicate_groups, read_layout
 
 WARNING = "warning"
 CRITICAL = "critical"
@@ -107,10 +108,11 @@ class GroupAnalysis:
     cycles: list[Cycle]
     risk: float | None  # predicted d*lr at the next restart / highest d*lr so far, now
     next_restart: int | None  # from the logged config, when known
+    d_tag: str | None = None
 
     @property
     def adaptive(self) -> bool:
-        return self.dlr_tag is not None
+        return self.dlr is not None
 
     @property
     def d_now(self) -> float | None:
@@ -128,6 +130,8 @@ class Analysis:
     notes: list[str]
     unrecognised: dict[str, int] = field(default_factory=dict)  # scalar tag -> points, when nothing was checked
     base_loss: float | None = None  # the median loss of the run's first steps: the base model's (a LoRA's B is 0)
+    trainer: str | None = None  # the layout the tags were read as (lrwatch.trainers)
+    trainer_why: str | None = None
 
     @property
     def checked(self) -> bool:
@@ -140,20 +144,23 @@ class Analysis:
         return CRITICAL if CRITICAL in severities else WARNING if WARNING in severities else None
 
 
-def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | None = None) -> Analysis:
-    tag_map = tag_map or TagMap()
+def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | None = None,
+            reading: Reading | None = None) -> Analysis:
+    """Findings for ``run``, its tags read as ``reading`` says (else: ``tag_map``, else detected)."""
+    reading = reading or read_layout(run, tag_map=tag_map)
     th = thresholds or Thresholds()
     tags = set(run.tags)
-    schedule = known_schedule(run.config)
+    schedule = reading.schedule or known_schedule(run.config)
     findings: list[Finding] = []
-    notes: list[str] = []
-    groups = [analyze_group(run, g, schedule, th, findings) for g in tag_map.groups(tags)]
-    loss_tag = tag_map.loss_tag(tags)
+    notes: list[str] = list(reading.notes)
+    tag_groups = fold_duplicate_groups(run, reading.tag_map.groups(tags))
+    groups = [analyze_group(run, g, schedule, th, findings) for g in tag_groups]
+    loss_tag = reading.tag_map.loss_tag(tags)
     base = None
     if loss_tag is not None:
         loss_found, base = loss_findings(run, loss_tag, th)
         findings += loss_found
-    notes += _coverage_notes(groups, loss_tag, run.config)
+    notes += _coverage_notes(groups, loss_tag, run.config, reading)
     if schedule is not None and schedule.problem:
         notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
     notes += [f"logged configuration not read: {p}" for p in run.config_problems]
@@ -163,7 +170,8 @@ def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | No
         last.append(int(loss.steps[-1]))
     findings = _drop_shadowed_warnings(findings)
     findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
-    analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes, base_loss=base)
+    analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes, base_loss=base,
+                        trainer=reading.layout.name, trainer_why=reading.why)
     if not analysis.checked:
         analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
     return analysis
@@ -183,18 +191,22 @@ def adaptive_optimizer_hint(optimizer: str, source: str) -> str | None:
             f"{instead}")
 
 
-def _coverage_notes(groups: list[GroupAnalysis], loss_tag: str | None, config: dict[str, object]) -> list[str]:
+def _coverage_notes(groups: list[GroupAnalysis], loss_tag: str | None, config: dict[str, object],
+                    reading: Reading) -> list[str]:
     """What could and could not be checked: never a silent pass."""
     notes = []
     for g in groups:
-        if g.dlr_tag and not g.lr_tag:
+        if g.dlr_tag and g.lr is None and not reading.layout.lr_tags_hold_dlr:  # (those say so themselves)
             notes.append(f"{g.dlr_tag} has no lr partner: d and restarts cannot be computed for group {g.name} "
                          "(give the raw lr's tag with --lr-tag); only non-finite values are checked there")
     if not groups and loss_tag is None:
         return notes  # nothing checked: the report lists the tags it saw
     if not any(g.adaptive for g in groups):
         checked = "lr and loss are" if groups and loss_tag else "the lr is" if groups else "the loss is"
-        notes.append(f"no adaptive optimizer seen (no d*lr tag): only {checked} checked")
+        if reading.layout.name == "diffusers":
+            notes.append(f"d is not logged by this trainer ({reading.layout.title}): only {checked} checked")
+        else:
+            notes.append(f"no adaptive optimizer seen (no d*lr tag): only {checked} checked")
         optimizer = config.get("optimizer_type")
         hint = adaptive_optimizer_hint(str(optimizer), "the logged config") if optimizer else None
         if hint:
@@ -211,16 +223,29 @@ def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
             if f.severity == CRITICAL or (f.kind, f.group, f.values.get("cycle"), f.step) not in critical]
 
 
-def _joined(run: Run, group: Group) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Steps where both lr and d*lr were logged, with their values; a series that was not
-    logged is None (absent, never NaN)."""
+def _joined(run: Run, group: Group, schedule: KnownSchedule | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Steps where the group's series were logged, with lr and d*lr there; a series that was not
+    logged (and cannot be derived) is None (absent, never NaN). Derived: d*lr = lr * d (lr and d
+    logged), lr = d*lr / d (SimpleTuner), lr from the schedule (only d*lr logged)."""
     lr = run.series(group.lr_tag) if group.lr_tag else None
     dlr = run.series(group.dlr_tag) if group.dlr_tag else None
+    d = run.series(group.d_tag) if group.d_tag else None
+    if d is not None and (lr is None) != (dlr is None):
+        known = lr if lr is not None else dlr
+        steps, i, j = np.intersect1d(known.steps, d.steps, assume_unique=True, return_indices=True)  # type: ignore[union-attr]
+        k, dv = known.values[i], d.values[j]  # type: ignore[union-attr]
+        if lr is not None:
+            return steps, k, k * dv
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return steps, np.where(dv != 0, k / dv, np.nan), k
     if lr is None and dlr is None:
         return np.zeros(0, np.int64), None, None
     if dlr is None:
         return lr.steps, lr.values, None  # type: ignore[union-attr]
     if lr is None:
+        if schedule is not None and schedule.lr_at is not None:
+            return dlr.steps, schedule.lr_at(dlr.steps), dlr.values
         return dlr.steps, None, dlr.values
     steps, i, j = np.intersect1d(lr.steps, dlr.steps, assume_unique=True, return_indices=True)
     return steps, lr.values[i], dlr.values[j]
@@ -267,7 +292,7 @@ def _d_series(lr: np.ndarray, dlr: np.ndarray, tiny: float) -> np.ndarray:
 
 def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Thresholds,
                   findings: list[Finding]) -> GroupAnalysis:
-    steps, lr, dlr = _joined(run, group)
+    steps, lr, dlr = _joined(run, group, schedule)
     name = group.name
     restarts_idx = find_restarts(lr, th.restart_jump) if lr is not None and len(lr) else np.zeros(0, np.int64)
     cycle_of = np.zeros(len(steps), np.int64)
@@ -291,7 +316,7 @@ def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Th
         _spike_findings(findings, name, steps, dlr, best, restarts_idx, th)
     cycles = _cycles(steps, lr, dlr, d, restarts_idx, schedule)
     return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d, cycle_peak,
-                         [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart)
+                         [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart, group.d_tag)
 
 
 def _running_max_finite(x: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from lrwatch.monitor import Monitor, RunState
 from lrwatch.report import exit_code, render, to_json
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
 from lrwatch.tags import TagMap
+from lrwatch.trainers import ScheduleOptions
 
 
 @dataclass
@@ -45,12 +46,16 @@ def audit(
     manifest: bool = True,
     fried_loss: float = DEFAULT_FRIED_LOSS,
     on_run: Callable[[int, int], None] | None = None,
+    trainer: str | None = None,
+    schedule: ScheduleOptions | None = None,
 ) -> AuditResult:
     """Read and analyse every run under ``paths`` once (a watch that does not wait); with
     ``snapshots``, judge the snapshots in those folders and, with ``manifest``, write
-    ``lrwatch-snapshots.json`` into each. ``on_run(done, total)`` reports progress."""
+    ``lrwatch-snapshots.json`` into each. ``on_run(done, total)`` reports progress. ``trainer``
+    (a name in ``lrwatch.trainers.LAYOUTS``) overrides detection; ``schedule`` gives the schedule
+    of logs that hold only d×lr."""
     book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss) if snapshots else None
-    monitor = Monitor(paths, tag_map, thresholds, snapshots=book)
+    monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule)
     runs = monitor.discover()
     for i, run in enumerate(runs, 1):
         monitor.poll({run.path}, rediscover=False)

@@ -19,6 +19,7 @@ from lrwatch.output import terminal_safe
 from lrwatch.report import EXIT_CRITICAL, EXIT_OK
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
+from lrwatch.trainers import LAYOUTS, ScheduleOptions
 
 _DEFAULTS = Thresholds()
 
@@ -84,7 +85,7 @@ THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
     ("loss_divergence", float, "Critical when the smoothed loss reaches this multiple of its best."),
     ("loss_above_base", float, "Critical when the median loss of the last 5 steps reaches this multiple of the "
                                "first 10 steps' (the base model's)."),
-    ("restart_spike", float, "Critical when d*lr right after a restart is this multiple of the highest before."),
+    ("restart_spike", float, "A warning when d*lr right after a restart is this multiple of the highest before."),
     ("restart_jump", float, "An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
 ]
 
@@ -99,6 +100,16 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"d*lr tag pattern (repeatable). Default: {', '.join(DEFAULT_DLR_TAGS)}"),
         click.option("--loss-tag", "loss_tags", multiple=True, metavar="TAG",
                      help=f"loss tag, first present wins (repeatable). Default: {', '.join(DEFAULT_LOSS_TAGS)}"),
+        click.option("--trainer", type=click.Choice(sorted(LAYOUTS)),
+                     help="Read every run as this trainer's layout (default: detected per run; tag options win)."),
+        click.option("--schedule", type=click.Choice(["cosine_with_restarts", "cosine", "rex"]),
+                     help="The schedule of logs that hold only d*lr (OneTrainer, ai-toolkit) when its config "
+                          "is not found; with --cycles and --max-steps. cosine = cosine_with_restarts."),
+        click.option("--cycles", type=click.IntRange(min=1), help="With --schedule: the number of cycles."),
+        click.option("--max-steps", type=click.IntRange(min=1),
+                     help="With --schedule: the optimizer steps of the whole run."),
+        click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="With --schedule: linear warmup steps before the first cycle."),
         *(click.option("--" + name.replace("_", "-"), type=kind, default=getattr(_DEFAULTS, name),
                        show_default=True, help=text) for name, kind, text in THRESHOLD_OPTIONS),
     ]
@@ -107,11 +118,10 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs["tag_map"] = TagMap(
-            lr=tuple(kwargs.pop("lr_tags")) or DEFAULT_LR_TAGS,
-            dlr=tuple(kwargs.pop("dlr_tags")) or DEFAULT_DLR_TAGS,
-            loss=tuple(kwargs.pop("loss_tags")) or DEFAULT_LOSS_TAGS,
-        )
+        lr, dlr, loss = (tuple(kwargs.pop(k)) for k in ("lr_tags", "dlr_tags", "loss_tags"))
+        kwargs["tag_map"] = TagMap(lr=lr or DEFAULT_LR_TAGS, dlr=dlr or DEFAULT_DLR_TAGS,
+                                   loss=loss or DEFAULT_LOSS_TAGS) if lr or dlr or loss else None
+        kwargs["schedule"] = _schedule_options(*(kwargs.pop(k) for k in ("schedule", "cycles", "max_steps", "warmup")))
         try:
             kwargs["thresholds"] = Thresholds(**{name: kwargs.pop(name) for name, _, _ in THRESHOLD_OPTIONS})
         except ValueError as e:
@@ -119,6 +129,20 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, **kwargs)
 
     return wrapper
+
+
+def _schedule_options(schedule: str | None, cycles: int | None, max_steps: int | None,
+                      warmup: int) -> ScheduleOptions | None:
+    if schedule is None:
+        if cycles is not None or max_steps is not None or warmup:
+            raise click.UsageError("--cycles, --max-steps and --warmup describe a --schedule: give it too")
+        return None
+    if cycles is None or max_steps is None:
+        raise click.UsageError("--schedule needs --cycles and --max-steps")
+    try:
+        return ScheduleOptions("rex" if schedule == "rex" else "cosine_with_restarts", cycles, max_steps, warmup)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -151,8 +175,8 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @snapshot_options
 @analysis_options
 def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, snapshot_dirs: tuple[str, ...],
-          steps_per_epoch: int | None, safe_lr: float, fried_loss: float, tag_map: TagMap,
-          thresholds: Thresholds) -> int:
+          steps_per_epoch: int | None, safe_lr: float, fried_loss: float, tag_map: TagMap | None,
+          trainer: str | None, schedule: ScheduleOptions | None, thresholds: Thresholds) -> int:
     """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
 
     Exit codes (most urgent first): 1 a critical finding; 4 lrwatch failed on a run;
@@ -165,7 +189,8 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, 
     if best and not snapshot_dirs:
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
-                       manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress())
+                       manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress(), trainer=trainer,
+                       schedule=schedule)
     for line in _errors(result.monitor) + result.manifest_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:
@@ -243,7 +268,8 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
           events_out: str | None, exec_cmd: str | None, webhook: str | None, no_manifest: bool,
           snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
-          tag_map: TagMap, thresholds: Thresholds) -> int:
+          tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
+          thresholds: Thresholds) -> int:
     """Follow the runs under PATHS as they are written (PATHS may not exist yet).
 
     \b
@@ -275,7 +301,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     except OSError as e:
         raise click.UsageError(f"--events-out {events_out}: {e.strerror or e}") from None
     book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss) if snapshot_dirs else None
-    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book)
+    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule)
     try:
         code = run_watch(monitor, options, hooks)
         for line in _errors(monitor):
@@ -283,6 +309,40 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     finally:
         hooks.close()
     return _exit(code)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--trainer", type=click.Choice(sorted(LAYOUTS)), help="Read the runs as this trainer's layout.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool) -> int:
+    """The scalar tags of each run under PATHS: counts, step ranges, the trainer layout detected
+    and what lrwatch takes each tag as. Exit code 2 when a path is missing or holds no event files."""
+    import json
+
+    from lrwatch.monitor import Monitor
+    from lrwatch.report import table
+    from lrwatch.trainers import describe_tags, read_layout
+
+    monitor = Monitor(list(paths))
+    monitor.discover()
+    docs: list[dict[str, Any]] = []
+    for state in monitor.runs:
+        state.run.refresh()
+        reading = read_layout(state.run, trainer)
+        docs.append({"run": state.run.name, "path": str(state.run.path), "trainer": reading.layout.name,
+                     "detected_from": reading.why, "notes": reading.notes, "tags": describe_tags(state.run, reading)})
+    for line in _errors(monitor):
+        click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+    for doc in [] if as_json else docs:
+        lines = [f"run {doc['run']}", f"  trainer: {doc['trainer']} ({doc['detected_from']})"]
+        lines += [f"  note: {note}" for note in doc["notes"]]
+        lines += table([["tag", "points", "steps", "taken as"]] + [
+            [r["tag"], str(r["points"]), f"{r['first_step']}-{r['last_step']}", r["taken_as"]] for r in doc["tags"]])
+        click.echo(terminal_safe("\n".join(lines)))
+    return _exit(2 if _errors(monitor) else 0)
 
 
 @cli.command()

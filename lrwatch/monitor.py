@@ -17,6 +17,7 @@ from lrwatch.analysis import Analysis, Finding, Thresholds, analyze
 from lrwatch.runs import Run, discover
 from lrwatch.snapshots import SnapshotBook
 from lrwatch.tags import TagMap
+from lrwatch.trainers import ScheduleOptions, read_layout
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -53,12 +54,16 @@ class Monitor:
         tag_map: TagMap | None = None,
         thresholds: Thresholds | None = None,
         snapshots: SnapshotBook | None = None,
+        trainer: str | None = None,
+        schedule: ScheduleOptions | None = None,
     ) -> None:
         # Absolute (not resolved: a symlinked log folder keeps the name it was given), so that
         # paths from the file-system observer compare equal to the runs' paths.
         self.roots = [Path(os.path.abspath(r)) for r in roots]
         self._as_given = {root: str(r) for root, r in zip(self.roots, roots)}  # for messages
-        self.tag_map = tag_map or TagMap()
+        self.tag_map = tag_map  # None: each run's trainer layout (lrwatch.trainers)
+        self.trainer = trainer  # None: detected per run
+        self.schedule = schedule
         self.thresholds = thresholds or Thresholds()
         self.states: dict[Path, RunState] = {}
         self.snapshots = snapshots
@@ -109,7 +114,8 @@ class Monitor:
                     continue
                 if self.live and (new_points or not state.seen_at_start):
                     state.grew = True
-                state.analysis = analyze(state.run, self.tag_map, self.thresholds)
+                reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
+                state.analysis = analyze(state.run, thresholds=self.thresholds, reading=reading)
                 state.error = None
             except Exception as e:  # one run's trouble never stops the others (or the watch)
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"

@@ -80,6 +80,8 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
         "damage": [{"file": str(p), "offset": d.offset, "message": d.message} for p, d in run.damage],
         "pending_bytes": run.pending_bytes,
         "superseded_points": run.superseded_points,
+        "trainer": None,
+        "trainer_detected_from": None,
         "config": run.config,
         "last_step": None,
         "schedule": None,
@@ -94,6 +96,8 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
     if a is None:
         return out
     out["last_step"] = a.last_step
+    out["trainer"] = a.trainer
+    out["trainer_detected_from"] = a.trainer_why
     out["notes"] = a.notes
     out["unrecognised_tags"] = a.unrecognised
     out["worst"] = a.worst
@@ -101,10 +105,10 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
         s = a.schedule
         out["schedule"] = {"name": s.name, "max_steps": s.max_steps, "warmup": s.warmup,
                            "restarts": None if s.restarts is None else list(s.restarts), "save_every": s.save_every,
-                           "problem": s.problem}
+                           "problem": s.problem, "source": s.source}
     for g in a.groups:
         out["groups"].append({
-            "name": g.name, "lr_tag": g.lr_tag, "dlr_tag": g.dlr_tag, "adaptive": g.adaptive,
+            "name": g.name, "lr_tag": g.lr_tag, "dlr_tag": g.dlr_tag, "d_tag": g.d_tag, "adaptive": g.adaptive,
             "d_now": g.d_now, "risk": g.risk, "restarts": g.restarts, "next_restart": g.next_restart,
         })
         for c in g.cycles:
@@ -135,7 +139,7 @@ def _g(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3g}"
 
 
-def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+def table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -147,7 +151,7 @@ def render_snapshots(snapshots: list, indent: str = "  ") -> list[str]:
     for s in snapshots:
         rows.append([Path(s.path).name, "-" if s.step is None else str(s.step), s.step_source or "-", s.verdict,
                      _g(s.lr_multiplier), s.reason])
-    return [f"{indent}snapshots:"] + _table(rows, indent + "  ")
+    return [f"{indent}snapshots:"] + table(rows, indent + "  ")
 
 
 def render_run(state: RunState, snapshots: list | None = None) -> str:
@@ -175,11 +179,16 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
     extra = (f", {run.superseded_points} points re-logged after a resume (later ones kept)"
              if run.superseded_points else "")
     sched = a.schedule.name if a.schedule else "not logged"
+    if a.schedule and a.schedule.source != "the logged config":
+        sched += f" (from {a.schedule.source})"
+    lines.append(f"  trainer: {a.trainer} ({a.trainer_why})")
     lines.append(f"  {files}, last step {a.last_step}, schedule: {sched}{extra}")
     for note in a.notes:
         lines.append(f"  note: {note}")
     for g in a.groups:
-        tags = ", ".join(t for t in (g.lr_tag, g.dlr_tag) if t)
+        tags = ", ".join(t for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t)
+        if g.lr is not None and not g.lr_tag and g.dlr_tag and not g.d_tag:
+            tags += ", lr from the schedule"
         lines.append(f"  group {g.name} ({tags}): {len(g.restarts)} restart(s), d now {_g(g.d_now)}")
     rows = [["group", "cycle", "steps", "peak lr", "lowest lr @ step", "d start", "d end", "d growth", "peak d*lr"]]
     for g in a.groups:
@@ -188,7 +197,7 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
                          f"{_g(c.min_lr)} @ {c.min_lr_step}", _g(c.d_start), _g(c.d_end),
                          "-" if c.d_growth is None else f"x{c.d_growth:.3g}", _g(c.peak_dlr)])
     if len(rows) > 1:
-        lines += _table(rows)
+        lines += table(rows)
     if a.findings:
         lines.append("  findings:")
         for f in a.findings:

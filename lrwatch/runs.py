@@ -189,7 +189,13 @@ class Run:
             walls = np.concatenate(chunks.walls)
             keep = resolve_relogged(steps)  # what is kept is strictly increasing in step
             if not keep.all():
-                chunks.superseded += int((~keep).sum())
+                # Points at one step written in a row (kohya logs every micro-batch of a gradient
+                # accumulation at the same global step) are not a resume: only points that a
+                # later, lower step replaces are counted.
+                dropped = np.flatnonzero(~keep)
+                later_min = np.minimum.accumulate(steps[::-1])[::-1]
+                went_back = steps[dropped] > later_min[np.minimum(dropped + 1, len(steps) - 1)]
+                chunks.superseded += int(went_back.sum())
                 steps, values, walls = steps[keep], values[keep], walls[keep]
             chunks.steps, chunks.values, chunks.walls = [steps], [values], [walls]
             chunks.merged = Series(steps, values, walls)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ast
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from lrwatch.schedules import cosine_restart_steps, cyclic_restart_steps
 
@@ -28,6 +31,9 @@ class KnownSchedule:
     restarts: tuple[int, ...] | None
     save_every: int | None
     problem: str | None = None  # why the logged schedule could not be used (restarts then unknown)
+    # The lr at logged steps, for trainers that log only d×lr (rebuilt from their config or given).
+    lr_at: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False, repr=False)
+    source: str = "the logged config"
 
     def next_restart(self, step: int) -> int | None:
         """The first restart after ``step``; None if none is coming (or unknown: see ``restarts``)."""

@@ -1,8 +1,9 @@
-"""Which scalar tags are lr, d*lr and loss, and how lr and d*lr pair up into groups.
+"""Which scalar tags are lr, d*lr, d and loss, and how they pair up into param groups.
 
 Patterns use ``{group}`` for one path segment (``lr/d*lr/{group}`` matches
 ``lr/d*lr/unet``); a pattern without it names a single tag. The defaults read
-kohya sd-scripts (and its forks, and musubi-tuner) out of the box.
+kohya sd-scripts and musubi-tuner; :mod:`lrwatch.trainers` holds the other
+trainers' maps.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True)
 class Group:
-    """One param group: the tag of its lr and of its d*lr (either may be missing)."""
+    """One param group: the tags of its lr, d*lr and d (any may be missing)."""
 
     name: str
     lr_tag: str | None
     dlr_tag: str | None
+    d_tag: str | None = None
 
 
 @dataclass
@@ -38,10 +40,12 @@ class TagMap:
     lr: tuple[str, ...] = DEFAULT_LR_TAGS
     dlr: tuple[str, ...] = DEFAULT_DLR_TAGS
     loss: tuple[str, ...] = DEFAULT_LOSS_TAGS
+    d: tuple[str, ...] = ()
+    lr_is_d_when_d_logged: bool = False  # SimpleTuner puts Prodigy's d under its lr tag
     _compiled: dict[str, list[re.Pattern[str]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._compiled = {kind: [_compile(p) for p in getattr(self, kind)] for kind in ("lr", "dlr")}
+        self._compiled = {kind: [_compile(p) for p in getattr(self, kind)] for kind in ("lr", "dlr", "d")}
 
     def _match(self, kind: str, tag: str) -> str | None:
         for rx in self._compiled[kind]:
@@ -51,27 +55,29 @@ class TagMap:
         return None
 
     def groups(self, tags: set[str] | list[str]) -> list[Group]:
-        """Pair every d*lr tag with its lr tag; lr tags without a d*lr become groups of their own."""
-        dlr: dict[str, str] = {}
-        lr: dict[str, str] = {}
+        """Pair every d*lr (or d) tag with its lr tag; lr tags left over become groups of their own."""
+        found: dict[str, dict[str, str]] = {"dlr": {}, "d": {}, "lr": {}}
         for tag in sorted(tags):
-            g = self._match("dlr", tag)
-            if g is not None:
-                dlr[g] = tag
-                continue
-            g = self._match("lr", tag)
-            if g is not None:
-                lr[g] = tag
+            for kind in ("dlr", "d", "lr"):  # a tag is taken as the first kind it matches
+                g = self._match(kind, tag)
+                if g is not None:
+                    found[kind][g] = tag
+                    break
+        dlr, d, lr = found["dlr"], found["d"], found["lr"]
         out = []
-        for g, dlr_tag in dlr.items():
+        for g in [*dlr, *(k for k in d if k not in dlr)]:
+            dlr_tag, d_tag = dlr.get(g), d.get(g)
             lr_tag = lr.pop(g, None)
-            if lr_tag is None and g == "":
-                lr_tag = next((t for t in LONE_DLR_PARTNERS if t in tags), None)
+            if d_tag is not None and self.lr_is_d_when_d_logged:
+                lr_tag = None
+            elif lr_tag is None and g == "" and dlr_tag is not None:
+                lr_tag = next((t for t in LONE_DLR_PARTNERS if t in tags and t in lr.values()), None)
                 if lr_tag is None and len(lr) == 1:
                     lr_tag = next(iter(lr.values()))
-            out.append(Group(g or _name_of(lr_tag) or "d*lr", lr_tag, dlr_tag))
+            out.append(Group(g or _name_of(lr_tag) or ("all" if d_tag else "d*lr"), lr_tag, dlr_tag, d_tag))
         paired = {grp.lr_tag for grp in out}
-        out += [Group(g or "lr", t, None) for g, t in lr.items() if t not in paired]
+        if not (d and self.lr_is_d_when_d_logged):
+            out += [Group(g or "lr", t, None) for g, t in lr.items() if t not in paired]
         return out
 
     def loss_tag(self, tags: set[str] | list[str]) -> str | None:
