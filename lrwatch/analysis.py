@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from lrwatch.runs import Run
+from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule, known_schedule
 from lrwatch.tags import Group, TagMap
 from lrwatch.trainers import Reading, fold_duplicate_groups, read_layout
@@ -144,7 +144,7 @@ class Analysis:
         return CRITICAL if CRITICAL in severities else WARNING if WARNING in severities else None
 
 
-def analyze(run: Run, tag_map: TagMap | None = None, thresholds: Thresholds | None = None,
+def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds | None = None,
             reading: Reading | None = None) -> Analysis:
     """Findings for ``run``, its tags read as ``reading`` says (else: ``tag_map``, else detected)."""
     reading = reading or read_layout(run, tag_map=tag_map)
@@ -223,7 +223,7 @@ def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
             if f.severity == CRITICAL or (f.kind, f.group, f.values.get("cycle"), f.step) not in critical]
 
 
-def _joined(run: Run, group: Group, schedule: KnownSchedule | None = None
+def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Steps where the group's series were logged, with lr and d*lr there; a series that was not
     logged (and cannot be derived) is None (absent, never NaN). Derived: d*lr = lr * d (lr and d
@@ -290,7 +290,7 @@ def _d_series(lr: np.ndarray, dlr: np.ndarray, tiny: float) -> np.ndarray:
     return np.where(idx >= 0, d[np.maximum(idx, 0)], np.nan)
 
 
-def analyze_group(run: Run, group: Group, schedule: KnownSchedule | None, th: Thresholds,
+def analyze_group(run: RunLike, group: Group, schedule: KnownSchedule | None, th: Thresholds,
                   findings: list[Finding]) -> GroupAnalysis:
     steps, lr, dlr = _joined(run, group, schedule)
     name = group.name
@@ -458,7 +458,7 @@ def _nonfinite(findings, group, steps, named: dict[str, np.ndarray]) -> None:
             ))
 
 
-def loss_findings(run: Run, loss_tag: str, th: Thresholds) -> tuple[list[Finding], float | None]:
+def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Finding], float | None]:
     """The loss's findings, and the base model's loss (None where it cannot be known)."""
     series = run.series(loss_tag)
     if series is None or not len(series.steps):

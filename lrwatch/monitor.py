@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrwatch.analysis import Analysis, Finding, Thresholds, analyze
-from lrwatch.runs import Run, discover
+from lrwatch.resume import JoinedRun, find_continued, first_step, output_name, resumed_from
+from lrwatch.runs import Run, RunLike, discover
 from lrwatch.snapshots import SnapshotBook
 from lrwatch.tags import TagMap
 from lrwatch.trainers import ScheduleOptions, read_layout
@@ -38,6 +39,11 @@ class RunState:
     grew: bool = False  # it received new data while watched (only such runs may lead to a stop)
     folder: tuple[int, int] | None = None  # (device, inode) of the run's path when it was found
     announced: set[str] = field(default_factory=set)  # live notes already said about this run
+    view: RunLike | None = None  # what was analysed: the run, or the run it continues joined with it
+
+    @property
+    def series_source(self) -> RunLike:
+        return self.view or self.run
 
     @property
     def earlier(self) -> bool:
@@ -115,7 +121,12 @@ class Monitor:
                 if self.live and (new_points or not state.seen_at_start):
                     state.grew = True
                 reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
-                state.analysis = analyze(state.run, thresholds=self.thresholds, reading=reading)
+                state.view, resume_note, resume_step = self._joined_view(state.run)
+                state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
+                if resume_note:
+                    state.analysis.notes.insert(0, resume_note)
+                if resume_step is not None:  # what came before the resume is the earlier run's to report
+                    state.analysis.findings = [f for f in state.analysis.findings if f.step > resume_step]
                 state.error = None
             except Exception as e:  # one run's trouble never stops the others (or the watch)
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
@@ -127,6 +138,27 @@ class Monitor:
                 state.reported.add(key)
                 out.append((state, finding))
         return out
+
+    def _joined_view(self, run: Run) -> tuple[RunLike, str | None, int | None]:
+        """The run as analysed (joined to the run it resumed, when that is here), a note, and the
+        resume step below which findings belong to the earlier run."""
+        others = [s.run for s in self.states.values() if s.run is not run]
+        state = resumed_from(run.config)
+        if state is None:
+            return run, _maybe_resumed_note(run, others), None
+        found = find_continued(run, others)
+        if found is None:
+            first = first_step(run)
+            offset = state[1] if first is not None and first <= state[1] else 0
+            shift = f"its steps are shifted by {offset} to global steps; " if offset else ""
+            return (JoinedRun(None, run, state[1], offset),
+                    f"resumed from {state[0]}-step{state[1]:08d}-state, whose run is not among the runs read: "
+                    f"{shift}the history before the resume (the highest d*lr so far) is not counted", None)
+        earlier, step, offset = found
+        shift = f"; its steps are shifted by {offset} to global steps" if offset else ""
+        return (JoinedRun(earlier, run, step, offset),
+                f"resumed from {state[0]}-step{step:08d}-state: joined to run {earlier.name} up to step {step}{shift}",
+                step)
 
     def judge_snapshots(self) -> None:
         """Verdicts for the snapshot folders (if any), from the current analyses."""
@@ -143,6 +175,20 @@ class Monitor:
     @property
     def runs(self) -> list[RunState]:
         return [self.states[p] for p in sorted(self.states)]
+
+
+def _maybe_resumed_note(run: Run, others: list[Run]) -> str | None:
+    """A run that starts again at step 1 in a log folder named like an earlier run's may be a
+    resume whose config was not logged: its steps would then be local. Say so, never guess."""
+    name, first = output_name(run), first_step(run)
+    if first is None or first > 1:
+        return None
+    earlier = [o for o in others if output_name(o) == name and str(o.path) < str(run.path)]
+    if not earlier:
+        return None
+    return (f"named like the earlier run {earlier[-1].name} and starting at step {first}: if it resumed that run, "
+            "its steps are local and the history before the resume is not counted (kohya's --log_config logs "
+            "the resume state, and lrwatch then joins the two)")
 
 
 def _where(e: BaseException) -> str:

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import yaml
@@ -56,6 +57,21 @@ class Series:
     steps: np.ndarray
     values: np.ndarray
     wall_times: np.ndarray
+
+
+class RunLike(Protocol):
+    """What the analysis reads of a run: a :class:`Run`, or a resumed run joined to the run it
+    continues (:class:`lrwatch.resume.JoinedRun`)."""
+
+    path: Path
+    name: str
+    config: dict[str, object]
+    config_problems: list[str]
+
+    @property
+    def tags(self) -> list[str]: ...
+
+    def series(self, tag: str) -> Series | None: ...
 
 
 class _TagChunks:

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimizer_hint, points
-from lrwatch.runs import Run
+from lrwatch.runs import RunLike
+from lrwatch.schedule_config import KnownSchedule
+from lrwatch.trainers import LAYOUTS, SNAPSHOT_NAMES
 
 SAFE = "safe"
 HIGH_LR = "high_lr"
@@ -38,10 +40,9 @@ DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cyc
 DEFAULT_FRIED_LOSS = 3.0  # median loss before the save / the base model's: at least this is fried
 LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
 
-_STEP_NAME = re.compile(r"^(?P<base>.+?)-step(?P<step>\d{8})$")
 _EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
 _LOOSE_STEP = re.compile(r"(?:^|[-_.])(?:step|global_step|steps)[-_=]?(?P<step>\d+)", re.IGNORECASE)
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-(?P<step>\d+)$")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(?P<step>\d+)$")  # diffusers, SimpleTuner (trainers.SNAPSHOT_NAMES)
 SNAPSHOT_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
@@ -105,10 +106,20 @@ def describe(path: Path) -> Snapshot:
     return _describe(path)
 
 
+def _by_trainer_name(path: Path, stem: str) -> Snapshot | None:
+    """A snapshot named the way one of the trainers names its saves (lrwatch.trainers)."""
+    for _trainer, pattern in SNAPSHOT_NAMES:
+        if m := pattern.match(stem):
+            found = m.groupdict()
+            epoch = int(found["epoch"]) if found.get("epoch") else None
+            return Snapshot(str(path), "step", found.get("base"), int(m["step"]), "name", epoch=epoch)
+    return None
+
+
 def _describe(path: Path) -> Snapshot:
     stem = path.stem
-    if m := _STEP_NAME.match(stem):
-        snap = Snapshot(str(path), "step", m["base"], int(m["step"]), "name")
+    if named := _by_trainer_name(path, stem):
+        snap = named
     elif m := _EPOCH_NAME.match(stem):
         snap = Snapshot(str(path), "epoch", m["base"], epoch=int(m["epoch"]))
     elif m := _LOOSE_STEP.search(stem):
@@ -157,7 +168,7 @@ def steps_per_epoch_from(snapshots: list[Snapshot]) -> int | None:
     return None
 
 
-def resolve_steps(snapshots: list[Snapshot], run: Run | None, steps_per_epoch: int | None) -> None:
+def resolve_steps(snapshots: list[Snapshot], run: RunLike | None, steps_per_epoch: int | None) -> None:
     """Fill in steps the metadata did not give: epoch x steps per epoch, else the save time
     matched against the events' wall times."""
     spe = steps_per_epoch or steps_per_epoch_from(snapshots)
@@ -177,7 +188,7 @@ def resolve_steps(snapshots: list[Snapshot], run: Run | None, steps_per_epoch: i
                 s.step, s.step_source = int(steps[i]), f"time ({s.saved_at_source})"
 
 
-def _wall_index(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+def _wall_index(run: RunLike) -> tuple[np.ndarray, np.ndarray] | None:
     best = None
     for tag in run.tags:
         series = run.series(tag)
@@ -210,19 +221,27 @@ def _first_prediction(analysis: Analysis) -> tuple[int | None, str]:
     return None, ""
 
 
-def _lr_of_last_update(group: GroupAnalysis, step: int) -> tuple[float, float, float | None] | None:
-    """(lr logged at step-1, its cycle's peak so far, d then) for the group; None if not covered."""
+def _lr_of_last_update(group: GroupAnalysis, step: int, schedule: KnownSchedule | None = None,
+                       lag: int = 1) -> tuple[float, float, float | None] | None:
+    """(lr logged at step-lag, its cycle's peak so far, d then) for the group; None if not covered.
+    ``lag`` is the trainer's (``Layout.save_lag``). Where that step was not logged (ai-toolkit
+    logs every 100 steps) and the schedule is known, the schedule's lr there: a save one update
+    past a restart must not borrow the lr of ten steps before."""
     steps = group.steps
-    if group.lr is None or not len(steps) or step - 1 < steps[0] or step - 1 > steps[-1]:
+    at = step - lag
+    if group.lr is None or not len(steps) or at < steps[0] or at > steps[-1]:
         return None
-    i = int(np.searchsorted(steps, step - 1, side="right")) - 1
+    i = int(np.searchsorted(steps, at, side="right")) - 1
     if i < 0:
         return None
     d = float(group.d[i]) if np.isfinite(group.d[i]) else None
+    if steps[i] != at and schedule is not None and schedule.lr_at is not None:
+        lr = float(schedule.lr_at(np.asarray([at]))[0])
+        return lr, max(float(group.cycle_peak[i]), lr), d
     return float(group.lr[i]), float(group.cycle_peak[i]), d
 
 
-def loss_ratio(run: Run | None, analysis: Analysis | None, step: int) -> float | None:
+def loss_ratio(run: RunLike | None, analysis: Analysis | None, step: int) -> float | None:
     """The evidence for the weights saved at ``step``: the median loss over the LOSS_WINDOW steps
     before it, over the base model's (``analysis.base_loss``). Medians, because a diffusion
     loss swings ~30x with the random timestep. None when the loss was not logged there (or
@@ -241,7 +260,7 @@ def loss_ratio(run: Run | None, analysis: Analysis | None, step: int) -> float |
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,
-          run: Run | None = None, fried_loss: float = DEFAULT_FRIED_LOSS) -> None:
+          run: RunLike | None = None, fried_loss: float = DEFAULT_FRIED_LOSS) -> None:
     """Give every snapshot its verdict, lr multiplier, d and reason. Where the run logged a loss,
     the verdict follows the evidence at the snapshot (a fry it recovered from does not spoil it;
     a high predicted restart ratio alone does not either); otherwise, the findings before it."""
@@ -250,6 +269,8 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
     base_loss = analysis.base_loss if analysis else None
     group = None
+    layout = LAYOUTS.get(analysis.trainer or "") if analysis else None
+    lag = layout.save_lag if layout else 1
     if analysis is not None and analysis.groups:
         group = next((g for g in analysis.groups if g.adaptive), analysis.groups[0])
     for s in snapshots:
@@ -263,7 +284,7 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
         if group is None:
             s.reason = "no lr data for its run"
             continue
-        covered = _lr_of_last_update(group, s.step)
+        covered = _lr_of_last_update(group, s.step, analysis.schedule if analysis else None, lag)
         if covered is not None:
             lr, peak, s.d = covered
             s.lr_multiplier = round(lr / peak, 6) if peak > 0 and np.isfinite(lr) else None
@@ -280,7 +301,7 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why} (no loss logged to judge it)"
             continue
         if covered is None:
-            s.reason = f"no lr logged for step {s.step - 1}, whose lr made its last update"
+            s.reason = f"no lr logged for step {s.step - lag}, whose lr made its last update"
             continue
         if s.loss_ratio is None and risky_after is not None and s.step > risky_after:
             s.verdict, s.reason = AT_RISK, f"saved after a critical prediction ({risky_why}), before any blow-up"
@@ -294,9 +315,10 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
             s.verdict, s.reason = HIGH_LR, f"last update at {mult} of the cycle's peak lr: mid-cycle"
 
 
-def belongs_to(snapshot: Snapshot, run: Run, only_run: bool) -> bool:
+def belongs_to(snapshot: Snapshot, run: RunLike, only_run: bool) -> bool:
     """By the run's logged output_name, else a run folder named <output name>[<YYYYMMDDHHMMSS>]
-    (kohya's <log_prefix><timestamp>); the only run owns everything."""
+    (kohya's <log_prefix><timestamp>; ai-toolkit's <name>_<YYYYmmdd-HHMMSS>; OneTrainer's saves
+    carry the run folder's name); the only run owns everything."""
     if only_run:
         return True
     base = snapshot.base
@@ -304,8 +326,20 @@ def belongs_to(snapshot: Snapshot, run: Run, only_run: bool) -> bool:
         return False
     if base == str(run.config.get("output_name") or ""):
         return True
-    folder = re.compile(re.escape(base) + r"[-_]?(\d{14})?")
+    folder = re.compile(re.escape(base) + r"[-_]?(\d{14}|\d{8}-\d{6})?")  # kohya's, ai-toolkit's time stamps
     return any(folder.fullmatch(part) for part in run.path.parts)
+
+
+def _covering(owners: list, snap: Snapshot):
+    """Of the runs a snapshot's name matches (a run and its resumed part share the output name),
+    the one whose logged steps reach its step; else the first."""
+    if snap.step is not None:
+        for state in reversed(owners):  # the latest part that reached it
+            a = state.analysis
+            first = min((int(g.steps[0]) for g in a.groups if len(g.steps)), default=None) if a else None
+            if first is not None and a.last_step is not None and first <= snap.step <= a.last_step:
+                return state
+    return owners[0]
 
 
 def best_safe(snapshots: list[Snapshot]) -> Snapshot | None:
@@ -369,7 +403,8 @@ class SnapshotBook:
         self.by_run = {r.path: [] for r in runs}
         self.orphans = []
         for snap in snaps:
-            owner = next((r for r in runs if belongs_to(snap, r, len(runs) == 1)), None)
+            owners = [s for s in states if belongs_to(snap, s.run, len(runs) == 1)]
+            owner = _covering(owners, snap).run if owners else None
             if owner is None:
                 snap.reason = "no watched run matches it (by output name); give one run's logs"
                 self.orphans.append(snap)
@@ -377,8 +412,8 @@ class SnapshotBook:
                 self.by_run[owner.path].append(snap)
         for state in states:
             mine = self.by_run[state.run.path]
-            resolve_steps(mine, state.run, self.steps_per_epoch)
-            judge(mine, state.analysis, self.safe_lr, state.run, self.fried_loss)
+            resolve_steps(mine, state.series_source, self.steps_per_epoch)
+            judge(mine, state.analysis, self.safe_lr, state.series_source, self.fried_loss)
             _optimizer_hint(state.analysis, mine)
             mine.sort(key=lambda s: (s.step is None, s.step or 0, s.path))
         return snaps

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lrwatch.runs import Run
+from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule
 from lrwatch.schedules import cosine_restart_steps, cyclic_multiplier, cyclic_restart_steps
 from lrwatch.tags import Group, TagMap
@@ -72,8 +72,14 @@ class Layout:
     lr_tags_hold_dlr: bool = False  # its lr tags hold lr×d with an adaptive optimizer
     step_unit: str = "optimizer step"
     lr_step_offset: int = 0  # the lr logged at step s is the schedule's after s + offset scheduler steps
-    snapshot_step: str | None = None  # regex (group "step") on a snapshot's file or folder name
-    config: Callable[[Run], TrainerConfig] | None = None
+    # A snapshot's name (a file's without its suffix, or a folder's): groups step, base (the run's
+    # output name, when the name has it) and epoch (when it has one).
+    snapshot_name: str | None = None
+    # The lr of a save's last update was logged this many steps before the save's step: kohya
+    # saves at N after update N, whose lr it logged at N-1; OneTrainer's save-<G> holds G updates,
+    # the G-th logged (after its scheduler step) at batch G-1 with the next lr, so its own at G-2.
+    save_lag: int = 1
+    config: Callable[[RunLike], TrainerConfig] | None = None
 
 
 def _schedule_multiplier(kind: str, max_steps: int, warmup: int, cycles: int,
@@ -112,7 +118,7 @@ def _logged_schedule(name: str, multiplier: Callable[[int], float], restarts: li
 _ONETRAINER_SAVE = re.compile(r"-(?:save|backup)-(?P<step>\d+)-(?P<epoch>\d+)-(?P<epoch_step>\d+)")
 
 
-def _onetrainer_config(run: Run) -> TrainerConfig:
+def _onetrainer_config(run: RunLike) -> TrainerConfig:
     """``<workspace>/config/<prefix><time>.json`` next to ``<workspace>/tensorboard/<prefix><time>/``
     (GenericTrainer.__save_config_to_workspace); the schedule as create_lr_scheduler builds it. Its
     length needs the epoch's length in batches, which only the names of saves and backups tell."""
@@ -179,7 +185,7 @@ def _onetrainer_epoch_length(workspace: Path) -> int | None:
     return None
 
 
-def _ai_toolkit_config(run: Run) -> TrainerConfig:
+def _ai_toolkit_config(run: RunLike) -> TrainerConfig:
     """``<training_folder>/<name>/config.yaml`` (BaseTrainProcess.save_training_config); the run's
     folder is ``<log_dir>/<name>_<time>``, so the config is looked for next to it and above it."""
     name = re.sub(r"_\d{8}-\d{6}$", "", run.path.name)
@@ -253,14 +259,14 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         "lr, d×lr and d per param group; loss per step; the schedule from --log_config",
         "sd-scripts train_network.py generate_step_logs (lr/<desc>, lr/d*lr/<desc>, and the duplicate "
         "lr/group<i> of its for-else); musubi-tuner training/trainer_base.py",
-        snapshot_step=r"-step(?P<step>\d{8})",
+        snapshot_name=r"^(?P<base>.+?)-step(?P<step>\d{8})$",
     ),
     Layout(
         "kohya-base-lr", "kohya forks logging d×lr as lr/<desc>, the raw lr as lr/base/<desc>",
         TagMap(lr=("lr/base/{group}",), dlr=("lr/{group}",), loss=("loss/current", "loss/average", "loss")),
         "lr, d×lr and d per param group; loss per step",
         "forks of sd-scripts' generate_step_logs",
-        snapshot_step=r"-step(?P<step>\d{8})",
+        snapshot_name=r"^(?P<base>.+?)-step(?P<step>\d{8})$",
     ),
     Layout(
         "onetrainer", "OneTrainer",
@@ -270,7 +276,8 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         "modules/modelSetup/BaseModelSetup.py report_to_tensorboard (lr/<name> after Optimizer.maybe_adjust_lrs); "
         "modules/trainer/GenericTrainer.py (loss/train_step at train_progress.global_step)",
         lr_tags_hold_dlr=True, step_unit="batch (micro-batch with gradient accumulation)", lr_step_offset=1,
-        snapshot_step=r"-save-(?P<step>\d+)-\d+-\d+", config=_onetrainer_config,
+        snapshot_name=r"^(?P<base>.+?)-save-(?P<step>\d+)-(?P<epoch>\d+)-\d+$", save_lag=2,
+        config=_onetrainer_config,
     ),
     Layout(
         "ai-toolkit", "ai-toolkit (ostris)",
@@ -278,7 +285,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         "one d×lr (param group 0) every log_every steps (default 100): d needs the schedule, rebuilt from "
         "config.yaml (or --schedule ...); loss",
         "jobs/process/BaseSDTrainProcess.py (add_scalar 'lr' = d*lr for prodigy/dadaptation, loss_dict keys)",
-        lr_tags_hold_dlr=True, lr_step_offset=1, snapshot_step=r"_(?P<step>\d{9})\.safetensors$",
+        lr_tags_hold_dlr=True, lr_step_offset=1, snapshot_name=r"^(?P<base>.+)_(?P<step>\d{9})$",
         config=_ai_toolkit_config,
     ),
     Layout(
@@ -288,22 +295,26 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         "with Prodigy: d and d×lr (lr = d×lr / d); otherwise the lr; loss",
         "simpletuner/helpers/training/trainer.py (learning_rate holds d with prodigy; prodigy_d, "
         "prodigy_effective_lr, train_loss)",
-        snapshot_step=r"^checkpoint-(?P<step>\d+)$",
+        snapshot_name=r"^checkpoint-(?P<step>\d+)$",
     ),
     Layout(
         "diffusers", "diffusers example scripts",
         TagMap(lr=("lr",), dlr=(), loss=("train_loss", "loss")),
         "lr and loss; d is not logged by these scripts, so d cannot be checked",
         "examples/*/train_*_lora.py (accelerator.log lr, train_loss or loss)",
-        snapshot_step=r"^checkpoint-(?P<step>\d+)$",
+        snapshot_name=r"^checkpoint-(?P<step>\d+)$",
     ),
 )}
+# Snapshot names of every trainer, most specific first (each pattern once).
+SNAPSHOT_NAMES: list[tuple[str, re.Pattern[str]]] = list({
+    layout.snapshot_name: (layout.name, re.compile(layout.snapshot_name))
+    for layout in LAYOUTS.values() if layout.snapshot_name}.values())
 CUSTOM = Layout("custom", "tags given with --lr-tag/--dlr-tag/--loss-tag", TagMap(), "as mapped", "")
 
 _AI_TOOLKIT_FOLDER = re.compile(r"_\d{8}-\d{6}$")  # BaseTrainProcess.setup_tensorboard: <name>_%Y%m%d-%H%M%S
 
 
-def detect(run: Run) -> tuple[Layout, str]:
+def detect(run: RunLike) -> tuple[Layout, str]:
     """The layout of a run's logs and why (tags present, folder names)."""
     tags = set(run.tags)
     if tags & {"prodigy_d", "prodigy_effective_lr"} or {"learning_rate", "train_loss"} <= tags:
@@ -334,7 +345,7 @@ class Reading:
     notes: list[str] = field(default_factory=list)
 
 
-def read_layout(run: Run, trainer: str | None = None, tag_map: TagMap | None = None,
+def read_layout(run: RunLike, trainer: str | None = None, tag_map: TagMap | None = None,
                 schedule: ScheduleOptions | None = None) -> Reading:
     """The reading of ``run``: ``tag_map`` (the user's tag options) wins, then ``trainer``, then detection."""
     if tag_map is not None:
@@ -372,13 +383,13 @@ def read_layout(run: Run, trainer: str | None = None, tag_map: TagMap | None = N
 _GROUP_INDEX = re.compile(r"group\d+")
 
 
-def fold_duplicate_groups(run: Run, groups: list[Group]) -> list[Group]:
+def fold_duplicate_groups(run: RunLike, groups: list[Group]) -> list[Group]:
     """kohya's current main logs every group twice (``lr/<desc>`` and, from a for-else,
     ``lr/group<i>``): a ``group<i>`` whose series equal another group's is that group."""
     return [g for g in groups if _twin_of(run, g, groups) is None]
 
 
-def _twin_of(run: Run, group: Group, groups: list[Group]) -> Group | None:
+def _twin_of(run: RunLike, group: Group, groups: list[Group]) -> Group | None:
     def same(a: str | None, b: str | None) -> bool:
         sa, sb = (run.series(a) if a else None), (run.series(b) if b else None)
         if sa is None or sb is None:
@@ -391,7 +402,7 @@ def _twin_of(run: Run, group: Group, groups: list[Group]) -> Group | None:
                  and same(k.dlr_tag, group.dlr_tag) and same(k.d_tag, group.d_tag)), None)
 
 
-def tag_roles(run: Run, reading: Reading) -> dict[str, str]:
+def tag_roles(run: RunLike, reading: Reading) -> dict[str, str]:
     """What each of the run's scalar tags is taken as under ``reading`` (for ``lrwatch tags``)."""
     tags = set(run.tags)
     roles = {tag: "not used" for tag in tags}
@@ -423,7 +434,7 @@ def tag_roles(run: Run, reading: Reading) -> dict[str, str]:
     return roles
 
 
-def describe_tags(run: Run, reading: Reading) -> list[dict[str, object]]:
+def describe_tags(run: RunLike, reading: Reading) -> list[dict[str, object]]:
     """Each scalar tag of ``run``: points, first and last step, and what it is taken as."""
     roles = tag_roles(run, reading)
     rows: list[dict[str, object]] = []

@@ -146,3 +146,108 @@ def test_schedule_options_go_together(args, capsys):
 
 def test_every_layout_has_a_fixture():
     assert set(LAYOUTS) == set(STEP_OFFSET)
+
+
+def verdicts(run: Path, snapshots: Path) -> dict[str, tuple[str, float | None]]:
+    result = lrwatch.audit([run], snapshots=[snapshots], manifest=False)
+    (snaps,) = result.monitor.snapshots.by_run.values()
+    return {Path(s.path).name: (s.verdict, s.lr_multiplier) for s in snaps}
+
+
+def test_onetrainer_saves_are_judged_by_the_lr_of_their_last_update():
+    # save-<G> holds G updates; the G-th was logged at batch G-1 with the *next* lr (a restart at 200)
+    got = verdicts(FIXTURES / "onetrainer" / "bump", FIXTURES / "onetrainer" / "bump" / "workspace" / "save")
+    assert len(got) == 9
+    for name, (verdict, lr) in got.items():
+        step = int(name.split("-save-")[1].split("-")[0])
+        assert verdict == ("safe" if step % 200 == 0 else "high_lr"), (name, verdict, lr)
+
+
+def test_ai_toolkit_saves_at_the_cycle_length_are_one_update_past_the_restart():
+    # BaseSDTrainProcess trains step_num, then saves it: with save_every = T_0 the saved weights
+    # already hold the first update of the next cycle, at the peak lr (found from the schedule:
+    # the logs hold only every 10th step)
+    run = FIXTURES / "ai-toolkit" / "bump"
+    got = verdicts(run, run / "output" / "lora_bump")
+    assert set(got) == {f"lora_bump_{s:09d}.safetensors" for s in (200, 400, 600, 800)}
+    assert all(v == ("high_lr", 1.0) for v in got.values()), got
+
+
+def test_checkpoint_folders_are_judged_by_their_step():
+    got = verdicts(FIXTURES / "simpletuner" / "bump", FIXTURES / "simpletuner" / "bump" / "output")
+    assert set(got) == {f"checkpoint-{s}" for s in (200, 400, 600, 800, 1000)}
+    assert all(v[0] == "safe" for v in got.values()), got
+
+
+def rewrite_kohya(folder: Path, tags: dict[str, str]) -> Path:
+    """The healthy kohya run's real series under other kohya versions' tag names
+    (``tags``: new tag -> the fixture's tag it copies)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    source = lrwatch.Run(FIXTURES / "kohya" / "healthy" / "logs" / "healthy20261124083000" / "network_train")
+    source.refresh()
+    series = {new: source.series(old) for new, old in tags.items()}
+    writer = SummaryWriter(str(folder))
+    for i in range(len(series["loss" if "loss" in series else "loss/current"].steps)):
+        for tag, s in series.items():
+            writer.add_scalar(tag, float(s.values[i]), int(s.steps[i]))
+    writer.close()
+    return folder
+
+
+@pytest.mark.parametrize("tags, groups", [
+    # LoRA+ and flux descriptions (spaces, a trailing space), and flux's extra raw lr/textencoder
+    ({"loss/current": "loss/current", "lr/unet plus": "lr/unet", "lr/d*lr/unet plus": "lr/d*lr/unet",
+      "lr/textencoder 1 ": "lr/unet", "lr/d*lr/textencoder 1 ": "lr/d*lr/unet", "lr/textencoder": "lr/unet"},
+     {"unet plus": True, "textencoder 1 ": True, "textencoder": False}),
+    # older kohya: a lone lr/d*lr, group 0's (the text encoder's)
+    ({"loss/current": "loss/current", "lr/textencoder": "lr/unet", "lr/unet": "lr/unet", "lr/d*lr": "lr/d*lr/unet"},
+     {"textencoder": True, "unet": False}),
+    # fine_tune.py (tracker folder finetuning/): loss, lr/unet, lr/text_encoder1 and their d*lr
+    ({"loss": "loss/current", "lr/unet": "lr/unet", "lr/d*lr/unet": "lr/d*lr/unet",
+      "lr/text_encoder1": "lr/unet", "lr/d*lr/text_encoder1": "lr/d*lr/unet"},
+     {"unet": True, "text_encoder1": True}),
+    # a block-wise lr per U-Net block
+    ({"loss/current": "loss/current", "lr/unet_block3": "lr/unet", "lr/d*lr/unet_block3": "lr/d*lr/unet"},
+     {"unet_block3": True}),
+], ids=["descs-with-spaces", "lone-dlr", "fine_tune", "unet-block"])
+def test_kohya_versions_and_descriptions_read_with_no_flags(tmp_path, tags, groups):
+    analysis = audit_one(rewrite_kohya(tmp_path / "finetuning", tags))
+    assert analysis.trainer == "kohya"
+    assert {g.name: g.adaptive for g in analysis.groups} == groups
+    assert analysis.findings == [] and analysis.loss_tag in tags
+    assert all(g.d_now == pytest.approx(0.0187, rel=0.01) for g in analysis.groups if g.adaptive)
+
+
+RESUMED = FIXTURES / "kohya-resumed" / "blowup" / "logs"
+
+
+def test_a_resumed_run_is_joined_to_the_run_it_continues():
+    result = lrwatch.audit([RESUMED])
+    earlier, resumed = result.runs
+    assert earlier.analysis.worst == WARNING and earlier.analysis.last_step == 330  # died before the trouble
+    assert any("joined to run blowup20261124083000" in n for n in resumed.analysis.notes)
+    assert resumed.analysis.last_step == 600  # global steps (the resumed part logged 1..300)
+    first = next(f for f in resumed.analysis.findings if f.severity == CRITICAL)
+    # d's run-away is measured against the history before the resume: caught before the loss goes bad
+    assert first.kind == "runaway_d" and first.step < LABELS["blowup"]["first_diverged_loss_step"]
+    assert all(f.step > 300 for f in resumed.analysis.findings)  # earlier findings are the earlier run's
+
+
+def test_a_resumed_run_alone_is_shifted_to_global_steps_and_says_what_it_lacks():
+    analysis = audit_one(RESUMED / "blowup20261124093000")
+    assert any("not among the runs read" in n and "shifted by 300" in n for n in analysis.notes)
+    assert analysis.last_step == 600
+    first = next(f for f in analysis.findings if f.severity == CRITICAL)
+    assert first.kind == "blowup"  # without the history only the loss shows it, at the same global step
+    assert first.step == LABELS["blowup"]["first_diverged_loss_step"]
+
+
+def test_without_the_logged_config_a_resume_is_not_guessed_but_said(tmp_path):
+    shutil.copytree(RESUMED, tmp_path / "logs")
+    for yml in (tmp_path / "logs").rglob("hparams.yml"):
+        yml.unlink()
+    earlier, later = lrwatch.audit([tmp_path / "logs"]).runs
+    assert later.analysis.last_step == 300  # local steps, not shifted
+    assert any("if it resumed that run, its steps are local" in n for n in later.analysis.notes)
+    assert not any("resumed" in n for n in earlier.analysis.notes)
