@@ -259,8 +259,11 @@ def stop(
     grace_term: float = 10.0,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
+    skip_sigint: str | None = None,
 ) -> StopResult:
-    """Stop ``target``'s tree: SIGINT, then SIGTERM, then SIGKILL, each after its grace period."""
+    """Stop ``target``'s tree: SIGINT, then SIGTERM, then SIGKILL, each after its grace period.
+    ``skip_sigint`` (why) starts at SIGTERM: a trainer that saves its weights on Ctrl-C would
+    save the very weights the stop is about."""
     result = StopResult()
     tree = process_tree(target)
     if not tree:
@@ -268,11 +271,15 @@ def stop(
         result.exited = True
         return result
     names = ", ".join(f"{i.pid}" for i in tree)
+    first = "SIGTERM" if skip_sigint else "SIGINT"
     if dry_run:
-        log(f"lrwatch: --dry-run: would send SIGINT to pid(s) {names} (nothing sent)")
+        log(f"lrwatch: --dry-run: would send {first} to pid(s) {names} (nothing sent)")
         return result
     phases: list[tuple[str, float]] = [("SIGINT", grace_int), ("SIGTERM", grace_term), ("SIGKILL", 0.0)]
-    if not WINDOWS and ignores_sigint(target.identity.pid):
+    if skip_sigint:
+        log(f"lrwatch: {skip_sigint}: sending SIGTERM, not SIGINT")
+        phases = phases[1:]
+    elif not WINDOWS and ignores_sigint(target.identity.pid):
         log(f"lrwatch: pid {target.identity.pid} ignores SIGINT (started in the background by a shell?): "
             "sending SIGTERM instead")
         phases = phases[1:]

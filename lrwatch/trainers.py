@@ -79,6 +79,7 @@ class Layout:
     # saves at N after update N, whose lr it logged at N-1; OneTrainer's save-<G> holds G updates,
     # the G-th logged (after its scheduler step) at batch G-1 with the next lr, so its own at G-2.
     save_lag: int = 1
+    saves_on_interrupt: bool = False  # Ctrl-C makes it save the current (fried) weights: stop with SIGTERM
     config: Callable[[RunLike], TrainerConfig] | None = None
 
 
@@ -277,6 +278,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         "modules/trainer/GenericTrainer.py (loss/train_step at train_progress.global_step)",
         lr_tags_hold_dlr=True, step_unit="batch (micro-batch with gradient accumulation)", lr_step_offset=1,
         snapshot_name=r"^(?P<base>.+?)-save-(?P<step>\d+)-(?P<epoch>\d+)-\d+$", save_lag=2,
+        saves_on_interrupt=True,  # scripts/train.py: KeyboardInterrupt -> trainer.end() with backup_before_save
         config=_onetrainer_config,
     ),
     Layout(

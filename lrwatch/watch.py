@@ -43,6 +43,7 @@ from lrwatch.processes import (
     writer_from_name,
 )
 from lrwatch.report import EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint, render
+from lrwatch.trainers import LAYOUTS
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
 # watchdog's inotify observer warns when a new folder's watch is added twice (its own race between
@@ -349,8 +350,12 @@ class _Stopper:
                           pid=target.identity.pid, found_by=target.found_by, dry_run=self.options.dry_run)
         self.stopped.append(target)
 
+        layout = LAYOUTS.get(state.analysis.trainer or "") if state.analysis else None
+        saves = layout is not None and layout.saves_on_interrupt
+
         def work() -> None:
-            stop(target, self.options.grace_int, self.options.grace_term, self.options.dry_run, log=self.hooks.say)
+            stop(target, self.options.grace_int, self.options.grace_term, self.options.dry_run, log=self.hooks.say,
+                 skip_sigint=f"{layout.title} saves the current model on Ctrl-C" if saves and layout else None)
 
         t = threading.Thread(target=work, daemon=True)
         t.start()

@@ -70,6 +70,18 @@ def test_a_launched_trainer_is_stopped_before_the_recorded_blowup(tmp_path):
     assert "verdict: CRITICAL" in out
 
 
+def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights(tmp_path):
+    workspace = tmp_path / "workspace"
+    replay = [sys.executable, str(ROOT / "tests" / "replay_onetrainer.py"), "blowup", str(workspace)]
+    code, out, err = finish(lrwatch(str(workspace / "tensorboard"), "--kill-on-spike", "--", *replay))
+    assert code == 1, err
+    assert "OneTrainer saves the current model on Ctrl-C: sending SIGTERM, not SIGINT" in err
+    assert "sent SIGINT" not in err
+    assert not list((workspace / "save").glob("*-interrupted.safetensors"))  # its Ctrl-C save never ran
+    assert last_step_written(workspace) < 507  # batch 507 is where the loss diverges
+    assert "trainer: onetrainer" in out
+
+
 def test_a_healthy_launched_run_is_left_alone_and_ends_the_watch(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",
