@@ -11,7 +11,7 @@ growing arrays; it is vectorised, so that costs milliseconds.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -148,7 +148,7 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
             reading: Reading | None = None) -> Analysis:
     """Findings for ``run``, its tags read as ``reading`` says (else: ``tag_map``, else detected)."""
     reading = reading or read_layout(run, tag_map=tag_map)
-    th = thresholds or Thresholds()
+    th = _in_logged_steps(thresholds or Thresholds(), reading.steps_per_update)
     tags = set(run.tags)
     schedule = reading.schedule or known_schedule(run.config)
     findings: list[Finding] = []
@@ -175,6 +175,16 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
     if not analysis.checked:
         analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
     return analysis
+
+
+def _in_logged_steps(th: Thresholds, scale: int) -> Thresholds:
+    """Windows and grace periods are in optimizer steps; a trainer that counts batches (OneTrainer
+    with gradient accumulation) logs ``scale`` steps per update."""
+    if scale == 1:
+        return th
+    return replace(th, runaway_window=th.runaway_window * scale, loss_smoothing=th.loss_smoothing * scale,
+                   loss_grace=th.loss_grace * scale, loss_base_window=th.loss_base_window * scale,
+                   loss_reference=th.loss_reference * scale)
 
 
 def adaptive_optimizer_hint(optimizer: str, source: str) -> str | None:

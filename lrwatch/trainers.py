@@ -345,6 +345,7 @@ class Reading:
     tag_map: TagMap
     schedule: KnownSchedule | None = None  # None: take the schedule from kohya's logged config, if any
     notes: list[str] = field(default_factory=list)
+    steps_per_update: int = 1  # logged steps per optimizer step (OneTrainer counts batches)
 
 
 def read_layout(run: RunLike, trainer: str | None = None, tag_map: TagMap | None = None,
@@ -361,6 +362,7 @@ def read_layout(run: RunLike, trainer: str | None = None, tag_map: TagMap | None
         return reading
     config = layout.config(run) if layout.config else TrainerConfig()
     reading.notes += config.notes
+    reading.steps_per_update = config.accumulation
     if config.adaptive is False:  # a plain optimizer: its lr tags hold the lr itself
         reading.tag_map = replace(layout.tags, lr=layout.tags.dlr, dlr=())
         reading.notes.append(f"{config.path.name if config.path else 'the config'} names a non-adaptive optimizer: "

@@ -251,3 +251,13 @@ def test_without_the_logged_config_a_resume_is_not_guessed_but_said(tmp_path):
     assert later.analysis.last_step == 300  # local steps, not shifted
     assert any("if it resumed that run, its steps are local" in n for n in later.analysis.notes)
     assert not any("resumed" in n for n in earlier.analysis.notes)
+
+
+def test_onetrainer_counts_batches_and_windows_still_count_optimizer_steps():
+    # gradient accumulation 2: the same run logged at every second batch; findings at the same
+    # optimizer steps (batch 2k-1 is update k), restarts where the config puts them
+    single = audit_one(FIXTURES / "onetrainer" / "bump")
+    accumulated = audit_one(FIXTURES / "onetrainer-accumulation" / "bump")
+    assert accumulated.schedule.restarts == (399, 799, 1199, 1599)
+    assert [(f.kind, f.severity, (f.step + 1) // 2) for f in accumulated.findings] == \
+        [(f.kind, f.severity, f.step + 1) for f in single.findings]
