@@ -14,6 +14,7 @@ schedule somewhere, a config reader) plus a fixture.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -25,8 +26,8 @@ import numpy as np
 import yaml
 
 from lrwatch.runs import RunLike
-from lrwatch.schedule_config import KnownSchedule
-from lrwatch.schedules import cosine_restart_steps, cyclic_multiplier, cyclic_restart_steps
+from lrwatch.schedule_config import MAX_RESTARTS, KnownSchedule
+from lrwatch.schedules import cosine_restart_steps, cyclic_restart_steps
 from lrwatch.tags import Group, TagMap
 
 # Optimizers whose d×lr the trainers log (by the names each trainer's config uses).
@@ -47,8 +48,8 @@ class ScheduleOptions:
             raise ValueError("--schedule is cosine_with_restarts (cosine) or rex")
         if self.max_steps < 1 or self.warmup < 0 or self.warmup >= self.max_steps:
             raise ValueError("--max-steps must be positive and longer than --warmup")
-        if not 1 <= self.cycles <= self.max_steps - self.warmup:
-            raise ValueError("--cycles must be at least 1 and at most the steps after warmup")
+        if not 1 <= self.cycles <= min(self.max_steps - self.warmup, MAX_RESTARTS):
+            raise ValueError(f"--cycles must be at least 1 and at most the steps after warmup (and {MAX_RESTARTS})")
 
 
 @dataclass
@@ -83,31 +84,56 @@ class Layout:
     config: Callable[[RunLike], TrainerConfig] | None = None
 
 
-def _schedule_multiplier(kind: str, max_steps: int, warmup: int, cycles: int,
-                         min_factor: float = 0.0) -> tuple[Callable[[int], float], list[int]]:
+Multiplier = Callable[[np.ndarray], np.ndarray]  # optimizer steps -> the schedule's multiplier there
+
+
+def _check_schedule(max_steps: float, warmup: float, cycles: float) -> None:
+    """Settings lrwatch can rebuild: whole, finite, and no more cycles than steps (or MAX_RESTARTS)."""
+    for name, value in (("steps", max_steps), ("warmup", warmup), ("cycles", cycles)):
+        if not (math.isfinite(value) and value == int(value) and value >= (0 if name == "warmup" else 1)):
+            raise ValueError(f"{name}={value!r} is not a whole number lrwatch can use")
+    if max_steps - warmup < 1 or cycles > min(max_steps - warmup, MAX_RESTARTS):
+        raise ValueError(f"{int(cycles)} cycles over {int(max_steps)} steps ({int(warmup)} warmup) is not a schedule")
+
+
+def _with_warmup(warmup: int, inner: Multiplier) -> Multiplier:
+    def multiplier(k: np.ndarray) -> np.ndarray:
+        k = np.asarray(k, np.int64)
+        out = np.empty(len(k))
+        ramp = k < warmup
+        out[ramp] = k[ramp] / max(1, warmup)
+        out[~ramp] = inner(k[~ramp] - warmup)
+        return out
+    return multiplier
+
+
+def _schedule_multiplier(kind: str, max_steps: int, warmup: int, cycles: float,
+                         min_factor: float = 0.0) -> tuple[Multiplier, list[int]]:
     """A hard-restart cosine (OneTrainer's, diffusers') or lrwatch's REX: multiplier and restarts."""
+    _check_schedule(max_steps, warmup, cycles)
     span = max_steps - warmup
-    if kind == "rex":
+    if kind == "rex":  # lrwatch.schedulers.RexWithRestarts, cycles of equal length
         length = max(1, round(span / cycles))
-        return (lambda k: cyclic_multiplier(k, first_cycle=length, warmup=warmup)), \
+
+        def rex(j: np.ndarray) -> np.ndarray:
+            z = 1.0 - (j % length) / length
+            return z / (0.5 + 0.5 * z)
+        return _with_warmup(warmup, rex), \
             [r for r in cyclic_restart_steps(max_steps, length, warmup=warmup) if r < max_steps]
 
-    def cosine(k: int) -> float:
-        if k < warmup:
-            return k / max(1, warmup)
-        progress = min(k - warmup, span - 1) / max(1, span)
-        return min_factor + (1 - min_factor) * max(0.0, 0.5 * (1 + math.cos(math.pi * ((progress * cycles) % 1.0))))
+    def cosine(j: np.ndarray) -> np.ndarray:
+        progress = np.minimum(j, span - 1) / span
+        return min_factor + (1 - min_factor) * np.maximum(0.0, 0.5 * (1 + np.cos(np.pi * ((progress * cycles) % 1.0))))
 
-    return cosine, cosine_restart_steps(max_steps, warmup, cycles)
+    return _with_warmup(warmup, cosine), cosine_restart_steps(max_steps, warmup, int(cycles))
 
 
-def _logged_schedule(name: str, multiplier: Callable[[int], float], restarts: list[int], max_steps: int | None,
+def _logged_schedule(name: str, multiplier: Multiplier, restarts: list[int], max_steps: int | None,
                      warmup: int, base_lr: float, offset: int, accumulation: int, source: str,
                      save_every: int | None = None) -> KnownSchedule:
     """A schedule in the trainer's logged steps: logged step s is optimizer step (s + offset) // accumulation."""
     def lr_at(steps: np.ndarray) -> np.ndarray:
-        k = (np.asarray(steps, np.int64) + offset) // accumulation
-        return base_lr * np.fromiter((multiplier(int(x)) for x in k), float, len(k))
+        return base_lr * multiplier((np.asarray(steps, np.int64) + offset) // accumulation)
 
     logged = tuple(r * accumulation - offset for r in restarts)
     total = None if max_steps is None else max_steps * accumulation - offset
@@ -115,6 +141,18 @@ def _logged_schedule(name: str, multiplier: Callable[[int], float], restarts: li
 
 
 # --- config readers ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _parsed(path: Path, mtime_ns: int) -> object:
+    """A config file's contents, parsed once per version: the watcher re-reads a run's layout
+    on every change, and a trainer's config changes far less often than its logs."""
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
+
+def _load(path: Path) -> object:
+    return _parsed(path, path.stat().st_mtime_ns)
+
 
 _ONETRAINER_SAVE = re.compile(r"-(?:save|backup)-(?P<step>\d+)-(?P<epoch>\d+)-(?P<epoch_step>\d+)")
 
@@ -131,22 +169,24 @@ def _onetrainer_config(run: RunLike) -> TrainerConfig:
     earlier = [c for c in configs if c.stem <= run.path.name]
     path = (same or earlier or configs)[-1]
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = _load(path)
     except (OSError, ValueError) as e:
         return TrainerConfig(path, notes=[f"{path.name} could not be read: {e}"])
     if not isinstance(cfg, dict):
         return TrainerConfig(path, notes=[f"{path.name} is not a OneTrainer config"])
-    optimizer = cfg.get("optimizer", {})
-    name = str(optimizer.get("optimizer", "") if isinstance(optimizer, dict) else optimizer)
-    out = TrainerConfig(path, adaptive=bool(_ADAPTIVE.search(name)) if name else None)
+    optimizer = cfg.get("optimizer")
+    name = optimizer.get("optimizer") if isinstance(optimizer, dict) else optimizer
+    out = TrainerConfig(path, adaptive=bool(_ADAPTIVE.search(name)) if isinstance(name, str) and name else None)
     try:
-        accumulation = max(1, int(cfg.get("gradient_accumulation_steps") or 1))
+        accumulation = int(cfg.get("gradient_accumulation_steps") or 1)
         epochs = int(cfg.get("epochs") or 0)
+        if not 1 <= accumulation <= 1_000_000 or epochs < 0:
+            raise ValueError(f"gradient_accumulation_steps={accumulation}, epochs={epochs}")
         warmup_raw = float(cfg.get("learning_rate_warmup_steps") or 0)
         cycles = float(cfg.get("learning_rate_cycles") or 1)
         min_factor = float(cfg.get("learning_rate_min_factor") or 0)
         base_lr = float(cfg.get("learning_rate") or 1.0)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         out.notes.append(f"{path.name}: {e}")
         return out
     out.accumulation = accumulation
@@ -163,13 +203,16 @@ def _onetrainer_config(run: RunLike) -> TrainerConfig:
                          "epoch's length, which no save or backup name in the workspace tells yet: give "
                          "--max-steps (optimizer steps of the whole run)")
         return out
-    total = int(epoch_length * epochs / accumulation)
-    warmup = int(warmup_raw / accumulation) if warmup_raw > 1 else int(warmup_raw * total) if warmup_raw > 0 else 0
-    if total - warmup < 1 or cycles != int(cycles) or cycles < 1:
-        out.notes.append(f"{path.name}: {total} steps, {warmup} warmup, {cycles:g} cycles: not a schedule lrwatch "
-                         "can rebuild")
+    try:
+        if not all(math.isfinite(x) for x in (warmup_raw, cycles, min_factor, base_lr)) or base_lr <= 0 \
+                or not 0 < epochs * epoch_length / accumulation < 1e9:
+            raise ValueError("learning rate, warmup, cycles or the run's length out of range")
+        total = int(epoch_length * epochs / accumulation)
+        warmup = int(warmup_raw / accumulation) if warmup_raw > 1 else int(warmup_raw * total) if warmup_raw > 0 else 0
+        multiplier, restarts = _schedule_multiplier("cosine", total, warmup, cycles, min_factor)
+    except ValueError as e:
+        out.notes.append(f"{path.name}: not a schedule lrwatch can rebuild ({e})")
         return out
-    multiplier, restarts = _schedule_multiplier("cosine", total, warmup, int(cycles), min_factor)
     out.schedule = _logged_schedule(scheduler.lower(), multiplier, restarts, total, warmup, base_lr, 1,
                                     accumulation, f"{path.name} (epoch of {epoch_length} batches, from a save name)")
     return out
@@ -197,20 +240,21 @@ def _ai_toolkit_config(run: RunLike) -> TrainerConfig:
     if path is None:
         return TrainerConfig(notes=[f"no ai-toolkit config.yaml found for {name} near the logs"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        process = raw["config"]["process"][0]
-        train = process.get("train", {})
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raw = _load(path)
+        process = raw["config"]["process"][0]  # type: ignore[index]
+    except (OSError, yaml.YAMLError, ValueError, KeyError, IndexError, TypeError) as e:
         return TrainerConfig(path, notes=[f"{path} is not an ai-toolkit config ({type(e).__name__}: {e})"])
-    optimizer = str(train.get("optimizer", ""))
-    out = TrainerConfig(path, adaptive=bool(_ADAPTIVE.search(optimizer)) if optimizer else None,
-                        accumulation=1)
+    process = _mapping(process)
+    train = _mapping(process.get("train"))
+    optimizer = train.get("optimizer")
+    out = TrainerConfig(path, adaptive=bool(_ADAPTIVE.search(optimizer)) if isinstance(optimizer, str) and optimizer
+                        else None)
     scheduler = str(train.get("lr_scheduler", "constant"))
-    params = train.get("lr_scheduler_params") or {}
+    params = _mapping(train.get("lr_scheduler_params"))
     try:
-        steps = int(train.get("steps"))
+        steps = int(train["steps"])
         base_lr = float(train.get("lr", 1.0))
-        save_every = int(process.get("save", {}).get("save_every") or 0) or None
+        save_every = int(_mapping(process.get("save")).get("save_every") or 0) or None
         if scheduler == "cosine_with_restarts":  # torch's CosineAnnealingWarmRestarts
             t0 = int(params.get("T_0", steps))
             mult = float(params.get("T_mult", 1))
@@ -221,21 +265,29 @@ def _ai_toolkit_config(run: RunLike) -> TrainerConfig:
         else:
             out.notes.append(f"{path.name}: scheduler {scheduler} is not rebuilt by lrwatch")
             return out
-    except (TypeError, ValueError) as e:
-        out.notes.append(f"{path.name}: {e}")
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        out.notes.append(f"{path.name}: the schedule's settings could not be read ({type(e).__name__}: {e})")
         return out
-    if t0 < 1 or mult < 1:
-        out.notes.append(f"{path.name}: T_0={t0}, T_mult={mult}: not a schedule lrwatch can rebuild")
+    if not (t0 >= 1 and 1 <= mult <= 10 and math.isfinite(eta) and 1 <= steps < 1e9 and steps / t0 <= MAX_RESTARTS):
+        out.notes.append(f"{path.name}: steps={steps}, T_0={t0}, T_mult={mult}: not a schedule lrwatch can rebuild")
         return out
 
-    def multiplier(k: int) -> float:
-        pos = cyclic_position(k, t0, mult)
-        return eta + (1 - eta) * 0.5 * (1 + math.cos(math.pi * (k - pos[0]) / pos[1]))
+    def multiplier(k: np.ndarray) -> np.ndarray:
+        if mult == 1:
+            pos, length = k % t0, np.full(len(k), t0)
+        else:
+            starts, lengths = zip(*(cyclic_position(int(x), t0, mult) for x in k)) if len(k) else ((), ())
+            pos, length = k - np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+        return eta + (1 - eta) * 0.5 * (1 + np.cos(np.pi * pos / length))
 
     restarts = [r for r in cyclic_restart_steps(steps, t0, mult) if r < steps]
     out.schedule = _logged_schedule("cosine_with_restarts (CosineAnnealingWarmRestarts)", multiplier, restarts,
                                     steps, 0, base_lr, 1, 1, path.name, save_every)
     return out
+
+
+def _mapping(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def cyclic_position(step: int, first: int, mult: float) -> tuple[int, int]:

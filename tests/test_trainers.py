@@ -8,6 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lrwatch
 from lrwatch.analysis import CRITICAL, WARNING
@@ -261,3 +264,41 @@ def test_onetrainer_counts_batches_and_windows_still_count_optimizer_steps():
     assert accumulated.schedule.restarts == (399, 799, 1199, 1599)
     assert [(f.kind, f.severity, (f.step + 1) // 2) for f in accumulated.findings] == \
         [(f.kind, f.severity, f.step + 1) for f in single.findings]
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.text(max_size=12), st.lists(st.integers(), max_size=2),
+                 st.integers(min_value=-10**12, max_value=10**12),
+                 st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["PRODIGY", "COSINE_WITH_HARD_RESTARTS"]))
+
+
+def _odd_config(keys: list[str]):
+    return st.one_of(st.dictionaries(st.sampled_from(keys), _ANY, max_size=len(keys)),
+                     st.builds(lambda v: v, _ANY))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=_odd_config(["optimizer", "learning_rate_scheduler", "learning_rate", "learning_rate_warmup_steps",
+                           "learning_rate_cycles", "learning_rate_min_factor", "epochs", "gradient_accumulation_steps"]))
+def test_an_odd_onetrainer_config_is_a_note_never_a_crash(tmp_path, config):
+    run = tmp_path / "run"
+    if not run.exists():
+        shutil.copytree(FIXTURES / "onetrainer" / "bump", run)
+    (path,) = (run / "workspace" / "config").glob("*.json")
+    path.write_text(json.dumps(config))
+    result = lrwatch.audit([run])
+    assert result.runs[0].error is None and result.exit_code in (0, 1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(train=_odd_config(["steps", "lr", "optimizer", "lr_scheduler", "lr_scheduler_params"]),
+       params=_odd_config(["T_0", "T_mult", "eta_min"]))
+def test_an_odd_ai_toolkit_config_is_a_note_never_a_crash(tmp_path, train, params):
+    run = tmp_path / "run"
+    if not run.exists():
+        shutil.copytree(FIXTURES / "ai-toolkit" / "blowup", run)
+    if isinstance(train, dict) and "lr_scheduler_params" in train:
+        train["lr_scheduler_params"] = params
+    doc = {"config": {"name": "lora_blowup", "process": [{"train": train}]}}
+    (run / "output" / "lora_blowup" / "config.yaml").write_text(yaml.safe_dump(doc))
+    result = lrwatch.audit([run])
+    assert result.runs[0].error is None and result.exit_code in (0, 1)
