@@ -383,8 +383,11 @@ def detect(run: RunLike) -> tuple[Layout, str]:
             "a OneTrainer workspace (tensorboard/ next to config/)"
     if "lr" in tags and _AI_TOOLKIT_FOLDER.search(run.path.name):
         return LAYOUTS["ai-toolkit"], f"tag lr in a folder named <name>_<date>-<time> ({run.path.name})"
-    if "lr" in tags and ({"train_loss", "loss"} & tags):
-        return LAYOUTS["diffusers"], "tags lr and train_loss/loss"
+    if "lr" in tags and "train_loss" in tags:
+        return LAYOUTS["diffusers"], "tags lr and train_loss"
+    if "lr" in tags and "loss" in tags:
+        return LAYOUTS["diffusers"], ("tags lr and loss; ai-toolkit logs the same names (its lr holds d×lr): "
+                                      "if this is an ai-toolkit run, pass --trainer ai-toolkit")
     return LAYOUTS["kohya"], "no trainer's tags recognised; kohya's names tried"
 
 
