@@ -241,10 +241,10 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None
     lr = run.series(group.lr_tag) if group.lr_tag else None
     dlr = run.series(group.dlr_tag) if group.dlr_tag else None
     d = run.series(group.d_tag) if group.d_tag else None
-    if d is not None and (lr is None) != (dlr is None):
-        known = lr if lr is not None else dlr
-        steps, i, j = np.intersect1d(known.steps, d.steps, assume_unique=True, return_indices=True)  # type: ignore[union-attr]
-        k, dv = known.values[i], d.values[j]  # type: ignore[union-attr]
+    known = lr if dlr is None else dlr if lr is None else None  # exactly one of lr and d*lr logged
+    if d is not None and known is not None:
+        steps, i, j = np.intersect1d(known.steps, d.steps, assume_unique=True, return_indices=True)
+        k, dv = known.values[i], d.values[j]
         if lr is not None:
             return steps, k, k * dv
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -42,7 +42,7 @@ LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights
 
 _EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
 _LOOSE_STEP = re.compile(r"(?:^|[-_.])(?:step|global_step|steps)[-_=]?(?P<step>\d+)", re.IGNORECASE)
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-(?P<step>\d+)$")  # diffusers, SimpleTuner (trainers.SNAPSHOT_NAMES)
+_CHECKPOINT_DIR = re.compile(LAYOUTS["diffusers"].snapshot_name or "")  # checkpoint-<step>/ (and SimpleTuner's)
 SNAPSHOT_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 

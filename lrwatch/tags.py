@@ -71,7 +71,7 @@ class TagMap:
             if d_tag is not None and self.lr_is_d_when_d_logged:
                 lr_tag = None
             elif lr_tag is None and g == "" and dlr_tag is not None:
-                lr_tag = next((t for t in LONE_DLR_PARTNERS if t in tags and t in lr.values()), None)
+                lr_tag = next((t for t in LONE_DLR_PARTNERS if t in lr.values()), None)
                 if lr_tag is None and len(lr) == 1:
                     lr_tag = next(iter(lr.values()))
             out.append(Group(g or _name_of(lr_tag) or ("all" if d_tag else "d*lr"), lr_tag, dlr_tag, d_tag))
