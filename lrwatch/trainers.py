@@ -214,7 +214,7 @@ def _onetrainer_config(run: RunLike) -> TrainerConfig:
         out.notes.append(f"{path.name}: not a schedule lrwatch can rebuild ({e})")
         return out
     out.schedule = _logged_schedule(scheduler.lower(), multiplier, restarts, total, warmup, base_lr, 1,
-                                    accumulation, f"{path.name} (epoch of {epoch_length} batches, from a save name)")
+                                    accumulation, f"{path.name}; an epoch of {epoch_length} batches, from a save name")
     return out
 
 
