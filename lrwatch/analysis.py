@@ -109,6 +109,7 @@ class GroupAnalysis:
     risk: float | None  # predicted d*lr at the next restart / highest d*lr so far, now
     next_restart: int | None  # from the logged config, when known
     d_tag: str | None = None
+    risk_series: np.ndarray | None = None  # the risk at every point (NaN where no restart is predicted)
 
     @property
     def adaptive(self) -> bool:
@@ -314,6 +315,7 @@ def analyze_group(run: RunLike, group: Group, schedule: KnownSchedule | None, th
 
     _nonfinite(findings, name, steps, {label: x for label, x in (("lr", lr), ("d*lr", dlr)) if x is not None})
     risk_now = None
+    risk = np.full(len(steps), np.nan)
     next_restart = schedule.next_restart(int(steps[-1])) if schedule and len(steps) else None
     if lr is not None and dlr is not None and len(steps):
         best = _running_max_finite(dlr)  # the highest d*lr so far, at every point
@@ -326,7 +328,7 @@ def analyze_group(run: RunLike, group: Group, schedule: KnownSchedule | None, th
         _spike_findings(findings, name, steps, dlr, best, restarts_idx, th)
     cycles = _cycles(steps, lr, dlr, d, restarts_idx, schedule)
     return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d, cycle_peak,
-                         [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart, group.d_tag)
+                         [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart, group.d_tag, risk)
 
 
 def _running_max_finite(x: np.ndarray) -> np.ndarray:

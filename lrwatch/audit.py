@@ -11,6 +11,7 @@ from lrwatch.monitor import Monitor, RunState
 from lrwatch.report import exit_code, render, to_json
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
 from lrwatch.tags import TagMap
+from lrwatch.tbexport import Exporter
 from lrwatch.trainers import ScheduleOptions
 
 
@@ -19,6 +20,7 @@ class AuditResult:
     monitor: Monitor
     exit_code: int  # as the CLI's (README: exit codes)
     manifest_problems: list[str] = field(default_factory=list)  # manifests that could not be written
+    export_problems: list[str] = field(default_factory=list)  # TensorBoard exports that could not be written
 
     @property
     def runs(self) -> list[RunState]:
@@ -48,12 +50,14 @@ def audit(
     on_run: Callable[[int, int], None] | None = None,
     trainer: str | None = None,
     schedule: ScheduleOptions | None = None,
+    tensorboard: bool = False,
 ) -> AuditResult:
     """Read and analyse every run under ``paths`` once (a watch that does not wait); with
     ``snapshots``, judge the snapshots in those folders and, with ``manifest``, write
     ``lrwatch-snapshots.json`` into each. ``on_run(done, total)`` reports progress. ``trainer``
     (a name in ``lrwatch.trainers.LAYOUTS``) overrides detection; ``schedule`` gives the schedule
-    of logs that hold only d×lr."""
+    of logs that hold only d×lr. ``tensorboard`` writes each run's analysis as a TensorBoard run
+    ``<run folder>/lrwatch/`` (lrwatch.tbexport)."""
     book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss) if snapshots else None
     monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule)
     runs = monitor.discover()
@@ -63,4 +67,5 @@ def audit(
             on_run(i, len(runs))
     monitor.judge_snapshots()
     problems = book.write_manifests() if book is not None and manifest else []
-    return AuditResult(monitor, exit_code(monitor), problems)
+    exported = Exporter().update(monitor.runs, book.by_run if book else None) if tensorboard else []
+    return AuditResult(monitor, exit_code(monitor), problems, exported)

@@ -172,11 +172,13 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README) instead of tables.")
 @click.option("--best", is_flag=True, help="Print only the path of the newest safe snapshot (needs --snapshots).")
+@click.option("--tensorboard", is_flag=True,
+              help="Write each run's analysis as a TensorBoard run <run folder>/lrwatch/ (rewritten atomically).")
 @snapshot_options
 @analysis_options
-def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, snapshot_dirs: tuple[str, ...],
-          steps_per_epoch: int | None, safe_lr: float, fried_loss: float, tag_map: TagMap | None,
-          trainer: str | None, schedule: ScheduleOptions | None, thresholds: Thresholds) -> int:
+def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, no_manifest: bool,
+          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
+          tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None, thresholds: Thresholds) -> int:
     """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
 
     Exit codes (most urgent first): 1 a critical finding; 4 lrwatch failed on a run;
@@ -190,8 +192,8 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, no_manifest: bool, 
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
                        manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress(), trainer=trainer,
-                       schedule=schedule)
-    for line in _errors(result.monitor) + result.manifest_problems:
+                       schedule=schedule, tensorboard=tensorboard)
+    for line in _errors(result.monitor) + result.manifest_problems + result.export_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:
         if result.exit_code not in (EXIT_OK, EXIT_CRITICAL):
@@ -262,11 +264,13 @@ def _progress() -> Callable[[int, int], None] | None:
 @click.option("--exec", "exec_cmd", metavar="CMD",
               help="Run CMD (through the shell) for every finding, with LRWATCH_* environment variables.")
 @click.option("--webhook", metavar="URL", help="POST every finding as JSON (Discord and Slack accept it).")
+@click.option("--tensorboard", is_flag=True,
+              help="Keep each run's analysis current as a TensorBoard run <run folder>/lrwatch/.")
 @snapshot_options
 @analysis_options
 def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | None, dry_run: bool,
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
-          events_out: str | None, exec_cmd: str | None, webhook: str | None, no_manifest: bool,
+          events_out: str | None, exec_cmd: str | None, webhook: str | None, tensorboard: bool, no_manifest: bool,
           snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
           tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
           thresholds: Thresholds) -> int:
@@ -295,7 +299,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
         raise click.UsageError(f"--webhook {webhook}: {problem}")
     options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid, command=command,
                            dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle,
-                           manifest=not no_manifest)
+                           manifest=not no_manifest, tensorboard=tensorboard)
     try:
         hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
     except OSError as e:

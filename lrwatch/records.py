@@ -39,6 +39,12 @@ def masked_crc(data: bytes | memoryview) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def frame(data: bytes) -> bytes:
+    """One record as a writer frames it (lrwatch's own TensorBoard output)."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+
+
 def _mask_array(crcs: np.ndarray) -> np.ndarray:
     c = crcs.astype(np.uint64)
     return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF

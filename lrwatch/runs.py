@@ -24,8 +24,15 @@ _HPARAMS_SUBDIR = re.compile(r"^\d{9,11}(\.\d+)?$")
 _FILE_STAMP = re.compile(r"tfevents\.(\d+)\.")
 
 
+OWN_EXPORT_SUFFIX = ".lrwatch"  # lrwatch's own TensorBoard output (lrwatch.tbexport): never read as a run
+
+
+def is_event_name(name: str) -> bool:
+    return EVENT_FILE.search(name) is not None and not name.endswith(OWN_EXPORT_SUFFIX)
+
+
 def is_event_file(path: Path) -> bool:
-    return EVENT_FILE.search(path.name) is not None and path.is_file()
+    return is_event_name(path.name) and path.is_file()
 
 
 def _file_order(path: Path) -> tuple[int, str]:
@@ -45,7 +52,7 @@ def discover(path: str | os.PathLike[str]) -> list[Path]:
         return [root]
     runs: set[Path] = set()
     for folder, _dirs, files in os.walk(root):
-        if any(EVENT_FILE.search(f) for f in files):
+        if any(is_event_name(f) for f in files):
             runs.add(run_dir_of(Path(folder)))
     return sorted(runs)
 

@@ -43,6 +43,7 @@ from lrwatch.processes import (
     writer_from_name,
 )
 from lrwatch.report import EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint, render
+from lrwatch.tbexport import Exporter
 from lrwatch.trainers import LAYOUTS
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
@@ -63,6 +64,7 @@ class WatchOptions:
     grace_term: float = 10.0
     until_idle: float | None = None
     manifest: bool = True  # keep lrwatch-snapshots.json in each snapshot folder up to date
+    tensorboard: bool = False  # keep <run folder>/lrwatch/ current (lrwatch.tbexport)
 
 
 class _Changes(FileSystemEventHandler):
@@ -407,6 +409,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     stopper = _Stopper(options, hooks, guarded)
     writers: dict[RunState, Identity] = {}  # runs' writers seen alive, to end when they have all exited
     verdicts = _Verdicts(monitor, hooks, options.manifest)
+    exporter = _Export(monitor, hooks) if options.tensorboard else None
     first = [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]
     for state, finding in first:
         hooks.finding(state.run, finding, earlier=True)
@@ -437,6 +440,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                         stopper.on_critical(state, finding)
                 if changed or snapshots_changed:
                     verdicts.update()
+                    if exporter is not None:
+                        exporter.update()
                 if changed:  # idle wake-ups only check whether the trainer is still there
                     _announce(monitor, hooks, board)
                     stopper.tick(monitor)
@@ -473,6 +478,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     for state, finding in _safely(monitor.poll, hooks) or []:  # what the trainer wrote last
         hooks.finding(state.run, finding)
     _safely(verdicts.update, hooks)
+    if exporter is not None:
+        _safely(exporter.update, hooks)
     for t in stopper.threads:
         t.join(options.grace_int + options.grace_term + 10)
     hooks.say(f"lrwatch: stopped watching: {reason}")
@@ -535,6 +542,18 @@ class _Verdicts:
         if changed and self.manifest:
             for problem in book.write_manifests():
                 self.hooks.action(None, "note", problem, notify=False)
+
+
+class _Export:
+    """The TensorBoard export (``--tensorboard``) kept current; a failed write is said once."""
+
+    def __init__(self, monitor: Monitor, hooks: Hooks) -> None:
+        self.monitor, self.hooks, self.exporter = monitor, hooks, Exporter()
+
+    def update(self) -> None:
+        book = self.monitor.snapshots
+        for problem in self.exporter.update(self.monitor.runs, book.by_run if book else None):
+            self.hooks.action(None, "note", problem, notify=False)
 
 
 def _track_writers(monitor: Monitor, writers: dict[RunState, Identity]) -> None:
