@@ -16,7 +16,7 @@ import click
 from lrwatch import __version__
 from lrwatch.analysis import Thresholds
 from lrwatch.output import terminal_safe
-from lrwatch.report import EXIT_CRITICAL, EXIT_OK
+from lrwatch.report import EXIT_CRITICAL, EXIT_OK, EXIT_UNREADABLE
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 from lrwatch.trainers import LAYOUTS, ScheduleOptions
@@ -313,6 +313,50 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     finally:
         hooks.close()
     return _exit(code)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "png", metavar="FILE.png",
+              help="Write a picture: one run, or a grid of the runs under PATHS.")
+@click.option("--html", "html_path", metavar="FILE.html",
+              help="Write one self-contained page: each run's audit and picture, for sharing a post-mortem.")
+@snapshot_options
+@analysis_options
+def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_manifest: bool,
+         snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
+         tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
+         thresholds: Thresholds) -> int:
+    """Draw each run under PATHS: lr with restarts, d*lr with its maximum and the predicted next
+    restart, d (log), the loss; findings as markers by severity, snapshots as lines by verdict.
+    Needs matplotlib (pip install 'lrwatch[plot]'). Exit codes as audit."""
+    from lrwatch.audit import audit as run_audit
+    from lrwatch.plot import PlotUnavailable, write_html, write_png
+
+    if not png and not html_path:
+        raise click.UsageError("give -o FILE.png, --html FILE.html or both")
+    result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
+                       manifest=not no_manifest, fried_loss=fried_loss, trainer=trainer, schedule=schedule)
+    for line in _errors(result.monitor) + result.manifest_problems:
+        click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
+    book = result.monitor.snapshots
+    by_run = book.by_run if book else None
+    drawable = [s for s in result.runs if s.analysis is not None and s.analysis.checked]
+    try:
+        if png and drawable:
+            write_png(png, drawable, by_run)
+            click.echo(f"wrote {png} ({len(drawable)} run{'s' if len(drawable) != 1 else ''})", err=True)
+        if html_path:
+            write_html(html_path, result.runs, by_run)
+            click.echo(f"wrote {html_path}", err=True)
+    except PlotUnavailable as e:
+        raise click.UsageError(str(e)) from None
+    except OSError as e:
+        click.echo(terminal_safe(f"lrwatch: could not write: {e}"), err=True)
+        return _exit(EXIT_UNREADABLE)
+    if png and not drawable:
+        click.echo("lrwatch: no run with data to draw", err=True)
+    return _exit(result.exit_code)
 
 
 @cli.command()

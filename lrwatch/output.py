@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import PurePath
+import os
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -57,3 +58,19 @@ def terminal_safe(text: str) -> str:
     return "\n".join(line if line.isprintable() else "".join(
         c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
         for line in text.split("\n"))
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Our own output files are written whole: a temp file beside the target (no "tfevents" in
+    its name, so TensorBoard never reads it), flushed to disk, then renamed over the target.
+    On failure nothing is left behind and the error is raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

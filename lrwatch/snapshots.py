@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimizer_hint, points
+from lrwatch.output import write_atomic
 from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule
 from lrwatch.trainers import LAYOUTS, SNAPSHOT_NAMES
@@ -353,18 +354,6 @@ def manifest_text(folder: Path, snapshots: list[Snapshot], run_names: dict[str, 
         "snapshots": [{**s.to_dict(), "run": run_names.get(s.path)} for s in snapshots],
         "best": (b.path if (b := best_safe(snapshots)) else None),
     }, indent=2, default=str)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Our own output files are written whole: a temp file beside the target, then a rename.
-    On failure nothing is left behind and the error is raised."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class SnapshotBook:

@@ -13,7 +13,6 @@ ever written twice. lrwatch never reads it back as a run (its name ends in ``.lr
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 
 from lrwatch.analysis import CRITICAL, Analysis, Finding
+from lrwatch.output import write_atomic
 from lrwatch.records import frame
 from lrwatch.runs import OWN_EXPORT_SUFFIX
 
@@ -125,15 +125,7 @@ def write_export(path: Path, analysis: Analysis, source, snapshots: list | None 
     written = _Written()
     data = _header() + b"".join(_records(analysis, source, snapshots, written))
     path.parent.mkdir(exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # no "tfevents" prefix: TensorBoard ignores it
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, data)
     return written
 
 

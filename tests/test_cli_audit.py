@@ -78,8 +78,9 @@ def test_tag_patterns_map_another_trainers_tags():
     assert mapped["groups"][0]["adaptive"] and mapped["groups"][0]["restarts"] == [200, 400, 600]
 
 
-def test_the_core_never_imports_torch():
-    code = ("import sys, lrwatch, lrwatch.cli, lrwatch.monitor, lrwatch.report, lrwatch.analysis, lrwatch.runs;"
-            "lrwatch.audit([sys.argv[1]]); print('torch' in sys.modules)")
+def test_the_core_never_imports_torch_or_matplotlib():
+    code = ("import sys, lrwatch, lrwatch.cli, lrwatch.monitor, lrwatch.report, lrwatch.analysis, lrwatch.runs,"
+            "lrwatch.watch, lrwatch.trainers, lrwatch.tbexport;"
+            "lrwatch.audit([sys.argv[1]], tensorboard=False); print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES)], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "False False", out.stderr
