@@ -93,6 +93,13 @@ def draw_run(axes, state, snapshots: list | None) -> None:
         for ax in axes:
             ax.axvline(snap.step, color=VERDICT_COLORS.get(snap.verdict, "#909090"), lw=1.6, zorder=1)
     _findings(ax_dlr, a)
+    verdicts = sorted({s.verdict for s in snapshots or [] if s.step is not None}, key=list(VERDICT_COLORS).index)
+    if verdicts:  # a key for the snapshot lines, on the lr panel's right
+        from matplotlib.lines import Line2D
+
+        ax_lr.add_artist(ax_lr.legend(
+            [Line2D([], [], color=VERDICT_COLORS[v], lw=1.6) for v in verdicts],
+            [f"snapshot {v}" for v in verdicts], loc="upper right", fontsize=7, frameon=False))
     ax_lr.set_ylabel("lr")
     ax_dlr.set_ylabel("d×lr")
     ax_d.set_ylabel("d (log)")
