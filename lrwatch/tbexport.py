@@ -135,7 +135,9 @@ class Exporter:
 
     def __init__(self) -> None:
         self.written: dict[Path, _Written] = {}
-        self.seen: dict[Path, tuple[int, int]] = {}  # run -> (analysis id, snapshot table hash) exported
+        # run -> (the analysis exported, its snapshot table): held, so a new analysis is never taken
+        # for the old one (as a reused id() could be)
+        self.seen: dict[Path, tuple[Analysis, str]] = {}
         self.problems: dict[Path, str] = {}
 
     def update(self, states: list, snapshots_by_run: dict | None = None) -> list[str]:
@@ -146,8 +148,9 @@ class Exporter:
             if a is None or not a.checked:
                 continue
             snaps = (snapshots_by_run or {}).get(state.run.path)
-            mark = (id(a), hash(_snapshot_table(snaps)) if snaps else 0)
-            if self.seen.get(state.run.path) == mark:
+            table = _snapshot_table(snaps) if snaps else ""
+            seen = self.seen.get(state.run.path)
+            if seen is not None and seen[0] is a and seen[1] == table:
                 continue
             path = export_path(state.run.path)
             try:
@@ -158,7 +161,7 @@ class Exporter:
                     if records:
                         with open(path, "ab") as fh:
                             fh.write(b"".join(records))
-                self.seen[state.run.path] = mark
+                self.seen[state.run.path] = (a, table)
                 self.problems.pop(state.run.path, None)
             except OSError as e:
                 why = f"{state.run.name}: could not write {path}: {e.strerror or e}"

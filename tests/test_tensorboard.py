@@ -163,6 +163,7 @@ def test_a_real_tensorboard_server_shows_the_lrwatch_run(tmp_path):
             assert time.monotonic() < deadline and server.poll() is None, "TensorBoard did not serve the run"
             time.sleep(0.5)
         assert run.relative_to(logs).as_posix() in tags  # next to the trainer's own run
+        assert ours in _get(port, "/data/runs")
         assert {"lrwatch/restart_risk/unet", "lrwatch/d/unet", "lrwatch/findings"} <= set(tags[ours])
         points = _get(port, "/data/plugin/scalars/scalars", run=ours, tag="lrwatch/restart_risk/unet")
         assert len(points) > 100 and all(len(p) == 3 for p in points)  # [wall time, step, value]
