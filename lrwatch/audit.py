@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor, RunState
@@ -51,15 +52,18 @@ def audit(
     trainer: str | None = None,
     schedule: ScheduleOptions | None = None,
     tensorboard: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> AuditResult:
     """Read and analyse every run under ``paths`` once (a watch that does not wait); with
     ``snapshots``, judge the snapshots in those folders and, with ``manifest``, write
     ``lrwatch-snapshots.json`` into each. ``on_run(done, total)`` reports progress. ``trainer``
     (a name in ``lrwatch.trainers.LAYOUTS``) overrides detection; ``schedule`` gives the schedule
     of logs that hold only d×lr. ``tensorboard`` writes each run's analysis as a TensorBoard run
-    ``<run folder>/lrwatch/`` (lrwatch.tbexport)."""
-    book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss) if snapshots else None
-    monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule)
+    ``<run folder>/lrwatch/`` (lrwatch.tbexport). Paths may be URLs fsspec understands
+    (``storage_options`` go to it)."""
+    book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss, storage_options) if snapshots else None
+    monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
+                      storage_options=storage_options)
     runs = monitor.discover()
     for i, run in enumerate(runs, 1):
         monitor.poll({run.path}, rediscover=False)

@@ -18,6 +18,7 @@ from lrwatch.analysis import Thresholds
 from lrwatch.output import terminal_safe
 from lrwatch.report import EXIT_CRITICAL, EXIT_OK, EXIT_UNREADABLE
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, MANIFEST
+from lrwatch.sources import RemoteUnavailable
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 from lrwatch.trainers import LAYOUTS, ScheduleOptions
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         click.echo("Aborted!", err=True)
         return 1
+    except RemoteUnavailable as e:
+        click.echo(terminal_safe(f"lrwatch: {e}"), err=True)
+        return EXIT_UNREADABLE
     return rv if isinstance(rv, int) else EXIT_OK
 
 
@@ -110,6 +114,10 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --schedule: the optimizer steps of the whole run."),
         click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
                      help="With --schedule: linear warmup steps before the first cycle."),
+        click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+                     callback=_storage_options,
+                     help="Passed to fsspec for URL paths (s3://, gs://, ...), e.g. endpoint_url=http://minio:9000 "
+                          "or anon=true (repeatable)."),
         *(click.option("--" + name.replace("_", "-"), type=kind, default=getattr(_DEFAULTS, name),
                        show_default=True, help=text) for name, kind, text in THRESHOLD_OPTIONS),
     ]
@@ -129,6 +137,21 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, **kwargs)
 
     return wrapper
+
+
+def _storage_options(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        try:
+            options[key] = yaml.safe_load(value) if value else ""  # anon=true -> True, a URL stays a string
+        except yaml.YAMLError:
+            options[key] = value
+    return options
 
 
 def _schedule_options(schedule: str | None, cycles: int | None, max_steps: int | None,
@@ -178,7 +201,8 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @analysis_options
 def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, no_manifest: bool,
           snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
-          tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None, thresholds: Thresholds) -> int:
+          tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
+          storage_option: dict[str, Any], thresholds: Thresholds) -> int:
     """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
 
     Exit codes (most urgent first): 1 a critical finding; 4 lrwatch failed on a run;
@@ -192,7 +216,7 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, 
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
                        manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress(), trainer=trainer,
-                       schedule=schedule, tensorboard=tensorboard)
+                       schedule=schedule, tensorboard=tensorboard, storage_options=storage_option)
     for line in _errors(result.monitor) + result.manifest_problems + result.export_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:
@@ -219,6 +243,7 @@ def _exit(code: int) -> int:
 
 def _errors(monitor: Any) -> list[str]:
     out = [f"{monitor.as_given(p)}: no such file or directory" for p in monitor.missing_roots()]
+    out += [f"{monitor.as_given(p)}: {why}" for p, why in monitor.root_errors.items()]
     if not monitor.runs and not out:
         out.append("no event files found under " + ", ".join(map(monitor.as_given, monitor.roots)))
     return out
@@ -266,14 +291,20 @@ def _progress() -> Callable[[int, int], None] | None:
 @click.option("--webhook", metavar="URL", help="POST every finding as JSON (Discord and Slack accept it).")
 @click.option("--tensorboard", is_flag=True,
               help="Keep each run's analysis current as a TensorBoard run <run folder>/lrwatch/.")
+@click.option("--stop-cmd", metavar="CMD",
+              help="With --kill-on-spike: when a stop is due and no local process provably writes the run (a "
+                   "trainer on Slurm, Kubernetes, a rented GPU), run CMD through the shell once per run, with "
+                   "the finding in LRWATCH_* variables, e.g. 'scancel $SLURM_JOB_ID'.")
+@click.option("--stop-cmd-always", is_flag=True, help="Run --stop-cmd for every stop that is due, local or not.")
 @snapshot_options
 @analysis_options
 def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | None, dry_run: bool,
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
-          events_out: str | None, exec_cmd: str | None, webhook: str | None, tensorboard: bool, no_manifest: bool,
+          events_out: str | None, exec_cmd: str | None, webhook: str | None, tensorboard: bool,
+          stop_cmd: str | None, stop_cmd_always: bool, no_manifest: bool,
           snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
           tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
-          thresholds: Thresholds) -> int:
+          storage_option: dict[str, Any], thresholds: Thresholds) -> int:
     """Follow the runs under PATHS as they are written (PATHS may not exist yet).
 
     \b
@@ -293,19 +324,26 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
         raise click.UsageError("--poll must be a positive number of seconds")
     if kill_at != "now" and not kill_on_spike:
         raise click.UsageError(f"--kill-at {kill_at} goes with --kill-on-spike")
+    if (stop_cmd or stop_cmd_always) and not kill_on_spike:
+        raise click.UsageError("--stop-cmd goes with --kill-on-spike")
+    if stop_cmd_always and not stop_cmd:
+        raise click.UsageError("--stop-cmd-always needs --stop-cmd CMD")
     if min(grace_int, grace_term) < 0 or (until_idle is not None and until_idle <= 0):
         raise click.UsageError("--grace-int, --grace-term and --until-idle take positive seconds")
     if webhook and (problem := webhook_problem(webhook)):
         raise click.UsageError(f"--webhook {webhook}: {problem}")
     options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid, command=command,
                            dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle,
-                           manifest=not no_manifest, tensorboard=tensorboard)
+                           manifest=not no_manifest, tensorboard=tensorboard, stop_cmd=stop_cmd,
+                           stop_cmd_always=stop_cmd_always)
     try:
         hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
     except OSError as e:
         raise click.UsageError(f"--events-out {events_out}: {e.strerror or e}") from None
-    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss) if snapshot_dirs else None
-    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule)
+    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss,
+                        storage_option) if snapshot_dirs else None
+    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
+                      storage_options=storage_option)
     try:
         code = run_watch(monitor, options, hooks)
         for line in _errors(monitor):
@@ -326,7 +364,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
 def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_manifest: bool,
          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
          tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
-         thresholds: Thresholds) -> int:
+         storage_option: dict[str, Any], thresholds: Thresholds) -> int:
     """Draw each run under PATHS: lr with restarts, d*lr with its maximum and the predicted next
     restart, d (log), the loss; findings as markers by severity, snapshots as lines by verdict.
     Needs matplotlib (pip install 'lrwatch[plot]'). Exit codes as audit."""
@@ -336,7 +374,8 @@ def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_mani
     if not png and not html_path:
         raise click.UsageError("give -o FILE.png, --html FILE.html or both")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
-                       manifest=not no_manifest, fried_loss=fried_loss, trainer=trainer, schedule=schedule)
+                       manifest=not no_manifest, fried_loss=fried_loss, trainer=trainer, schedule=schedule,
+                       storage_options=storage_option)
     for line in _errors(result.monitor) + result.manifest_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     book = result.monitor.snapshots
@@ -363,7 +402,9 @@ def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_mani
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--trainer", type=click.Choice(sorted(LAYOUTS)), help="Read the runs as this trainer's layout.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool) -> int:
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", callback=_storage_options,
+              help="Passed to fsspec for URL paths (repeatable).")
+def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool, storage_option: dict[str, Any]) -> int:
     """The scalar tags of each run under PATHS: counts, step ranges, the trainer layout detected
     and what lrwatch takes each tag as. Exit code 2 when a path is missing or holds no event files."""
     import json
@@ -372,7 +413,7 @@ def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool) -> int:
     from lrwatch.report import table
     from lrwatch.trainers import describe_tags, read_layout
 
-    monitor = Monitor(list(paths))
+    monitor = Monitor(list(paths), storage_options=storage_option)
     monitor.discover()
     docs: list[dict[str, Any]] = []
     for state in monitor.runs:

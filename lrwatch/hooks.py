@@ -48,6 +48,19 @@ def _env_value(value: object) -> str:
     return "" if value is None else str(value).replace("\x00", "\\x00")
 
 
+def run_with_record(cmd: str, record: dict[str, Any], timeout: float = HOOK_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``cmd`` through the shell with the record in ``LRWATCH_*`` variables (--exec, --stop-cmd)."""
+    env: dict[str, object] = dict(os.environ)
+    env.update({
+        "LRWATCH_TYPE": record["type"], "LRWATCH_KIND": record["kind"],
+        "LRWATCH_SEVERITY": record.get("severity"), "LRWATCH_GROUP": record.get("group"),
+        "LRWATCH_STEP": record.get("step"), "LRWATCH_MESSAGE": record["message"],
+        "LRWATCH_RUN": record["run"], "LRWATCH_PATH": record["path"], "LRWATCH_JSON": dumps(record),
+    })
+    return subprocess.run(cmd, shell=True, timeout=timeout, env={k: _env_value(v) for k, v in env.items()},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+
+
 class Hooks:
     def __init__(self, events_out: str | None = None, exec_cmd: str | None = None, webhook: str | None = None,
                  err: TextIO | None = None) -> None:
@@ -105,17 +118,8 @@ class Hooks:
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def _run_exec(self, record: dict[str, Any]) -> None:
-        env: dict[str, object] = dict(os.environ)
-        env.update({
-            "LRWATCH_TYPE": record["type"], "LRWATCH_KIND": record["kind"],
-            "LRWATCH_SEVERITY": record.get("severity"), "LRWATCH_GROUP": record.get("group"),
-            "LRWATCH_STEP": record.get("step"), "LRWATCH_MESSAGE": record["message"],
-            "LRWATCH_RUN": record["run"], "LRWATCH_PATH": record["path"], "LRWATCH_JSON": dumps(record),
-        })
         try:
-            done = subprocess.run(self.exec_cmd or "", shell=True, timeout=HOOK_TIMEOUT,
-                                  env={k: _env_value(v) for k, v in env.items()},
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+            done = run_with_record(self.exec_cmd or "", record)
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
                 self.say(f"lrwatch: --exec hook exited with {done.returncode}: {tail[0]}")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lrwatch.events import Scalars, concat, decode
 from lrwatch.records import MAX_RECORD_BYTES, Damage, find_records
+from lrwatch.sources import file_info, location, read_range
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for one larger record)
+TAIL_BYTES = 64  # bytes before the read offset compared when a file was replaced
 
 
 @dataclass
@@ -34,10 +35,11 @@ class EventFile:
     """Follows one event file by byte offset."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = location(path)
         self.offset = 0
         self.in_garbage = False  # the offset lies inside a damaged stretch
-        self._identity: tuple[int, int] | None = None
+        self._identity: tuple | None = None
+        self._tail = b""  # the last bytes before ``offset``: a replaced file that still starts with them grew
         self.records_read = 0
         self.first_wall_time: float | None = None  # of the first scalar record: who wrote the file, and when
 
@@ -48,37 +50,41 @@ class EventFile:
         damage: list[Damage] = []
         pending = 0
         try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                identity = (st.st_dev, st.st_ino)
-                if self._identity is not None and (identity != self._identity or st.st_size < self.offset):
-                    self.offset, self.in_garbage, restarted = 0, False, True  # truncated or replaced
-                self._identity = identity
-                size, want = st.st_size, CHUNK_BYTES
-                while self.offset < size:
-                    fh.seek(self.offset)
-                    data = fh.read(min(want, size - self.offset))
-                    frames = find_records(data, self.offset, self.in_garbage)
-                    if len(frames.starts):
-                        scalars = decode(data, frames.starts, frames.lengths)
-                        if scalars.undecodable:
-                            damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid "
-                                                              "checksum are not TensorBoard events"))
-                        parts.append(scalars)
-                    damage += frames.damage
-                    self.records_read += len(frames.starts)
-                    self.offset += frames.end
-                    self.in_garbage = frames.in_garbage
-                    # bytes kept inside a damaged stretch are not a record being written
-                    pending = 0 if frames.in_garbage and not frames.need else frames.pending
-                    if self.offset + frames.pending >= size:
-                        break  # read to the end of the file
-                    if frames.end == 0:  # one record larger than the chunk: read it whole
-                        if not frames.need or frames.need > MAX_RECORD_BYTES + 16 or frames.need <= len(data):
-                            break
-                        want = frames.need
-                    else:
-                        want = CHUNK_BYTES
+            info = file_info(self.path)
+            if self._identity is not None and (info.version != self._identity or info.size < self.offset):
+                # Truncated or replaced. A sync tool re-uploads a growing file whole (object
+                # stores cannot append): if the new file still holds the bytes read so far,
+                # go on from where the last read stopped; otherwise read it again from the start.
+                grown = info.size >= self.offset and self._tail_still_there()
+                if not grown:
+                    self.offset, self.in_garbage, restarted = 0, False, True
+            self._identity = info.version
+            size, want = info.size, CHUNK_BYTES
+            while self.offset < size:
+                data = read_range(self.path, self.offset, self.offset + min(want, size - self.offset))
+                frames = find_records(data, self.offset, self.in_garbage)
+                if len(frames.starts):
+                    scalars = decode(data, frames.starts, frames.lengths)
+                    if scalars.undecodable:
+                        damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid "
+                                                          "checksum are not TensorBoard events"))
+                    parts.append(scalars)
+                damage += frames.damage
+                self.records_read += len(frames.starts)
+                if frames.end:
+                    self._tail = data[max(0, frames.end - TAIL_BYTES) : frames.end]
+                self.offset += frames.end
+                self.in_garbage = frames.in_garbage
+                # bytes kept inside a damaged stretch are not a record being written
+                pending = 0 if frames.in_garbage and not frames.need else frames.pending
+                if self.offset + frames.pending >= size:
+                    break  # read to the end of the file
+                if frames.end == 0:  # one record larger than the chunk: read it whole
+                    if not frames.need or frames.need > MAX_RECORD_BYTES + 16 or frames.need <= len(data):
+                        break
+                    want = frames.need
+                else:
+                    want = CHUNK_BYTES
         except FileNotFoundError:
             return Batch(Scalars(), error="file disappeared")
         except OSError as e:
@@ -88,3 +94,9 @@ class EventFile:
         if self.first_wall_time is None and len(scalars):
             self.first_wall_time = float(scalars.wall_times.min())
         return Batch(scalars, damage, pending, restarted)
+
+    def _tail_still_there(self) -> bool:
+        if self.offset == 0:
+            return True
+        start = self.offset - len(self._tail)
+        return bool(self._tail) and read_range(self.path, start, self.offset) == self._tail

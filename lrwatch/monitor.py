@@ -12,16 +12,20 @@ import os
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lrwatch.analysis import Analysis, Finding, Thresholds, analyze
 from lrwatch.resume import JoinedRun, find_continued, first_step, output_name, resumed_from
 from lrwatch.runs import Run, RunLike, discover
 from lrwatch.snapshots import SnapshotBook
+from lrwatch.sources import is_remote, location
 from lrwatch.tags import TagMap
 from lrwatch.trainers import ScheduleOptions, read_layout
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
+    if is_remote(path):
+        return None  # object stores have no folders to delete and recreate
     try:
         st = os.stat(path)
     except OSError:
@@ -62,10 +66,11 @@ class Monitor:
         snapshots: SnapshotBook | None = None,
         trainer: str | None = None,
         schedule: ScheduleOptions | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         # Absolute (not resolved: a symlinked log folder keeps the name it was given), so that
-        # paths from the file-system observer compare equal to the runs' paths.
-        self.roots = [Path(os.path.abspath(r)) for r in roots]
+        # paths from the file-system observer compare equal to the runs' paths. URLs stay URLs.
+        self.roots = [_absolute(location(r, storage_options)) for r in roots]
         self._as_given = {root: str(r) for root, r in zip(self.roots, roots)}  # for messages
         self.tag_map = tag_map  # None: each run's trainer layout (lrwatch.trainers)
         self.trainer = trainer  # None: detected per run
@@ -74,9 +79,23 @@ class Monitor:
         self.states: dict[Path, RunState] = {}
         self.snapshots = snapshots
         self.live = False  # set by the watcher once the runs already there have been read
+        self.points_read = 0  # scalar points read so far, over all runs (the watcher's sign of new data)
+        self.root_errors: dict[Path, str] = {}  # roots that could not be listed, and why
+        self.announced: set[str] = set()  # the watcher's notes about roots, each said once
 
     def missing_roots(self) -> list[Path]:
-        return [r for r in self.roots if not r.exists()]
+        return [r for r in self.roots if self._exists(r) is False]
+
+    def _exists(self, root: Path) -> bool | None:
+        """Whether a root is there; None when that could not be found out (the reason is kept in
+        ``root_errors``: object storage refusing the credentials, a network error, no permission)."""
+        try:
+            there = root.exists()
+        except Exception as e:  # fsspec backends raise their own errors, not only OSError
+            self.root_errors[root] = _reason(e)
+            return None
+        self.root_errors.pop(root, None)
+        return there
 
     def as_given(self, root: Path) -> str:
         """A root spelled the way the user gave it."""
@@ -96,10 +115,15 @@ class Monitor:
                 del self.states[path]
         new = []
         for root in self.roots:
-            if not root.exists():
+            if not self._exists(root):
                 continue
-            base = root if root.is_dir() else root.parent
-            for path in discover(root):
+            try:
+                base = root if root.is_dir() else root.parent
+                found = discover(root)
+            except Exception as e:
+                self.root_errors[root] = _reason(e)
+                continue
+            for path in found:
                 if path not in self.states:
                     run = Run(path, base)
                     self.states[path] = RunState(run, folder=_identity(path))
@@ -116,6 +140,7 @@ class Monitor:
                 continue
             try:
                 new_points = state.run.refresh()
+                self.points_read += new_points
                 if not new_points and state.analysis is not None:
                     continue
                 if self.live and (new_points or not state.seen_at_start):
@@ -175,6 +200,15 @@ class Monitor:
     @property
     def runs(self) -> list[RunState]:
         return [self.states[p] for p in sorted(self.states)]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return f"cannot list: {text}" if isinstance(e, OSError) else f"cannot list: {type(e).__name__}: {text}"
+
+
+def _absolute(path: Path) -> Path:
+    return path if is_remote(path) else Path(os.path.abspath(path))
 
 
 def _maybe_resumed_note(run: Run, others: list[Run]) -> str | None:

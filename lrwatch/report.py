@@ -48,7 +48,7 @@ def exit_code(monitor: Monitor) -> int:
         return EXIT_CRITICAL
     if any(s.error for s in states):
         return EXIT_INTERNAL
-    if monitor.missing_roots() or not states or any(run_problem(s) for s in states):
+    if monitor.missing_roots() or monitor.root_errors or not states or any(run_problem(s) for s in states):
         return EXIT_UNREADABLE
     if any(not_checked(s) for s in states):
         return EXIT_NOT_CHECKED
@@ -80,6 +80,7 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
         "damage": [{"file": str(p), "offset": d.offset, "message": d.message} for p, d in run.damage],
         "pending_bytes": run.pending_bytes,
         "superseded_points": run.superseded_points,
+        "rewritten_files": sorted(str(p) for p in run.rewritten),
         "trainer": None,
         "trainer_detected_from": None,
         "config": run.config,
@@ -128,6 +129,7 @@ def _snapshots_of(monitor: Monitor, state: RunState) -> list | None:
 def to_json(monitor: Monitor) -> str:
     doc: dict[str, Any] = {"lrwatch": __version__, "schema": SCHEMA_VERSION,
                            "missing": [monitor.as_given(p) for p in monitor.missing_roots()],
+                           "unreadable": {monitor.as_given(p): why for p, why in monitor.root_errors.items()},
                            "runs": [run_dict(s, _snapshots_of(monitor, s)) for s in monitor.runs],
                            "exit_code": exit_code(monitor)}
     if monitor.snapshots is not None:
@@ -183,6 +185,9 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
         sched += f" (from {a.schedule.source})"
     lines.append(f"  trainer: {a.trainer} ({a.trainer_why})")
     lines.append(f"  {files}, last step {a.last_step}, schedule: {sched}{extra}")
+    for path in sorted(run.rewritten, key=str):
+        lines.append(f"  note: {path.name} was replaced by a shorter or different file and read again from its "
+                     "start: its later contents win")
     for note in a.notes:
         lines.append(f"  note: {note}")
     for g in a.groups:

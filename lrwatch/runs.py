@@ -18,6 +18,7 @@ import yaml
 
 from lrwatch.loader import EventFile
 from lrwatch.records import Damage
+from lrwatch.sources import location, walk_files
 
 EVENT_FILE = re.compile(r"(?:^|\.)tfevents\.")
 _HPARAMS_SUBDIR = re.compile(r"^\d{9,11}(\.\d+)?$")
@@ -47,14 +48,14 @@ def run_dir_of(folder: Path) -> Path:
 
 def discover(path: str | os.PathLike[str]) -> list[Path]:
     """Run folders under ``path`` (or the single event file ``path`` names), sorted."""
-    root = Path(path)
+    root = location(path)
     if root.is_file():
         return [root]
     runs: set[Path] = set()
-    for folder, _dirs, files in os.walk(root):
+    for folder, files in walk_files(root):
         if any(is_event_name(f) for f in files):
-            runs.add(run_dir_of(Path(folder)))
-    return sorted(runs)
+            runs.add(run_dir_of(folder))
+    return sorted(runs, key=str)
 
 
 @dataclass
@@ -107,9 +108,9 @@ class Run:
     """A run's event files, read incrementally; ``refresh`` picks up new files and bytes."""
 
     def __init__(self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> None:
-        self.path = Path(path)
+        self.path = location(path)
         self.single_file = self.path.is_file()
-        base = Path(root) if root is not None else self.path.parent
+        base = location(root) if root is not None else self.path.parent
         try:
             self.name = str(self.path.relative_to(base)) if self.path != base else self.path.name
         except ValueError:
@@ -118,6 +119,7 @@ class Run:
         self.config: dict[str, object] = {}
         self.damage: list[tuple[Path, Damage]] = []
         self.file_errors: dict[Path, str] = {}  # files that could not be read at the last attempt
+        self.rewritten: set[Path] = set()  # files replaced by shorter or different ones, read again from the start
         self.pending_bytes = 0
         self._chunks: dict[str, _TagChunks] = {}
         self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
@@ -150,6 +152,8 @@ class Run:
                 self.file_errors[path] = batch.error
                 continue
             self.file_errors.pop(path, None)
+            if batch.restarted:
+                self.rewritten.add(path)
             self.pending_bytes += batch.pending
             self.damage += [(path, d) for d in batch.damage]
             self.config.update(batch.scalars.hparams)

@@ -27,6 +27,7 @@ from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimiz
 from lrwatch.output import write_atomic
 from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule
+from lrwatch.sources import is_remote, location, read_range
 from lrwatch.trainers import LAYOUTS, SNAPSHOT_NAMES
 
 SAFE = "safe"
@@ -72,9 +73,12 @@ class Snapshot:
 
 
 def read_header(path: Path) -> tuple[dict[str, str] | None, str | None]:
-    """The safetensors header metadata, read without loading any tensor."""
+    """The safetensors header metadata, read without loading any tensor (remotely: two range
+    reads, the header's length and the header, never the tensors)."""
     from safetensors import safe_open
 
+    if is_remote(path):
+        return _remote_header(path)
     try:
         with safe_open(str(path), framework="np") as f:
             return dict(f.metadata() or {}), None
@@ -82,10 +86,25 @@ def read_header(path: Path) -> tuple[dict[str, str] | None, str | None]:
         return None, f"not a readable safetensors file ({e})"
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on a header
+
+
+def _remote_header(path: Path) -> tuple[dict[str, str] | None, str | None]:
+    try:
+        size = int.from_bytes(read_range(path, 0, 8), "little")
+        if not 2 <= size <= MAX_HEADER_BYTES:
+            return None, f"not a readable safetensors file (header length {size})"
+        header = json.loads(read_range(path, 8, 8 + size))
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        return ({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}), None
+    except (OSError, ValueError) as e:
+        return None, f"not a readable safetensors file ({e})"
+
+
 def snapshot_paths(folder: str | os.PathLike[str]) -> list[Path]:
     """The entries of ``folder`` (not recursive) that are snapshots: files ending in
     .safetensors/.pt/.ckpt and diffusers-style ``checkpoint-<step>/`` folders."""
-    root = Path(folder)
+    root = location(folder)
     if not root.is_dir():
         return []
     return [entry for entry in sorted(root.iterdir())
@@ -361,8 +380,10 @@ class SnapshotBook:
     file version (size, mtime), so the watcher can re-judge whenever anything changes."""
 
     def __init__(self, folders: list[str | os.PathLike[str]], steps_per_epoch: int | None = None,
-                 safe_lr: float = DEFAULT_SAFE_LR, fried_loss: float = DEFAULT_FRIED_LOSS) -> None:
-        self.folders = [Path(os.path.abspath(f)) for f in folders]
+                 safe_lr: float = DEFAULT_SAFE_LR, fried_loss: float = DEFAULT_FRIED_LOSS,
+                 storage_options: dict | None = None) -> None:
+        located = [location(f, storage_options) for f in folders]
+        self.folders = [f if is_remote(f) else Path(os.path.abspath(f)) for f in located]
         self.steps_per_epoch = steps_per_epoch
         self.safe_lr = safe_lr
         self.fried_loss = fried_loss
@@ -413,6 +434,10 @@ class SnapshotBook:
         problems = []
         names = {s.path: str(run) for run, snaps in self.by_run.items() for s in snaps}
         for folder in self.folders:
+            if is_remote(folder):
+                problems.append(f"{folder}: no manifest is written to remote storage (the verdicts are in the "
+                                "report; --no-manifest skips this note)")
+                continue
             if not folder.is_dir():
                 continue
             mine = [s for snaps in self.by_run.values() for s in snaps if Path(s.path).parent == folder]

@@ -25,6 +25,7 @@ from lrwatch.analysis import CRITICAL, Analysis, Finding
 from lrwatch.output import write_atomic
 from lrwatch.records import frame
 from lrwatch.runs import OWN_EXPORT_SUFFIX
+from lrwatch.sources import is_remote
 
 EXPORT_DIR = "lrwatch"
 EXPORT_FILE = f"events.out.tfevents.0000000000{OWN_EXPORT_SUFFIX}"  # fixed: a rewrite replaces it
@@ -151,6 +152,12 @@ class Exporter:
             table = _snapshot_table(snaps) if snaps else ""
             seen = self.seen.get(state.run.path)
             if seen is not None and seen[0] is a and seen[1] == table:
+                continue
+            if is_remote(state.run.path):
+                why = f"{state.run.name}: --tensorboard writes next to local runs only; this one is remote"
+                if self.problems.get(state.run.path) != why:
+                    self.problems[state.run.path] = why
+                    said.append(why)
                 continue
             path = export_path(state.run.path)
             try:

@@ -28,6 +28,7 @@ import yaml
 from lrwatch.runs import RunLike
 from lrwatch.schedule_config import MAX_RESTARTS, KnownSchedule
 from lrwatch.schedules import cosine_restart_steps, cyclic_restart_steps
+from lrwatch.sources import version_key
 from lrwatch.tags import Group, TagMap
 
 # Optimizers whose d×lr the trainers log (by the names each trainer's config uses).
@@ -143,7 +144,7 @@ def _logged_schedule(name: str, multiplier: Multiplier, restarts: list[int], max
 # --- config readers ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=256)
-def _parsed(path: Path, mtime_ns: int) -> object:
+def _parsed(path: Path, version: tuple) -> object:
     """A config file's contents, parsed once per version: the watcher re-reads a run's layout
     on every change, and a trainer's config changes far less often than its logs."""
     text = path.read_text(encoding="utf-8")
@@ -151,7 +152,7 @@ def _parsed(path: Path, mtime_ns: int) -> object:
 
 
 def _load(path: Path) -> object:
-    return _parsed(path, path.stat().st_mtime_ns)
+    return _parsed(path, version_key(path))
 
 
 _ONETRAINER_SAVE = re.compile(r"-(?:save|backup)-(?P<step>\d+)-(?P<epoch>\d+)-(?P<epoch_step>\d+)")

@@ -25,7 +25,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from lrwatch.analysis import CRITICAL, Finding
-from lrwatch.hooks import Hooks
+from lrwatch.hooks import Hooks, run_with_record
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.output import terminal_safe
 from lrwatch.processes import (
@@ -43,6 +43,7 @@ from lrwatch.processes import (
     writer_from_name,
 )
 from lrwatch.report import EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint, render
+from lrwatch.sources import is_remote
 from lrwatch.tbexport import Exporter
 from lrwatch.trainers import LAYOUTS
 
@@ -65,6 +66,8 @@ class WatchOptions:
     until_idle: float | None = None
     manifest: bool = True  # keep lrwatch-snapshots.json in each snapshot folder up to date
     tensorboard: bool = False  # keep <run folder>/lrwatch/ current (lrwatch.tbexport)
+    stop_cmd: str | None = None  # run when a stop is due and no local process provably writes the run
+    stop_cmd_always: bool = False  # ... or for every stop that is due
 
 
 class _Changes(FileSystemEventHandler):
@@ -92,6 +95,10 @@ class _Changes(FileSystemEventHandler):
         return paths
 
 
+STOP_CMD_TIMEOUT = 120.0  # seconds a --stop-cmd (scancel, kubectl, runpodctl) may take
+REMOTE_POLL = 5.0  # seconds between passes over remote roots (--poll overrides)
+
+
 class Watcher:
     """Observes the roots (waiting for those that do not exist yet) and yields changed runs."""
 
@@ -100,6 +107,10 @@ class Watcher:
         self.changes = _Changes()
         self.observer = PollingObserver(timeout=poll) if poll else Observer()
         self._scheduled: set[Path] = set()
+        # Remote roots (object stores) have no file events: a full pass every `remote_every` s.
+        self.remote = any(is_remote(r) for r in [*monitor.roots, *self.snapshot_folders])
+        self.remote_every = poll or REMOTE_POLL
+        self._last_remote = time.monotonic()
 
     def start(self) -> None:
         self.observer.start()
@@ -113,7 +124,7 @@ class Watcher:
         """Start observing roots (and snapshot folders) that have appeared; True if any did."""
         appeared = False
         for root in [*self.monitor.roots, *self.snapshot_folders]:
-            if root in self._scheduled or not root.exists():
+            if root in self._scheduled or is_remote(root) or not root.exists():
                 continue
             folder = root if root.is_dir() else root.parent
             self.observer.schedule(self.changes, str(folder), recursive=root.is_dir())
@@ -126,6 +137,8 @@ class Watcher:
         rediscover, whether a snapshot folder changed)."""
         self.changes.wake.wait(timeout)
         rediscover = self.schedule_new_roots()
+        if self.remote and time.monotonic() - self._last_remote >= self.remote_every:
+            self._last_remote, rediscover = time.monotonic(), True
         snapshots_changed = rediscover and bool(self.snapshot_folders)
         runs: set[Path] = set()
         for path in self.changes.take():
@@ -320,6 +333,32 @@ class _Stopper:
             nxt += length
         return nxt
 
+    def _stop_command(self, state: RunState, finding: Finding, cmd: str, why: str) -> None:
+        """--stop-cmd: the trainer runs elsewhere (Slurm, Kubernetes, a rented GPU); its command
+        stops it. Run once per run, in the background; its exit status and output are reported."""
+        run = state.run
+        if self.options.dry_run:
+            self.hooks.action(run, "stop_cmd", f"{run.name}: --dry-run: would run --stop-cmd after {finding.kind} "
+                                               f"at step {finding.step}: {cmd} (nothing run)", dry_run=True)
+            return
+        self.hooks.action(run, "stop_cmd", f"{run.name}: running --stop-cmd after {finding.kind} at step "
+                                           f"{finding.step} ({why}): {cmd}")
+
+        def work() -> None:
+            try:
+                done = run_with_record(cmd, _stop_command_record(state, finding), timeout=STOP_CMD_TIMEOUT)
+            except Exception as e:  # reported, never raised into the watcher
+                self.hooks.action(run, "stop_cmd_result", f"{run.name}: --stop-cmd failed: {e}", notify=False)
+                return
+            output = " | ".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+            self.hooks.action(run, "stop_cmd_result", f"{run.name}: --stop-cmd exited with {done.returncode}"
+                                                      + (f": {output}" if output else ""),
+                              notify=False, returncode=done.returncode, output=output)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        self.threads.append(t)
+
     def tick(self, monitor: Monitor) -> None:
         for state, finding in list(self.waiting.items()):
             if state.grew:
@@ -339,11 +378,15 @@ class _Stopper:
 
     def _stop(self, state: RunState, finding: Finding) -> None:
         run = state.run
-        self.done.add(state)
+        self.done.add(state)  # once per run: a stop, or the stop command, is never repeated
         target, why = self._target(state)
+        cmd = self.options.stop_cmd
+        if cmd and (target is None or self.options.stop_cmd_always):
+            self._stop_command(state, finding, cmd, why if target is None else "--stop-cmd-always")
         if target is None:
-            self.hooks.action(run, "no_stop", f"{run.name}: critical finding, but no trainer process provably "
-                                              f"writes this run, so nothing is stopped ({why})")
+            if not cmd:
+                self.hooks.action(run, "no_stop", f"{run.name}: critical finding, but no trainer process provably "
+                                                  f"writes this run, so nothing is stopped ({why})")
             return
         if any(t.identity == target.identity for t in self.stopped):
             return  # already being stopped for another of its runs
@@ -362,6 +405,11 @@ class _Stopper:
         t = threading.Thread(target=work, daemon=True)
         t.start()
         self.threads.append(t)
+
+
+def _stop_command_record(state: RunState, finding: Finding) -> dict[str, Any]:
+    return {"type": "finding", "time": time.time(), "run": state.run.name, "path": str(state.run.path),
+            **finding.to_dict()}
 
 
 def _given(pid: int) -> Target:
@@ -393,6 +441,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     watcher.start()
     for root in monitor.missing_roots():
         hooks.say(f"lrwatch: waiting for {monitor.as_given(root)} to appear")
+    _announce(monitor, hooks, board)
     _safely(monitor.poll, hooks)  # what is there before anything is launched: earlier runs
     monitor.start_live()
     launched_proc: subprocess.Popen | None = None
@@ -424,14 +473,15 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
         rediscover, snapshots_changed = True, True
         while True:
             try:
+                points_before = monitor.points_read
                 if rediscover or time.monotonic() - last_full > SAFETY_REPOLL:
                     new = monitor.poll()
                     last_full = time.monotonic()
                 else:
                     new = monitor.poll(runs, rediscover=False) if runs else []
                 changed = bool(runs or new or rediscover)
-                if changed:
-                    last_data = time.monotonic()
+                if new or monitor.points_read != points_before or (runs and not watcher.remote):
+                    last_data = time.monotonic()  # a remote pass that found nothing new is not data
                 if new:
                     board.clear()
                 for state, finding in new:
@@ -498,6 +548,12 @@ def _safely(fn: Callable[[], Any], hooks: Hooks) -> Any:
 
 def _announce(monitor: Monitor, hooks: Hooks, board: StatusBoard) -> None:
     """Say once, as soon as it is known, what lrwatch could not check in a run and why."""
+    for root, why in monitor.root_errors.items():
+        line = f"{monitor.as_given(root)}: {why} (the watch goes on and tries again)"
+        if line not in monitor.announced:
+            monitor.announced.add(line)
+            board.clear()
+            hooks.action(None, "note", line, notify=False)
     for state in monitor.runs:
         lines = []
         if state.error:

@@ -82,6 +82,41 @@ def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights
     assert "trainer: onetrainer" in out
 
 
+def _foreign_run_appears(logs: Path, name: str, delay: float = 1.5) -> None:
+    """A run synced from another machine (its event file names another host) appears while watched."""
+    time.sleep(delay)
+    run = logs / f"{name}20261124090000" / "network_train"
+    run.mkdir(parents=True)
+    shutil.copy(event_file_of(name), run / f"events.out.tfevents.{int(time.time())}.gpu-node-7.4242.0")
+
+
+@pytest.mark.skipif(not POSIX, reason="the command is a POSIX shell line")
+def test_stop_cmd_runs_once_when_no_local_process_writes_the_run(tmp_path):
+    logs, marker = tmp_path / "logs", tmp_path / "stopped.txt"
+    logs.mkdir()
+    cmd = f'echo "$LRWATCH_RUN $LRWATCH_KIND $LRWATCH_STEP $LRWATCH_SEVERITY" >> {marker}; echo scancel-said-ok; exit 3'
+    watcher = lrwatch(str(logs), "--kill-on-spike", "--until-idle", "3", "--stop-cmd", cmd)
+    _foreign_run_appears(logs, "dadapt_sgd_growth_blowup")  # several critical findings
+    code, out, err = finish(watcher)
+    assert code == 1, err
+    assert marker.read_text() == "dadapt_sgd_growth_blowup20261124090000/network_train blowup 514 critical\n"  # once
+    assert "running --stop-cmd after blowup at step 514" in err
+    assert "--stop-cmd exited with 3: scancel-said-ok" in err
+    assert "stopping the trainer" not in err and "sent SIG" not in err  # no local process was touched
+
+
+@pytest.mark.skipif(not POSIX, reason="the command is a POSIX shell line")
+def test_stop_cmd_under_dry_run_runs_nothing(tmp_path):
+    logs, marker = tmp_path / "logs", tmp_path / "stopped.txt"
+    logs.mkdir()
+    watcher = lrwatch(str(logs), "--kill-on-spike", "--dry-run", "--until-idle", "3", "--stop-cmd", f"touch {marker}")
+    _foreign_run_appears(logs, "dadapt_sgd_blowup")
+    code, out, err = finish(watcher)
+    assert code == 1, err
+    assert f"--dry-run: would run --stop-cmd after runaway_d at step 119: touch {marker} (nothing run)" in err
+    assert not marker.exists()
+
+
 def test_a_healthy_launched_run_is_left_alone_and_ends_the_watch(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",

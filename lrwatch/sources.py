@@ -1,0 +1,115 @@
+"""Where logs live: a local folder, or any URL fsspec understands (s3://, gs://, hf://, memory://).
+
+Local paths stay ``pathlib.Path`` (today's speed, native file events). A URL becomes a
+``UPath`` (universal_pathlib: the pathlib API over fsspec, from ``lrwatch[s3]``/``[gcs]``),
+so the code that lists runs and files reads both the same way; the few things pathlib
+cannot do remotely go through the helpers here: walking a tree in one listing, a file's
+size and version, and reading a byte range (never a whole file again). Credentials and
+endpoints come the standard way (``AWS_ENDPOINT_URL``, profiles, ...) plus
+``--storage-option key=value``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import unquote, urlparse
+
+
+class RemoteUnavailable(RuntimeError):
+    """A URL was given but universal_pathlib (or the protocol's fsspec package) is missing."""
+
+
+def is_url(text: str) -> bool:
+    return "://" in text and not os.path.exists(text)
+
+
+def location(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Path:
+    """A local ``Path``, or for a URL a ``UPath`` (typed as ``Path``: it reads like one)."""
+    if isinstance(path, Path):
+        return path
+    if hasattr(path, "fs"):  # already a UPath
+        return cast(Path, path)
+    text = os.fspath(path)
+    if not is_url(text):
+        return Path(text)
+    if text.startswith("file://"):
+        return Path(unquote(urlparse(text).path))
+    try:
+        from upath import UPath
+    except ImportError:
+        raise RemoteUnavailable(f"{text}: reading URLs needs universal_pathlib and the protocol's fsspec "
+                                "package: pip install 'lrwatch[s3]' (or [gcs])") from None
+    try:
+        remote = UPath(text, **(storage_options or {}))
+        remote.fs  # noqa: B018 -- the protocol's package is imported here, so a missing one is said now
+    except (ImportError, ValueError, TypeError) as e:
+        raise RemoteUnavailable(f"{text}: {e} (pip install 'lrwatch[s3]' or 'lrwatch[gcs]' brings the usual "
+                                "ones)") from None
+    return cast(Path, remote)
+
+
+def is_remote(path: object) -> bool:
+    return not isinstance(path, Path)
+
+
+def _fs_path(path: Path) -> tuple[Any, str]:
+    return path.fs, path.path  # type: ignore[attr-defined]
+
+
+def walk_files(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, file names) for every folder under ``root``: one listing per folder locally,
+    one recursive listing for a remote root."""
+    if not is_remote(root):
+        for folder, _dirs, files in os.walk(root):
+            yield Path(folder), files
+        return
+    fs, base = _fs_path(root)
+    by_folder: dict[str, list[str]] = {}
+    for name in fs.find(base):
+        folder, _, file_name = name.rpartition("/")
+        by_folder.setdefault(folder, []).append(file_name)
+    prefix = base.rstrip("/")
+    for folder, files in sorted(by_folder.items()):
+        rel = folder[len(prefix):].strip("/")
+        yield (root / rel if rel else root), files
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int
+    version: tuple  # changes when the file is replaced (inode locally; ETag/mtime remotely)
+
+
+def file_info(path: Path) -> FileInfo:
+    """Size and version of a file (raises FileNotFoundError / OSError like ``os.stat``)."""
+    if not is_remote(path):
+        st = os.stat(path)
+        return FileInfo(st.st_size, (st.st_dev, st.st_ino))
+    fs, name = _fs_path(path)
+    fs.invalidate_cache(name)  # a synced file is replaced by a longer (or shorter) one: ask again
+    info = fs.info(name)
+    return FileInfo(int(info.get("size") or 0), (info.get("ETag") or info.get("etag") or info.get("mtime")
+                                                  or info.get("LastModified") or "",))
+
+
+def read_range(path: Path, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file: a seek and a read locally, one range request remotely."""
+    if end <= start:
+        return b""
+    if not is_remote(path):
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            return fh.read(end - start)
+    fs, name = _fs_path(path)
+    return bytes(fs.cat_file(name, start=start, end=end))
+
+
+def version_key(path: Path) -> tuple:
+    """What identifies the current contents of a small file (for caches of parsed configs)."""
+    if not is_remote(path):
+        return (path.stat().st_mtime_ns,)
+    return file_info(path).version
