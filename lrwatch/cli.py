@@ -197,9 +197,12 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--best", is_flag=True, help="Print only the path of the newest safe snapshot (needs --snapshots).")
 @click.option("--tensorboard", is_flag=True,
               help="Write each run's analysis as a TensorBoard run <run folder>/lrwatch/ (rewritten atomically).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes reading runs at once (default: every core; from 4 runs on).")
 @snapshot_options
 @analysis_options
-def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, no_manifest: bool,
+def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, workers: int | None,
+          no_manifest: bool,
           snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
           tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
           storage_option: dict[str, Any], thresholds: Thresholds) -> int:
@@ -216,7 +219,7 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, 
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
                        manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress(), trainer=trainer,
-                       schedule=schedule, tensorboard=tensorboard, storage_options=storage_option)
+                       schedule=schedule, tensorboard=tensorboard, storage_options=storage_option, workers=workers)
     for line in _errors(result.monitor) + result.manifest_problems + result.export_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:

@@ -84,3 +84,20 @@ def test_the_core_never_imports_torch_or_matplotlib():
             "lrwatch.audit([sys.argv[1]], tensorboard=False); print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES)], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_an_audit_read_by_several_processes_equals_the_serial_one(tmp_path):
+    import shutil
+
+    from lrwatch.audit import _pool_size, audit
+
+    logs = tmp_path / "logs"
+    shutil.copytree(ROOT / "fixtures" / "runs", logs)
+    broken = logs / "broken" / "network_train"
+    broken.mkdir(parents=True)
+    (broken / "events.out.tfevents.1.host.1.0").write_bytes(b"\x00garbage" * 100)  # a foreign file among them
+    assert _pool_size(2, 11) == 2 and _pool_size(None, 2) == 1  # few runs are read here, many in a pool
+    serial = audit([logs], workers=1)
+    parallel = audit([logs], workers=2)
+    assert parallel.to_json() == serial.to_json()
+    assert parallel.exit_code == serial.exit_code == 1 and len(parallel.runs) == 11
