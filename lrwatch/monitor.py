@@ -82,6 +82,7 @@ class Monitor:
         self.points_read = 0  # scalar points read so far, over all runs (the watcher's sign of new data)
         self.root_errors: dict[Path, str] = {}  # roots that could not be listed, and why
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
+        self._names: dict[Path, tuple[tuple, str]] = {}  # run -> its output name, by config
 
     def missing_roots(self) -> list[Path]:
         return [r for r in self.roots if self._exists(r) is False]
@@ -170,7 +171,7 @@ class Monitor:
         others = [s.run for s in self.states.values() if s.run is not run]
         state = resumed_from(run.config)
         if state is None:
-            return run, _maybe_resumed_note(run, others), None
+            return run, self._maybe_resumed_note(run, others), None
         found = find_continued(run, others)
         if found is None:
             first = first_step(run)
@@ -185,15 +186,38 @@ class Monitor:
                 f"resumed from {state[0]}-step{step:08d}-state: joined to run {earlier.name} up to step {step}{shift}",
                 step)
 
+    def _output_name(self, run: Run) -> str:
+        """Cached: the watcher asks on every change of every run."""
+        key = (len(run.config), str(run.config.get("output_name")))
+        cached = self._names.get(run.path)
+        if cached is None or cached[0] != key:
+            cached = self._names[run.path] = (key, output_name(run))
+        return cached[1]
+
+    def _maybe_resumed_note(self, run: Run, others: list[Run]) -> str | None:
+        """A run that starts again at step 1 in a log folder named like an earlier run's may be a
+        resume whose config was not logged: its steps would then be local. Say so, never guess."""
+        first = first_step(run)
+        if first is None or first > 1:
+            return None
+        name = self._output_name(run)
+        earlier = [o for o in others if str(o.path) < str(run.path) and self._output_name(o) == name]
+        if not earlier:
+            return None
+        return (f"named like the earlier run {earlier[-1].name} and starting at step {first}: if it resumed that "
+                "run, its steps are local and the history before the resume is not counted (kohya's --log_config "
+                "logs the resume state, and lrwatch then joins the two)")
+
     def judge_snapshots(self) -> None:
         """Verdicts for the snapshot folders (if any), from the current analyses."""
         if self.snapshots is not None:
             self.snapshots.judge(self.runs)
 
     def run_for(self, file_path: Path) -> Path | None:
-        """The run folder a changed file belongs to (known runs only)."""
-        for path in self.states:
-            if file_path == path or path in file_path.parents:
+        """The run folder a changed file belongs to (known runs only): a look-up per folder above
+        the file, not a scan of every run (the watcher asks for every file event)."""
+        for path in (file_path, *file_path.parents):
+            if path in self.states:
                 return path
         return None
 
@@ -209,20 +233,6 @@ def _reason(e: BaseException) -> str:
 
 def _absolute(path: Path) -> Path:
     return path if is_remote(path) else Path(os.path.abspath(path))
-
-
-def _maybe_resumed_note(run: Run, others: list[Run]) -> str | None:
-    """A run that starts again at step 1 in a log folder named like an earlier run's may be a
-    resume whose config was not logged: its steps would then be local. Say so, never guess."""
-    name, first = output_name(run), first_step(run)
-    if first is None or first > 1:
-        return None
-    earlier = [o for o in others if output_name(o) == name and str(o.path) < str(run.path)]
-    if not earlier:
-        return None
-    return (f"named like the earlier run {earlier[-1].name} and starting at step {first}: if it resumed that run, "
-            "its steps are local and the history before the resume is not counted (kohya's --log_config logs "
-            "the resume state, and lrwatch then joins the two)")
 
 
 def _where(e: BaseException) -> str:

@@ -1,0 +1,129 @@
+"""The watcher under load: many runs written at once.
+
+N runs each get R steps per second (one step = lr, d*lr and loss records, appended and
+flushed as torch's writer does) for D seconds while lrwatch watches them; meanwhile, at
+random moments, one run gets a non-finite d*lr and the time until lrwatch prints the
+finding is measured. Prints lrwatch's CPU (share of one core) and the finding latency.
+
+    python bench/bench_load.py [--runs 200] [--rate 15] [--seconds 20] [--poll 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out" / "load"
+
+
+def record(step: int, tag: str, value: float) -> bytes:
+    return Event(wall_time=time.time(), step=step,
+                 summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])).SerializeToString()
+
+
+def step_bytes(step: int, dlr: float) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    w = RecordWriter(buf)
+    for tag, value in (("loss/current", 0.1), ("lr/unet", 1.0), ("lr/d*lr/unet", dlr)):
+        w.write(record(step, tag, value))
+    return buf.getvalue()
+
+
+def run_load(runs: int, rate: float, seconds: float, poll: float | None) -> dict:
+    shutil.rmtree(OUT, ignore_errors=True)
+    files = []
+    for i in range(runs):
+        folder = OUT / f"run{i:04d}" / "network_train"
+        folder.mkdir(parents=True)
+        path = folder / f"events.out.tfevents.1700000000.bench.{i + 10}.0"
+        with open(path, "wb") as fh:
+            RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            fh.write(b"".join(step_bytes(s, 0.01) for s in range(1, 21)))
+        files.append(path)
+    args = [sys.executable, "-m", "lrwatch", str(OUT)] + (["--poll", str(poll)] if poll else [])
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen: dict[int, float] = {}
+    ready = threading.Event()
+    pattern = re.compile(r"run(\d{4})/network_train step \d+: blowup")
+
+    def read() -> None:
+        for line in proc.stderr:
+            m = pattern.search(line)
+            if m:
+                seen.setdefault(int(m.group(1)), time.time())
+            elif "network_train: step" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    ready.wait(60)
+    time.sleep(1.0)
+    watcher = psutil.Process(proc.pid)
+    step = {i: 20 for i in range(runs)}
+    injected: dict[int, float] = {}
+    victims = random.Random(0).sample(range(runs), min(20, runs))
+    inject_at = {t: v for t, v in zip(sorted(random.Random(1).uniform(2, seconds - 2) for _ in victims), victims)}
+    cpu0, t0 = sum(watcher.cpu_times()[:2]), time.monotonic()
+    tick = 1.0 / rate
+    next_tick = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        now = time.monotonic() - t0
+        for at in [a for a in inject_at if a <= now]:
+            v = inject_at.pop(at)
+            step[v] += 1
+            with open(files[v], "ab") as fh:
+                fh.write(step_bytes(step[v], float("nan")))
+            injected[v] = time.time()
+        for i, path in enumerate(files):
+            if i in injected:
+                continue
+            step[i] += 1
+            with open(path, "ab") as fh:
+                fh.write(step_bytes(step[i], 0.01))
+        next_tick += tick
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+    cpu = (sum(watcher.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+    time.sleep(2.0)
+    proc.terminate()
+    proc.wait(10)
+    lat = [(seen[v] - injected[v]) * 1000 for v in injected if v in seen]
+    ordered = sorted(lat)
+    return {"cpu": cpu * 100, "n": len(lat), "lost": len(injected) - len(lat),
+            "p50": statistics.median(lat) if lat else float("nan"),
+            "p95": ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] if lat else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=15.0, help="steps per second per run")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--poll", type=float, nargs="*", default=[])
+    args = ap.parse_args()
+    print(f"{args.runs} runs x {args.rate:g} steps/s for {args.seconds:g} s")
+    print(f"{'mode':16s} {'CPU':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
+    for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
+        r = run_load(args.runs, args.rate, args.seconds, poll)
+        lost = f" ({r['lost']} not seen)" if r["lost"] else ""
+        print(f"{mode:16s} {r['cpu']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
+    print("(CPU: lrwatch's share of one core while the runs are written; latency: a non-finite d*lr "
+          "flushed -> its finding line on lrwatch's stderr)")
+
+
+if __name__ == "__main__":
+    main()
