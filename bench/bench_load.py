@@ -1,6 +1,6 @@
 """The watcher under load: many runs written at once.
 
-N runs each get R steps per second (one step = lr, d*lr and loss records, appended and
+N runs each get R steps per second (one step = 3 events: lr, d*lr and loss records, appended and
 flushed as torch's writer does) for D seconds while lrwatch watches them; meanwhile, at
 random moments, one run gets a non-finite d*lr and the time until lrwatch prints the
 finding is measured. Prints lrwatch's CPU (share of one core) and the finding latency.
@@ -45,7 +45,7 @@ def step_bytes(step: int, dlr: float) -> bytes:
     return buf.getvalue()
 
 
-def run_load(runs: int, rate: float, seconds: float, poll: float | None) -> dict:
+def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
     files = []
     for i in range(runs):
@@ -56,7 +56,8 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None) -> dict
             RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
             fh.write(b"".join(step_bytes(s, 0.01) for s in range(1, 21)))
         files.append(path)
-    args = [sys.executable, "-m", "lrwatch", str(OUT)] + (["--poll", str(poll)] if poll else [])
+    args = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "lrwatch", str(OUT),
+            "--until-idle", "3"] + (["--poll", str(poll)] if poll else [])
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen: dict[int, float] = {}
     ready = threading.Event()
@@ -76,8 +77,9 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None) -> dict
     watcher = psutil.Process(proc.pid)
     step = {i: 20 for i in range(runs)}
     injected: dict[int, float] = {}
-    victims = random.Random(0).sample(range(runs), min(20, runs))
-    inject_at = {t: v for t, v in zip(sorted(random.Random(1).uniform(2, seconds - 2) for _ in victims), victims)}
+    rng = random.Random(0)
+    victims = rng.sample(range(runs), min(20, runs))
+    inject_at = dict(zip(sorted(rng.uniform(2, seconds - 2) for _ in victims), victims))
     cpu0, t0 = sum(watcher.cpu_times()[:2]), time.monotonic()
     tick = 1.0 / rate
     next_tick = time.monotonic()
@@ -98,9 +100,7 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None) -> dict
         next_tick += tick
         time.sleep(max(0.0, next_tick - time.monotonic()))
     cpu = (sum(watcher.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
-    time.sleep(2.0)
-    proc.terminate()
-    proc.wait(10)
+    proc.wait(30)  # it ends 3 s after the last write (--until-idle)
     lat = [(seen[v] - injected[v]) * 1000 for v in injected if v in seen]
     ordered = sorted(lat)
     return {"cpu": cpu * 100, "n": len(lat), "lost": len(injected) - len(lat),
@@ -111,14 +111,16 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--rate", type=float, default=15.0, help="steps per second per run")
+    ap.add_argument("--rate", type=float, default=5.0,
+                    help="steps per second per run (a step is 3 events: 5 steps/s = 15 events/s)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--poll", type=float, nargs="*", default=[])
+    ap.add_argument("--profile", metavar="FILE", help="run the watcher under cProfile, stats to FILE")
     args = ap.parse_args()
-    print(f"{args.runs} runs x {args.rate:g} steps/s for {args.seconds:g} s")
+    print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s) for {args.seconds:g} s")
     print(f"{'mode':16s} {'CPU':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
-        r = run_load(args.runs, args.rate, args.seconds, poll)
+        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
         print(f"{mode:16s} {r['cpu']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
     print("(CPU: lrwatch's share of one core while the runs are written; latency: a non-finite d*lr "

@@ -58,6 +58,11 @@ def concat(parts: list[Scalars]) -> Scalars:
     return out
 
 
+# Fewer records than this (a trainer's latest step, as the watcher reads it) are decoded one by
+# one with the compiled proto: numpy's fixed cost per call outweighs its speed on a few records.
+VECTORISE_FROM = 64
+
+
 def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> Scalars:
     u8 = np.frombuffer(buf, dtype=np.uint8)
     out = Scalars()
@@ -65,7 +70,7 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
     chunks: list[tuple[np.ndarray, ...]] = []  # (record index, tag id, step, value, wall time)
 
     fast = np.zeros(len(starts), bool)
-    if len(u8) >= 16:
+    if len(u8) >= 16 and len(starts) >= VECTORISE_FROM:
         words = _words(buf, len(u8))
         layout = _fast_scalar_layout(u8, words, starts, lengths)
         fast = layout.ok

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from lrwatch.events import Scalars, concat, decode
 from lrwatch.records import MAX_RECORD_BYTES, Damage, find_records
-from lrwatch.sources import file_info, location, read_range
+from lrwatch.sources import Reader, location
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for one larger record)
 TAIL_BYTES = 64  # bytes before the read offset compared when a file was replaced
@@ -45,58 +45,61 @@ class EventFile:
 
     def read_new(self) -> Batch:
         """Read and decode everything complete after the last read."""
-        restarted = False
-        parts: list[Scalars] = []
-        damage: list[Damage] = []
-        pending = 0
         try:
-            info = file_info(self.path)
-            if self._identity is not None and (info.version != self._identity or info.size < self.offset):
-                # Truncated or replaced. A sync tool re-uploads a growing file whole (object
-                # stores cannot append): if the new file still holds the bytes read so far,
-                # go on from where the last read stopped; otherwise read it again from the start.
-                grown = info.size >= self.offset and self._tail_still_there()
-                if not grown:
-                    self.offset, self.in_garbage, restarted = 0, False, True
-            self._identity = info.version
-            size, want = info.size, CHUNK_BYTES
-            while self.offset < size:
-                data = read_range(self.path, self.offset, self.offset + min(want, size - self.offset))
-                frames = find_records(data, self.offset, self.in_garbage)
-                if len(frames.starts):
-                    scalars = decode(data, frames.starts, frames.lengths)
-                    if scalars.undecodable:
-                        damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid "
-                                                          "checksum are not TensorBoard events"))
-                    parts.append(scalars)
-                damage += frames.damage
-                self.records_read += len(frames.starts)
-                if frames.end:
-                    self._tail = data[max(0, frames.end - TAIL_BYTES) : frames.end]
-                self.offset += frames.end
-                self.in_garbage = frames.in_garbage
-                # bytes kept inside a damaged stretch are not a record being written
-                pending = 0 if frames.in_garbage and not frames.need else frames.pending
-                if self.offset + frames.pending >= size:
-                    break  # read to the end of the file
-                if frames.end == 0:  # one record larger than the chunk: read it whole
-                    if not frames.need or frames.need > MAX_RECORD_BYTES + 16 or frames.need <= len(data):
-                        break
-                    want = frames.need
-                else:
-                    want = CHUNK_BYTES
+            with Reader(self.path) as reader:
+                return self._read(reader)
         except FileNotFoundError:
             return Batch(Scalars(), error="file disappeared")
         except OSError as e:
             why = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else (e.strerror or str(e))
             return Batch(Scalars(), error=f"cannot read: {why}")
+
+    def _read(self, reader: Reader) -> Batch:
+        parts: list[Scalars] = []
+        damage: list[Damage] = []
+        restarted = False
+        pending = 0
+        info = reader.info()
+        changed = self._identity is not None and (info.version != self._identity or info.size < self.offset)
+        # Truncated or replaced. A sync tool re-uploads a growing file whole (object stores
+        # cannot append): if the new file still holds the bytes read so far, go on from where
+        # the last read stopped; otherwise read it again from the start.
+        if changed and not (info.size >= self.offset and self._tail_still_there(reader)):
+            self.offset, self.in_garbage, restarted = 0, False, True
+        self._identity = info.version
+        size, want = info.size, CHUNK_BYTES
+        while self.offset < size:
+            data = reader.read(self.offset, self.offset + min(want, size - self.offset))
+            frames = find_records(data, self.offset, self.in_garbage)
+            if len(frames.starts):
+                scalars = decode(data, frames.starts, frames.lengths)
+                if scalars.undecodable:
+                    damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid "
+                                                      "checksum are not TensorBoard events"))
+                parts.append(scalars)
+            damage += frames.damage
+            self.records_read += len(frames.starts)
+            if frames.end:
+                self._tail = data[max(0, frames.end - TAIL_BYTES) : frames.end]
+            self.offset += frames.end
+            self.in_garbage = frames.in_garbage
+            # bytes kept inside a damaged stretch are not a record being written
+            pending = 0 if frames.in_garbage and not frames.need else frames.pending
+            if self.offset + frames.pending >= size:
+                break  # read to the end of the file
+            if frames.end == 0:  # one record larger than the chunk: read it whole
+                if not frames.need or frames.need > MAX_RECORD_BYTES + 16 or frames.need <= len(data):
+                    break
+                want = frames.need
+            else:
+                want = CHUNK_BYTES
         scalars = concat(parts)
         if self.first_wall_time is None and len(scalars):
             self.first_wall_time = float(scalars.wall_times.min())
         return Batch(scalars, damage, pending, restarted)
 
-    def _tail_still_there(self) -> bool:
+    def _tail_still_there(self, reader: Reader) -> bool:
         if self.offset == 0:
             return True
         start = self.offset - len(self._tail)
-        return bool(self._tail) and read_range(self.path, start, self.offset) == self._tail
+        return bool(self._tail) and reader.read(start, self.offset) == self._tail

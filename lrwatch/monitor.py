@@ -9,6 +9,7 @@ the analysis of odd data) is kept on that run and reported; the other runs go on
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,12 @@ from lrwatch.snapshots import SnapshotBook
 from lrwatch.sources import is_remote, location
 from lrwatch.tags import TagMap
 from lrwatch.trainers import ScheduleOptions, read_layout
+
+# Seconds between listings of a watched run's folder (for files no event told of); a file event
+# about a file the run does not know yet lists it at once.
+RELIST_INTERVAL = 10.0
+ACTIVE_WINDOW = 2.0  # seconds: a run that got points this recently counts as growing
+MAX_ANALYSIS_DELAY = 2.0  # seconds: the longest a growing run's analysis waits for its turn
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -44,6 +51,12 @@ class RunState:
     folder: tuple[int, int] | None = None  # (device, inode) of the run's path when it was found
     announced: set[str] = field(default_factory=set)  # live notes already said about this run
     view: RunLike | None = None  # what was analysed: the run, or the run it continues joined with it
+    stale: bool = False  # points read but not analysed yet (Monitor.analysis_budget)
+    analysed_at: float = -1e9  # time.monotonic() of the last analysis
+    grew_at: float = -1e9  # time.monotonic() of the last new points
+    urgent: bool = False  # a stop waits on this run's steps: analyse every change
+    listed_at: float = -1e9  # time.monotonic() of the last listing of the run's folder
+    resume_note: tuple[int, str | None] | None = None  # (runs known then, the note) for runs without a config
 
     @property
     def series_source(self) -> RunLike:
@@ -80,6 +93,8 @@ class Monitor:
         self.snapshots = snapshots
         self.live = False  # set by the watcher once the runs already there have been read
         self.points_read = 0  # scalar points read so far, over all runs (the watcher's sign of new data)
+        self.analysis_budget = 0.0  # share of one core for analyses (the watcher sets it; 0: analyse every change)
+        self._analysis_cost = 0.001  # seconds per analysis, a moving average
         self.root_errors: dict[Path, str] = {}  # roots that could not be listed, and why
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
         self._names: dict[Path, tuple[tuple, str]] = {}  # run -> its output name, by config
@@ -140,12 +155,19 @@ class Monitor:
             if run_paths is not None and path not in run_paths:
                 continue
             try:
-                new_points = state.run.refresh()
+                now = time.monotonic()
+                relist = not self.live or now - state.listed_at >= RELIST_INTERVAL
+                if relist:
+                    state.listed_at = now
+                new_points = state.run.refresh(relist)
                 self.points_read += new_points
-                if not new_points and state.analysis is not None:
+                if not new_points and state.analysis is not None and not state.stale:
                     continue
                 if self.live and (new_points or not state.seen_at_start):
                     state.grew = True
+                if self._throttled(state, new_points):
+                    continue
+                state.stale, state.analysed_at = False, time.monotonic()
                 reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
                 state.view, resume_note, resume_step = self._joined_view(state.run)
                 state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
@@ -153,6 +175,8 @@ class Monitor:
                     state.analysis.notes.insert(0, resume_note)
                 if resume_step is not None:  # what came before the resume is the earlier run's to report
                     state.analysis.findings = [f for f in state.analysis.findings if f.step > resume_step]
+                cost = time.monotonic() - state.analysed_at
+                self._analysis_cost = 0.9 * self._analysis_cost + 0.1 * cost  # a moving average
                 state.error = None
             except Exception as e:  # one run's trouble never stops the others (or the watch)
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
@@ -171,7 +195,13 @@ class Monitor:
         others = [s.run for s in self.states.values() if s.run is not run]
         state = resumed_from(run.config)
         if state is None:
-            return run, self._maybe_resumed_note(run, others), None
+            known = self.states.get(run.path)
+            cached = known.resume_note if known else None
+            if cached is None or cached[0] != len(self.states):  # only a new run can change the note
+                cached = (len(self.states), self._maybe_resumed_note(run, others))
+                if known is not None:
+                    known.resume_note = cached
+            return run, cached[1], None
         found = find_continued(run, others)
         if found is None:
             first = first_step(run)
@@ -185,6 +215,33 @@ class Monitor:
         return (JoinedRun(earlier, run, step, offset),
                 f"resumed from {state[0]}-step{step:08d}-state: joined to run {earlier.name} up to step {step}{shift}",
                 step)
+
+    def _throttled(self, state: RunState, new_points: int) -> bool:
+        """Whether to leave a run's new points for a later pass. Analyses get ``analysis_budget``
+        of one core: with one growing run that is every change (a millisecond each); with 200
+        runs each written every fraction of a second, each run's analysis waits its turn, up to
+        ``MAX_ANALYSIS_DELAY``. A non-finite value, a run with a stop pending on its step and a
+        first analysis are never put off. The findings are the same either way (the analysis is
+        causal): only found later."""
+        now = time.monotonic()
+        if new_points:
+            state.grew_at = now
+        if self.analysis_budget <= 0 or state.analysis is None or state.run.new_nonfinite or state.urgent:
+            return False
+        if now - state.analysed_at >= self._analysis_delay(now):
+            return False
+        state.stale = state.stale or bool(new_points)
+        return True
+
+    def _analysis_delay(self, now: float) -> float:
+        active = sum(1 for s in self.states.values() if now - s.grew_at < ACTIVE_WINDOW)
+        return min(MAX_ANALYSIS_DELAY, active * self._analysis_cost / self.analysis_budget)
+
+    def stale_runs(self) -> set[Path]:
+        """Runs with points not analysed yet whose turn has come (the watcher polls them)."""
+        now = time.monotonic()
+        delay = self._analysis_delay(now)
+        return {p for p, s in self.states.items() if s.stale and now - s.analysed_at >= delay}
 
     def _output_name(self, run: Run) -> str:
         """Cached: the watcher asks on every change of every run."""

@@ -13,6 +13,7 @@ CTRL_BREAK (for a process group lrwatch launched), then TerminateProcess.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -88,7 +89,13 @@ def parse_writer_name(path: Path) -> tuple[int, str, int] | None:
 def is_this_host(host: str) -> bool:
     """The whole name must match (the writer uses ``socket.gethostname()``): ``vm`` is not
     ``vm.cluster-b.example``."""
-    return host.lower() in {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return host.lower() in _this_host_names()
+
+
+@functools.lru_cache(maxsize=1)
+def _this_host_names() -> frozenset[str]:
+    """Asked once: ``getfqdn`` may ask DNS, and the watcher checks writers on every change."""
+    return frozenset({socket.gethostname().lower(), socket.getfqdn().lower()})
 
 
 def writer_from_name(path: Path, first_wall_time: float | None = None) -> tuple[Target | None, str]:

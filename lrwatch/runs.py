@@ -120,6 +120,8 @@ class Run:
         self.damage: list[tuple[Path, Damage]] = []
         self.file_errors: dict[Path, str] = {}  # files that could not be read at the last attempt
         self.rewritten: set[Path] = set()  # files replaced by shorter or different ones, read again from the start
+        self.new_nonfinite = False  # the last refresh read a NaN or inf (a blow-up: analyse it at once)
+        self._listed: list[Path] = []  # the event files found by the last listing
         self.pending_bytes = 0
         self._chunks: dict[str, _TagChunks] = {}
         self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
@@ -139,11 +141,16 @@ class Run:
                 found.append(entry)
         return sorted(found, key=_file_order)
 
-    def refresh(self) -> int:
-        """Read what is new in every file of the run; return the number of new scalar points."""
+    def refresh(self, relist: bool = True) -> int:
+        """Read what is new in every file of the run; return the number of new scalar points.
+        ``relist=False`` reads the files already known without listing the folder again (the
+        watcher relists on its own schedule: a listing costs more than reading a new step)."""
         new_points = 0
         self.pending_bytes = 0
-        for path in self.event_files():
+        self.new_nonfinite = False
+        if relist or not self.files:
+            self._listed = self.event_files()
+        for path in self._listed:
             loader = self.files.get(path)
             if loader is None:
                 loader = self.files[path] = EventFile(path)
@@ -160,7 +167,8 @@ class Run:
             if len(batch.scalars):
                 self._add(batch.scalars)
                 new_points += len(batch.scalars)
-        if not self.single_file:
+                self.new_nonfinite = self.new_nonfinite or not np.isfinite(batch.scalars.values).all()
+        if not self.single_file and relist:
             self._read_hparams_yml()
         return new_points
 

@@ -108,6 +108,36 @@ def read_range(path: Path, start: int, end: int) -> bytes:
     return bytes(fs.cat_file(name, start=start, end=end))
 
 
+class Reader:
+    """One file opened for a pass of reads: locally one open file (``fstat``, then seeks and
+    reads), remotely ranged requests. Use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = None
+
+    def __enter__(self) -> Reader:
+        if not is_remote(self.path):
+            self._fh = open(self.path, "rb")  # noqa: SIM115 -- closed in __exit__
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+    def info(self) -> FileInfo:
+        if self._fh is None:
+            return file_info(self.path)
+        st = os.fstat(self._fh.fileno())
+        return FileInfo(st.st_size, (st.st_dev, st.st_ino))
+
+    def read(self, start: int, end: int) -> bytes:
+        if self._fh is None:
+            return read_range(self.path, start, end)
+        self._fh.seek(start)
+        return bytes(self._fh.read(max(0, end - start)))
+
+
 def version_key(path: Path) -> tuple:
     """What identifies the current contents of a small file (for caches of parsed configs)."""
     if not is_remote(path):

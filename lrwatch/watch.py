@@ -53,6 +53,9 @@ SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an eve
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
+ANALYSIS_BUDGET = 0.05  # of one core, for analyses; one growing run is analysed on every change
+
+
 @dataclass
 class WatchOptions:
     poll: float | None = None  # seconds between polls; None: native file-system events
@@ -68,6 +71,7 @@ class WatchOptions:
     tensorboard: bool = False  # keep <run folder>/lrwatch/ current (lrwatch.tbexport)
     stop_cmd: str | None = None  # run when a stop is due and no local process provably writes the run
     stop_cmd_always: bool = False  # ... or for every stop that is due
+    analysis_budget: float = ANALYSIS_BUDGET  # share of one core for analyses (Monitor._throttled)
 
 
 class _Changes(FileSystemEventHandler):
@@ -95,6 +99,8 @@ class _Changes(FileSystemEventHandler):
         return paths
 
 
+BOOKKEEPING = 0.25  # seconds between the passes over every run (verdicts, export, notes, status lines)
+COALESCE = 0.02  # seconds: a burst of file events is taken together, not one pass per event
 STOP_CMD_TIMEOUT = 120.0  # seconds a --stop-cmd (scancel, kubectl, runpodctl) may take
 REMOTE_POLL = 5.0  # seconds between passes over remote roots (--poll overrides)
 
@@ -111,6 +117,7 @@ class Watcher:
         self.remote = any(is_remote(r) for r in [*monitor.roots, *self.snapshot_folders])
         self.remote_every = poll or REMOTE_POLL
         self._last_remote = time.monotonic()
+        self._last_take = 0.0
 
     def start(self) -> None:
         self.observer.start()
@@ -135,7 +142,9 @@ class Watcher:
     def wait(self, timeout: float) -> tuple[set[Path], bool, bool]:
         """Block until something changes (or ``timeout``): (changed known runs, whether to
         rediscover, whether a snapshot folder changed)."""
-        self.changes.wake.wait(timeout)
+        if self.changes.wake.wait(timeout):
+            time.sleep(max(0.0, COALESCE - (time.monotonic() - self._last_take)))
+        self._last_take = time.monotonic()
         rediscover = self.schedule_new_roots()
         if self.remote and time.monotonic() - self._last_remote >= self.remote_every:
             self._last_remote, rediscover = time.monotonic(), True
@@ -150,6 +159,9 @@ class Watcher:
                 rediscover = True  # a new run folder or event file
             else:
                 runs.add(run)
+                state = self.monitor.states.get(run)
+                if state is not None and path != run and path not in state.run.files:
+                    state.listed_at = -1e9  # a file the run does not know yet: list its folder again
                 if path != run and path.is_dir():
                     rediscover = True  # a new folder inside a run (add_hparams' timestamp folder)
         return runs, rediscover, snapshots_changed
@@ -305,6 +317,7 @@ class _Stopper:
         last = state.analysis.last_step if state.analysis else None
         if at is not None and last is not None and at > last:
             self.pending[state] = (at, finding)
+            state.urgent = True  # the stop waits on a step: analyse this run on every change
             when = "would stop" if self.options.dry_run else "will stop"
             self.hooks.action(run, "stop_planned", f"{run.name}: {when} the trainer when step {at} (the predicted "
                                                    "restart, after the cycle-minimum snapshot) is logged",
@@ -444,6 +457,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     _announce(monitor, hooks, board)
     _safely(monitor.poll, hooks)  # what is there before anything is launched: earlier runs
     monitor.start_live()
+    monitor.analysis_budget = options.analysis_budget
     launched_proc: subprocess.Popen | None = None
     guarded = Guarded(given, launched=False) if given else None
     if options.command:
@@ -457,6 +471,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                                  own_group=WINDOWS), launched=True)
     stopper = _Stopper(options, hooks, guarded)
     writers: dict[RunState, Identity] = {}  # runs' writers seen alive, to end when they have all exited
+    tried_writers: set[Path] = set()  # event files whose named writer was checked
     verdicts = _Verdicts(monitor, hooks, options.manifest)
     exporter = _Export(monitor, hooks) if options.tensorboard else None
     first = [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]
@@ -471,6 +486,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     try:
         runs: set[Path] = set()
         rediscover, snapshots_changed = True, True
+        books_due, last_books = True, 0.0
         while True:
             try:
                 points_before = monitor.points_read
@@ -488,18 +504,23 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     hooks.finding(state.run, finding)
                     if options.kill_on_spike and finding.severity == CRITICAL:
                         stopper.on_critical(state, finding)
-                if changed or snapshots_changed:
+                if changed:
+                    stopper.tick(monitor)  # every pass: a stop planned for a step must not wait
+                    if guarded is not None:
+                        guarded.refresh()  # its children, seen while they live (a writer may be one)
+                books_due = books_due or changed or snapshots_changed
+                if books_due and (new or time.monotonic() - last_books >= BOOKKEEPING):
+                    # What looks at every run (verdicts, export, notes, status lines, writers) runs at
+                    # most every BOOKKEEPING s, not once per file event: with many runs written at
+                    # once, it would cost more than the reading.
+                    books_due, last_books = False, time.monotonic()
                     verdicts.update()
                     if exporter is not None:
                         exporter.update()
-                if changed:  # idle wake-ups only check whether the trainer is still there
                     _announce(monitor, hooks, board)
-                    stopper.tick(monitor)
                     board.draw(monitor.runs)
                     if guarded is None:
-                        _track_writers(monitor, writers)
-                    else:
-                        guarded.refresh()
+                        _track_writers(monitor, writers, tried_writers)
             except Exception as e:  # never leave a trainer unguarded because of one bad pass
                 failures += 1
                 hooks.say(f"lrwatch: internal error while watching (the watch goes on): {type(e).__name__}: {e}")
@@ -519,12 +540,14 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                 break
             runs, rediscover, snapshots_changed = watcher.wait(
                 timeout=0.5 if options.poll is None else min(0.5, options.poll))
+            runs |= monitor.stale_runs()
     except KeyboardInterrupt:
         alive = launched_proc or writers or given
         reason = "interrupted (the trainer was left running)" if alive else "interrupted"
     finally:
         watcher.stop()
     board.clear()
+    monitor.analysis_budget = 0.0  # the final pass analyses everything
     for state, finding in _safely(monitor.poll, hooks) or []:  # what the trainer wrote last
         hooks.finding(state.run, finding)
     _safely(verdicts.update, hooks)
@@ -612,13 +635,17 @@ class _Export:
             self.hooks.action(None, "note", problem, notify=False)
 
 
-def _track_writers(monitor: Monitor, writers: dict[RunState, Identity]) -> None:
+def _track_writers(monitor: Monitor, writers: dict[RunState, Identity], tried: set[Path]) -> None:
     """Note the proved writer of each run that grew while watched (earlier runs do not keep
-    the watch going); a name check, not a scan of every process's open files."""
+    the watch going); a name check, not a scan of every process's open files. A file whose
+    named writer was not proved is not asked again: the process it names cannot become it."""
     for state in monitor.runs:
         if state in writers or not state.grew or not state.run.files:
             continue
         path = newest_first(state.run.files)[0]
+        if path in tried or state.run.files[path].first_wall_time is None:
+            continue
+        tried.add(path)
         target, _ = writer_from_name(path, state.run.files[path].first_wall_time)
         if target is not None:
             writers[state] = target.identity

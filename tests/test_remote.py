@@ -18,7 +18,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("upath")
 
 import lrwatch  # noqa: E402
-from lrwatch import loader, snapshots  # noqa: E402
+from lrwatch import loader, snapshots, sources  # noqa: E402
 from lrwatch.monitor import Monitor  # noqa: E402
 from lrwatch.report import render  # noqa: E402
 
@@ -112,13 +112,13 @@ def test_a_synced_run_replaced_by_longer_and_shorter_uploads_is_read_from_where_
     data = event.read_bytes()
     key = f"lrwatch-test/grow/run20261124083000/network_train/{event.name}"
     reads: list[tuple[int, int]] = []
-    real = loader.read_range
+    real = sources.read_range
 
     def recording(path, start, end):
         reads.append((start, end))
         return real(path, start, end)
 
-    monkeypatch.setattr(loader, "read_range", recording)
+    monkeypatch.setattr(sources, "read_range", recording)
     monitor = Monitor(["s3://lrwatch-test/grow"])
     s3.pipe(key, data[: len(data) // 3 + 7])  # cut mid-record, as a sync of a file being written would
     monitor.poll()

@@ -373,3 +373,51 @@ def test_a_process_holding_the_file_open_is_not_taken_for_its_writer(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_watchers_findings_are_the_audits(tmp_path):
+    """The live watcher, end to end: the findings, their steps and their values are the audit's."""
+    logs, events = tmp_path / "logs", tmp_path / "events.jsonl"
+    code, out, err = finish(lrwatch(str(logs), "--events-out", str(events), "--",
+                                    *REPLAY, "dadapt_sgd_growth_blowup", str(logs), "--delay", "0.003"))
+    assert code == 1, err
+    watched = [json.loads(line) for line in events.read_text().splitlines()]
+    watched = [(r["kind"], r["severity"], r["group"], r["step"], r["values"]) for r in watched
+               if r["type"] == "finding"]
+    done = subprocess.run([sys.executable, "-m", "lrwatch", "audit", str(logs), "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    (run,) = json.loads(done.stdout)["runs"]
+    audited = [(f["kind"], f["severity"], f["group"], f["step"], f["values"]) for f in run["findings"]]
+    assert sorted(map(json.dumps, watched)) == sorted(map(json.dumps, audited))
+    assert len(audited) >= 8  # warnings and criticals over several cycles
+
+
+def test_analyses_put_off_under_load_find_exactly_what_a_full_audit_finds(tmp_path):
+    """A growing run whose analysis waits its turn (a tiny analysis budget: up to 2 s) is read
+    on every change and analysed now and then; the analysis is causal, so the findings, their
+    steps and values are those of one audit of the finished file."""
+    import lrwatch
+    from lrwatch.monitor import Monitor
+
+    name = "dadapt_sgd_growth_blowup"
+    data = event_file_of(name).read_bytes()
+    run = tmp_path / "logs" / "run20261124090000" / "network_train"
+    run.mkdir(parents=True)
+    target = run / event_file_of(name).name
+    monitor = Monitor([tmp_path / "logs"])
+    monitor.poll()
+    monitor.start_live()
+    monitor.analysis_budget = 1e-6
+    put_off = 0
+    for cut in range(2000, len(data) + 2000, 2000):
+        with open(target, "ab") as fh:
+            fh.write(data[cut - 2000 : cut])
+        monitor.poll()
+        put_off += monitor.states[run].stale
+    monitor.analysis_budget = 0.0
+    monitor.poll({run}, rediscover=False)
+    assert put_off > 10  # most passes left the analysis for later
+    live = monitor.states[run].analysis
+    full = lrwatch.audit([tmp_path / "logs"]).runs[0].analysis
+    assert [f.to_dict() for f in live.findings] == [f.to_dict() for f in full.findings]
+    assert len(full.findings) >= 8
