@@ -151,6 +151,7 @@ class Monitor:
         if rediscover:
             self.discover()
         out: list[tuple[RunState, Finding]] = []
+        delay = self._analysis_delay(time.monotonic()) if self.analysis_budget > 0 else 0.0  # once per pass
         for path, state in list(self.states.items()):
             if run_paths is not None and path not in run_paths:
                 continue
@@ -165,7 +166,7 @@ class Monitor:
                     continue
                 if self.live and (new_points or not state.seen_at_start):
                     state.grew = True
-                if self._throttled(state, new_points):
+                if self._throttled(state, new_points, delay):
                     continue
                 state.stale, state.analysed_at = False, time.monotonic()
                 reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
@@ -216,7 +217,7 @@ class Monitor:
                 f"resumed from {state[0]}-step{step:08d}-state: joined to run {earlier.name} up to step {step}{shift}",
                 step)
 
-    def _throttled(self, state: RunState, new_points: int) -> bool:
+    def _throttled(self, state: RunState, new_points: int, delay: float) -> bool:
         """Whether to leave a run's new points for a later pass. Analyses get ``analysis_budget``
         of one core: with one growing run that is every change (a millisecond each); with 200
         runs each written every fraction of a second, each run's analysis waits its turn, up to
@@ -228,7 +229,7 @@ class Monitor:
             state.grew_at = now
         if self.analysis_budget <= 0 or state.analysis is None or state.run.new_nonfinite or state.urgent:
             return False
-        if now - state.analysed_at >= self._analysis_delay(now):
+        if now - state.analysed_at >= delay:
             return False
         state.stale = state.stale or bool(new_points)
         return True
