@@ -274,10 +274,14 @@ class Monitor:
     def run_for(self, file_path: Path) -> Path | None:
         """The run folder a changed file belongs to (known runs only): a look-up per folder above
         the file, not a scan of every run (the watcher asks for every file event)."""
-        for path in (file_path, *file_path.parents):
+        path = file_path
+        while True:  # the file's folder first: an event file sits directly in its run (or one below)
             if path in self.states:
                 return path
-        return None
+            parent = path.parent
+            if parent == path:
+                return None
+            path = parent
 
     @property
     def runs(self) -> list[RunState]:

@@ -162,9 +162,36 @@ class _Buffer:
         return first_open, False
 
 
+SMALL_BUFFER = 4096  # bytes: a watched run's latest step; walked in plain Python (numpy's setup costs more)
+
+
+def _find_small(buf: bytes | memoryview) -> Frames | None:
+    """The records of a small, clean buffer, or None at the first thing that is not a whole
+    valid record (the full walk then decides what it is: damage, or a record being written)."""
+    mv = memoryview(buf)
+    n, pos = len(mv), 0
+    starts: list[int] = []
+    lengths: list[int] = []
+    while n - pos >= HEADER:
+        (length,) = _unpack_len(mv, pos)
+        end = pos + HEADER + length
+        if (length > MAX_RECORD_BYTES or end + FOOTER > n
+                or masked_crc(mv[pos : pos + 8]) != _unpack_crc(mv, pos + 8)[0]
+                or masked_crc(mv[pos + HEADER : end]) != _unpack_crc(mv, end)[0]):
+            return None
+        starts.append(pos + HEADER)
+        lengths.append(length)
+        pos = end + FOOTER
+    return Frames(np.asarray(starts, np.int64), np.asarray(lengths, np.int64), pos, [], n - pos, False)
+
+
 def find_records(buf: bytes | memoryview, base_offset: int = 0, in_garbage: bool = False) -> Frames:
     """Walk the records of ``buf``. ``base_offset`` is where ``buf`` sits in its file, so that
     damage is reported at true file offsets; ``in_garbage`` carries the previous read's state."""
+    if not in_garbage and len(buf) <= SMALL_BUFFER:
+        small = _find_small(buf)
+        if small is not None:
+            return small
     b = _Buffer(buf)
     starts: list[np.ndarray] = []
     lengths: list[np.ndarray] = []

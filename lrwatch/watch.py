@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import psutil
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -99,6 +110,13 @@ class _Changes(FileSystemEventHandler):
         return paths
 
 
+# What the watcher listens to: writes, new, renamed and deleted files and folders, and folders
+# whose entries changed (a run folder deleted and made again shows there). Not opens and closes:
+# tensorboard's writer opens and closes the file at every flush, and every reader opens it;
+# asked of inotify this way, the kernel never sends them.
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileModifiedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent, DirMovedEvent,
+    DirDeletedEvent, DirModifiedEvent]
 BOOKKEEPING = 0.25  # seconds between the passes over every run (verdicts, export, notes, status lines)
 COALESCE = 0.02  # seconds: a burst of file events is taken together, not one pass per event
 STOP_CMD_TIMEOUT = 120.0  # seconds a --stop-cmd (scancel, kubectl, runpodctl) may take
@@ -134,7 +152,7 @@ class Watcher:
             if root in self._scheduled or is_remote(root) or not root.exists():
                 continue
             folder = root if root.is_dir() else root.parent
-            self.observer.schedule(self.changes, str(folder), recursive=root.is_dir())
+            self.observer.schedule(self.changes, str(folder), recursive=root.is_dir(), event_filter=WATCHED_EVENTS)
             self._scheduled.add(root)
             appeared = True
         return appeared

@@ -259,3 +259,30 @@ def test_a_long_damaged_stretch_is_skipped_fast_in_bounded_memory(tmp_path):
     assert points == 2400 and damaged == 1
     assert seconds < 10  # ~1 s here; was 40 s
     assert grew_mb < 120  # chunks of 16 MiB; was 705 MB
+
+
+_SMALL_SOURCE = event_file_of("prodigy_seed_bump").read_bytes()
+_BOUNDARIES = (find_records(_SMALL_SOURCE).starts - HEADER).tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.integers(0, 200), size=st.integers(0, 4096), shift=st.sampled_from([0, 0, 0, 1, 5]),
+       flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), max_size=2))
+def test_a_small_read_walked_in_plain_python_frames_exactly_like_the_full_walk(first, size, shift, flips):
+    """The watcher's small reads (a step or two) skip numpy; whatever the bytes (cut anywhere,
+    bits flipped, not starting at a record), the result is the full walk's."""
+    import lrwatch.records as records
+
+    start = _BOUNDARIES[first] + shift
+    data = bytearray(_SMALL_SOURCE[start : start + size])
+    for at, bit in flips:
+        if at < len(data):
+            data[at] ^= bit
+    small = find_records(bytes(data), 100)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(records, "SMALL_BUFFER", -1)
+        full = find_records(bytes(data), 100)
+    assert small.starts.tolist() == full.starts.tolist() and small.lengths.tolist() == full.lengths.tolist()
+    assert (small.end, small.pending, small.in_garbage, small.need) == (full.end, full.pending, full.in_garbage,
+                                                                        full.need)
+    assert small.damage == full.damage
