@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -57,3 +58,16 @@ def cli():
         return CliRunner().invoke(command, list(args), catch_exceptions=False)
 
     return run
+
+
+def as_a_normal_user() -> list[str]:
+    """A command prefix under which file permissions hold as they would for a normal user:
+    root reads and writes everything, so as root the command runs without the capabilities
+    that let it (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH). Skips without setpriv."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permissions cannot be tested")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]

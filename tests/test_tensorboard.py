@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import as_a_normal_user
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lrwatch
@@ -84,13 +85,7 @@ def test_a_second_audit_rewrites_the_export_and_never_reads_it_as_a_run(tmp_path
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
 def test_a_run_folder_lrwatch_may_not_write_into_is_said_and_the_audit_goes_on(tmp_path):
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot make a folder unwritable")
-        caps = "-dac_override,-dac_read_search"
-        prefix = [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]
+    prefix = as_a_normal_user()
     logs, run = copy_fixture(tmp_path, "prodigy_seed_bump")
     run.chmod(0o555)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FIXTURES, ROOT, event_file_of, fixture_run, write_scalars
+from conftest import FIXTURES, ROOT, as_a_normal_user, event_file_of, fixture_run, write_scalars
 from test_watch import REPLAY, finish, first_bad_step, last_step_written, lrwatch
 
 POSIX = os.name != "nt"
@@ -387,15 +387,9 @@ def test_a_manifest_that_cannot_be_written_is_reported_and_the_trainer_stays_gua
 
 @pytest.mark.skipif(not POSIX, reason="POSIX permissions")
 def test_one_unreadable_event_file_is_reported_and_the_rest_is_checked(tmp_path):
-    """As a normal user would meet it: root reads everything, so as root lrwatch runs without the
-    capabilities that let it (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot make a file unreadable")
-        caps = "-dac_override,-dac_read_search"
-        prefix = [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]
+    """As a normal user would meet it (as_a_normal_user: as root, without the capabilities
+    that read everything)."""
+    prefix = as_a_normal_user()
     logs = tmp_path / "logs"
     shutil.copytree(FIXTURES / "prodigy_seed_bump" / "logs", logs)
     locked = copy_run_into(logs, "dadapt_adam_rex_healthy")
