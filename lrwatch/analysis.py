@@ -486,7 +486,7 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Fin
     grace = points(steps, th.loss_grace)
     if n <= grace:
         return out, base
-    smooth = _trailing_mean(loss[:n], points(steps, th.loss_smoothing))
+    smooth = trailing_mean(loss[:n], points(steps, th.loss_smoothing))
     baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = smooth / baseline
@@ -537,12 +537,16 @@ def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag:
     )]
 
 
-def _trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
-    """Mean of the last ``span`` points (fewer at the start), vectorised."""
-    csum = np.cumsum(np.r_[0.0, x])
+def trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
+    """Mean of the finite values among the last ``span`` points (fewer at the start; NaN where
+    there are none), vectorised. The analysis passes finite values; the plot, a raw loss."""
+    finite = np.isfinite(x)
+    csum = np.cumsum(np.r_[0.0, np.where(finite, x, 0.0)])
+    count = np.cumsum(np.r_[0, finite])
     idx = np.arange(1, len(x) + 1)
     lo = np.maximum(idx - span, 0)
-    return (csum[idx] - csum[lo]) / (idx - lo)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (csum[idx] - csum[lo]) / (count[idx] - count[lo])
 
 
 def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> list[Cycle]:

@@ -193,17 +193,16 @@ class Monitor:
     def _joined_view(self, run: Run) -> tuple[RunLike, str | None, int | None]:
         """The run as analysed (joined to the run it resumed, when that is here), a note, and the
         resume step below which findings belong to the earlier run."""
-        others = [s.run for s in self.states.values() if s.run is not run]
         state = resumed_from(run.config)
         if state is None:
             known = self.states.get(run.path)
             cached = known.resume_note if known else None
             if cached is None or cached[0] != len(self.states):  # only a new run can change the note
-                cached = (len(self.states), self._maybe_resumed_note(run, others))
+                cached = (len(self.states), self._maybe_resumed_note(run, self._others(run)))
                 if known is not None:
                     known.resume_note = cached
             return run, cached[1], None
-        found = find_continued(run, others)
+        found = find_continued(run, self._others(run))
         if found is None:
             first = first_step(run)
             offset = state[1] if first is not None and first <= state[1] else 0
@@ -216,6 +215,9 @@ class Monitor:
         return (JoinedRun(earlier, run, step, offset),
                 f"resumed from {state[0]}-step{step:08d}-state: joined to run {earlier.name} up to step {step}{shift}",
                 step)
+
+    def _others(self, run: Run) -> list[Run]:
+        return [s.run for s in self.states.values() if s.run is not run]
 
     def _throttled(self, state: RunState, new_points: int, delay: float) -> bool:
         """Whether to leave a run's new points for a later pass. Analyses get ``analysis_budget``

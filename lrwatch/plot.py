@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrwatch.analysis import CRITICAL, WARNING, Analysis, points
+from lrwatch.analysis import CRITICAL, WARNING, Analysis, points, trailing_mean
 from lrwatch.output import write_atomic
 from lrwatch.report import render_run
 
@@ -44,16 +44,6 @@ def _pyplot():
     except ImportError:
         raise PlotUnavailable("lrwatch plot needs matplotlib: pip install 'lrwatch[plot]'") from None
     return plt
-
-
-def _trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
-    finite = np.where(np.isfinite(x), x, np.nan)
-    csum = np.nancumsum(np.r_[0.0, finite])
-    count = np.cumsum(np.r_[0, np.isfinite(finite)])
-    idx = np.arange(1, len(x) + 1)
-    lo = np.maximum(idx - span, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (csum[idx] - csum[lo]) / (count[idx] - count[lo])
 
 
 def draw_run(axes, state, snapshots: list | None) -> None:
@@ -82,7 +72,7 @@ def draw_run(axes, state, snapshots: list | None) -> None:
     loss = source.series(a.loss_tag) if a.loss_tag else None
     if loss is not None and len(loss.steps):
         ax_loss.plot(loss.steps, loss.values, color="#888888", lw=0.5, alpha=0.35, label=a.loss_tag)
-        smooth = _trailing_mean(loss.values, points(loss.steps, SMOOTHING))
+        smooth = trailing_mean(loss.values, points(loss.steps, SMOOTHING))
         ax_loss.plot(loss.steps, smooth, color="#222222", lw=1.8, label=f"mean of {SMOOTHING} steps")
         finite = loss.values[np.isfinite(loss.values)]
         if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 50:

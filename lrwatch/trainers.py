@@ -116,7 +116,7 @@ def _schedule_multiplier(kind: str, max_steps: int, warmup: int, cycles: float,
     if kind == "rex":  # lrwatch.schedulers.RexWithRestarts, cycles of equal length
         length = max(1, round(span / cycles))
 
-        def rex(j: np.ndarray) -> np.ndarray:
+        def rex(j: np.ndarray) -> np.ndarray:  # schedules.rex_shape (b = 0.5), on arrays
             z = 1.0 - (j % length) / length
             return z / (0.5 + 0.5 * z)
         return _with_warmup(warmup, rex), \

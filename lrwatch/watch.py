@@ -93,9 +93,7 @@ class _Changes(FileSystemEventHandler):
         self._lock = threading.Lock()
         self._paths: set[Path] = set()
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
+    def on_any_event(self, event: FileSystemEvent) -> None:  # only WATCHED_EVENTS reach it
         with self._lock:
             self._paths.add(Path(os.fsdecode(event.src_path)))
             dest = getattr(event, "dest_path", "")
