@@ -339,7 +339,7 @@ def _cycle_peak_lr(lr: np.ndarray, cycle_of: np.ndarray) -> np.ndarray:
     """Highest lr of the current cycle so far, at every index."""
     out = np.empty(len(lr))
     bounds = np.flatnonzero(np.diff(cycle_of)) + 1
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(lr)]):
+    for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(lr)]):
         out[a:b] = _running_max_finite(lr[a:b])
     return out
 
@@ -391,7 +391,9 @@ def points(steps: np.ndarray, span: int) -> int:
     from gradient accumulation, are already folded into one point)."""
     if len(steps) < 2:
         return span
-    spacing = float(np.median(np.diff(steps)))
+    gaps = np.diff(steps)
+    low = gaps.min()  # nearly always every gap is the same: no median needed
+    spacing = float(low) if low == gaps.max() else float(np.median(gaps))
     return max(1, math.ceil(span / max(spacing, 1.0)))
 
 
@@ -445,7 +447,7 @@ def _spike_findings(findings, group, steps, dlr, best, restarts_idx, th: Thresho
     """What happened at each restart: d*lr far above everything before. A warning, not a fry:
     on the realistic corpus, runs whose restarts landed at 4-5x trained on fine; the loss
     rules confirm a real fry."""
-    best_before = np.r_[-np.inf, best[:-1]]
+    best_before = np.concatenate(([-np.inf], best[:-1]))
     for cycle, i in enumerate(restarts_idx.tolist(), start=1):
         ratio = dlr[i] / best_before[i] if best_before[i] > 0 else np.nan
         if np.isfinite(ratio) and ratio >= th.restart_spike:
@@ -541,8 +543,8 @@ def trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
     """Mean of the finite values among the last ``span`` points (fewer at the start; NaN where
     there are none), vectorised. The analysis passes finite values; the plot, a raw loss."""
     finite = np.isfinite(x)
-    csum = np.cumsum(np.r_[0.0, np.where(finite, x, 0.0)])
-    count = np.cumsum(np.r_[0, finite])
+    csum = np.cumsum(np.concatenate(([0.0], np.where(finite, x, 0.0))))
+    count = np.cumsum(np.concatenate(([0], finite)))
     idx = np.arange(1, len(x) + 1)
     lo = np.maximum(idx - span, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -552,7 +554,7 @@ def trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
 def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> list[Cycle]:
     if not len(steps) or lr is None:
         return []
-    bounds = np.r_[0, restarts_idx, len(steps)]
+    bounds = np.concatenate(([0], restarts_idx, [len(steps)]))
     out = []
     for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
         if b <= a:

@@ -1,14 +1,16 @@
 """Decode event records into scalar points (and the run's logged configuration).
 
 torch's ``SummaryWriter.add_scalar`` writes every scalar as its own small Event
-with one byte layout; those are decoded for all records at once with numpy.
-Anything else (file_version, TF2 tensor scalars, hparams, images) goes through
-tensorboard's compiled ``Event`` proto.
+with one byte layout; those are decoded for all records at once with numpy, or, for
+the few records of a watched step, one by one in plain Python. Anything else
+(file_version, TF2 tensor scalars, hparams, images) goes through tensorboard's
+compiled ``Event`` proto.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,13 +66,17 @@ VECTORISE_FROM = 64
 
 
 def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> Scalars:
-    u8 = np.frombuffer(buf, dtype=np.uint8)
     out = Scalars()
     tag_index: dict[str, int] = {}
+    if len(starts) < VECTORISE_FROM:
+        _, out.tag_ids, out.steps, out.values, out.wall_times = _decode_slow(
+            buf, range(len(starts)), starts, lengths, out, tag_index)
+        return out
+    u8 = np.frombuffer(buf, dtype=np.uint8)
     chunks: list[tuple[np.ndarray, ...]] = []  # (record index, tag id, step, value, wall time)
 
     fast = np.zeros(len(starts), bool)
-    if len(u8) >= 16 and len(starts) >= VECTORISE_FROM:
+    if len(u8) >= 16:
         words = _words(buf, len(u8))
         layout = _fast_scalar_layout(u8, words, starts, lengths)
         fast = layout.ok
@@ -86,7 +92,7 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
 
     slow = np.flatnonzero(~fast)
     if len(slow):
-        chunks.append(_decode_slow(buf, slow, starts[slow], lengths[slow], out, tag_index))
+        chunks.append(_decode_slow(buf, slow.tolist(), starts[slow], lengths[slow], out, tag_index))
 
     if len(chunks) == 1:
         _, out.tag_ids, out.steps, out.values, out.wall_times = chunks[0]
@@ -197,10 +203,59 @@ class _HashCollision(Exception):
     """Two different tags hashed alike: the caller decodes those records the slow way."""
 
 
+_F8 = struct.Struct("<d").unpack_from
+_F4 = struct.Struct("<f").unpack_from
+
+
+def _torch_scalar(buf: bytes, s: int, n: int) -> tuple[str, int, float, float] | None:
+    """(tag, step, value, wall time) of a record in add_scalar's layout (see
+    ``_fast_scalar_layout``), read with a few byte look-ups; None for anything else (the
+    proto decides those). Cheaper than the proto for the few records of a watched step."""
+    end = s + n
+    if n < 21 or buf[s] != 0x09 or buf[s + 9] != 0x10:
+        return None
+    p, step, shift = s + 10, 0, 0
+    while True:  # the step varint (negative steps take 10 bytes)
+        b = buf[p]
+        step |= (b & 0x7F) << shift
+        p, shift = p + 1, shift + 7
+        if b < 0x80:
+            break
+        if shift >= 70 or p >= end:
+            return None
+    if p + 6 > end:
+        return None
+    l1, l2, l3 = buf[p + 1], buf[p + 3], buf[p + 5]
+    t = p + 6
+    if (buf[p] != 0x2A or buf[p + 2] != 0x0A or buf[p + 4] != 0x0A or l1 >= 0x80 or l2 != l3 + 7 or l1 != l2 + 2
+            or l3 == 0 or t + l3 + 5 != end or buf[t + l3] != 0x15):
+        return None
+    try:
+        tag = buf[t : t + l3].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    step &= 0xFFFFFFFFFFFFFFFF
+    return tag, step - (1 << 64) if step >= 1 << 63 else step, _F4(buf, t + l3 + 1)[0], _F8(buf, s + 1)[0]
+
+
 def _decode_slow(buf, records, starts, lengths, out: Scalars, index: dict[str, int]):
+    """Record by record: add_scalar's layout in plain Python, anything else with the proto."""
     record_of, tag_ids, steps, values, walls = [], [], [], [], []
-    mv = memoryview(buf)
-    for r, s, n in zip(records.tolist(), starts.tolist(), lengths.tolist()):
+    data = bytes(buf)
+    mv = memoryview(data)
+    for r, s, n in zip(records, starts.tolist(), lengths.tolist()):
+        scalar = _torch_scalar(data, s, n)
+        if scalar is not None:
+            tag = scalar[0]
+            if tag not in index:
+                index[tag] = len(index)
+                out.tags.append(tag)
+            record_of.append(r)
+            tag_ids.append(index[tag])
+            steps.append(scalar[1])
+            values.append(scalar[2])
+            walls.append(scalar[3])
+            continue
         try:
             event = Event.FromString(mv[s : s + n])
         except Exception:  # upb raises DecodeError; anything else is just as undecodable

@@ -25,6 +25,7 @@ _HPARAMS_SUBDIR = re.compile(r"^\d{9,11}(\.\d+)?$")
 _FILE_STAMP = re.compile(r"tfevents\.(\d+)\.")
 
 
+SMALL_ADD = 32  # points: up to this many (a watched step's) are appended one by one, not per tag with masks
 OWN_EXPORT_SUFFIX = ".lrwatch"  # lrwatch's own TensorBoard output (lrwatch.tbexport): never read as a run
 
 
@@ -83,14 +84,26 @@ class RunLike(Protocol):
 
 
 class _TagChunks:
-    __slots__ = ("steps", "values", "walls", "merged", "superseded")
+    """One tag's points as read: arrays from large reads, plain tuples from a watched step's
+    few records (cheaper to append one by one); joined when the series is asked for."""
+
+    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded")
 
     def __init__(self) -> None:
         self.steps: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.walls: list[np.ndarray] = []
+        self.tail: list[tuple[int, float, float]] = []  # (step, value, wall time), after the arrays
         self.merged: Series | None = None
         self.superseded = 0  # points replaced by a later write of the same or an earlier step
+
+    def flush_tail(self) -> None:
+        if self.tail:
+            steps, values, walls = zip(*self.tail)
+            self.steps.append(np.asarray(steps, np.int64))
+            self.values.append(np.asarray(values, np.float64))
+            self.walls.append(np.asarray(walls, np.float64))
+            self.tail = []
 
 
 def resolve_relogged(steps: np.ndarray) -> np.ndarray:
@@ -175,11 +188,22 @@ class Run:
     def _add(self, scalars) -> None:
         # Files are read in creation order and each file in write order, so concatenation order
         # is write order, which is what resolve_relogged needs.
+        if len(scalars) <= SMALL_ADD:
+            tags = scalars.tags
+            for tag_id, step, value, wall in zip(scalars.tag_ids.tolist(), scalars.steps.tolist(),
+                                                 scalars.values.tolist(), scalars.wall_times.tolist()):
+                chunks = self._chunks.get(tags[tag_id])
+                if chunks is None:
+                    chunks = self._chunks[tags[tag_id]] = _TagChunks()
+                chunks.tail.append((step, value, wall))
+                chunks.merged = None
+            return
         for tag_id, tag in enumerate(scalars.tags):
             sel = scalars.tag_ids == tag_id
             if not sel.any():
                 continue
             chunks = self._chunks.setdefault(tag, _TagChunks())
+            chunks.flush_tail()
             chunks.steps.append(scalars.steps[sel])
             chunks.values.append(scalars.values[sel])
             chunks.walls.append(scalars.wall_times[sel])
@@ -219,6 +243,7 @@ class Run:
         if chunks is None:
             return None
         if chunks.merged is None:
+            chunks.flush_tail()
             steps = np.concatenate(chunks.steps)
             values = np.concatenate(chunks.values)
             walls = np.concatenate(chunks.walls)

@@ -23,7 +23,6 @@ import psutil
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
-    DirModifiedEvent,
     DirMovedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -86,35 +85,43 @@ class WatchOptions:
 
 
 class _Changes(FileSystemEventHandler):
-    """Collects changed paths from the observer thread and wakes the loop."""
+    """Collects changed paths from the observer thread and wakes the loop: files written (or
+    created, or renamed into place) apart from paths that went away or are folders, which make
+    the loop look at the folders again."""
 
     def __init__(self) -> None:
         self.wake = threading.Event()
         self._lock = threading.Lock()
-        self._paths: set[Path] = set()
+        self._written: set[str] = set()
+        self._moved: set[str] = set()
 
     def on_any_event(self, event: FileSystemEvent) -> None:  # only WATCHED_EVENTS reach it
+        src = os.fsdecode(event.src_path)
         with self._lock:
-            self._paths.add(Path(os.fsdecode(event.src_path)))
+            if event.is_directory or event.event_type in ("deleted", "moved"):
+                self._moved.add(src)
+            else:
+                self._written.add(src)
             dest = getattr(event, "dest_path", "")
             if dest:
-                self._paths.add(Path(os.fsdecode(dest)))
+                (self._moved if event.is_directory else self._written).add(os.fsdecode(dest))
         self.wake.set()
 
-    def take(self) -> set[Path]:
+    def take(self) -> tuple[set[str], set[str]]:
+        """(files written, paths that appeared as folders, moved or went away) since the last call."""
         with self._lock:
-            paths, self._paths = self._paths, set()
+            written, moved, self._written, self._moved = self._written, self._moved, set(), set()
         self.wake.clear()
-        return paths
+        return written, moved
 
 
-# What the watcher listens to: writes, new, renamed and deleted files and folders, and folders
-# whose entries changed (a run folder deleted and made again shows there). Not opens and closes:
-# tensorboard's writer opens and closes the file at every flush, and every reader opens it;
-# asked of inotify this way, the kernel never sends them.
+# What the watcher listens to: writes, and new, renamed and deleted files and folders. Not opens
+# and closes: tensorboard's writer opens and closes the file at every flush, and every reader
+# opens it; asked of inotify this way, the kernel never sends them. Not "folder modified" either:
+# watchdog asks inotify for every close-after-write to make those, one more event per flush.
 WATCHED_EVENTS: list[type[FileSystemEvent]] = [
     FileModifiedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent, DirMovedEvent,
-    DirDeletedEvent, DirModifiedEvent]
+    DirDeletedEvent]
 BOOKKEEPING = 0.25  # seconds between the passes over every run (verdicts, export, notes, status lines)
 COALESCE = 0.02  # seconds: a burst of file events is taken together, not one pass per event
 STOP_CMD_TIMEOUT = 120.0  # seconds a --stop-cmd (scancel, kubectl, runpodctl) may take
@@ -134,6 +141,7 @@ class Watcher:
         self.remote_every = poll or REMOTE_POLL
         self._last_remote = time.monotonic()
         self._last_take = 0.0
+        self._run_of: dict[str, Path] = {}  # an event file's path, as the observer spells it -> its run
 
     def start(self) -> None:
         self.observer.start()
@@ -165,22 +173,33 @@ class Watcher:
         if self.remote and time.monotonic() - self._last_remote >= self.remote_every:
             self._last_remote, rediscover = time.monotonic(), True
         snapshots_changed = rediscover and bool(self.snapshot_folders)
-        runs: set[Path] = set()
-        for path in self.changes.take():
-            if any(path == f or path.parent == f for f in self.snapshot_folders):
+        written, moved = self.changes.take()
+        for name in moved:  # a run folder deleted (and perhaps made again), a new folder in a run
+            if self._in_snapshot_folder(Path(name)):
                 snapshots_changed = True
-                continue
-            run = self.monitor.run_for(path)
-            if run is None:
-                rediscover = True  # a new run folder or event file
             else:
-                runs.add(run)
-                state = self.monitor.states.get(run)
-                if state is not None and path != run and path not in state.run.files:
-                    state.listed_at = -1e9  # a file the run does not know yet: list its folder again
-                if path != run and path.is_dir():
-                    rediscover = True  # a new folder inside a run (add_hparams' timestamp folder)
+                rediscover = True
+        runs: set[Path] = set()
+        for name in written:
+            run = self._run_of.get(name)
+            if run is None or run not in self.monitor.states:
+                path = Path(name)
+                if self._in_snapshot_folder(path):
+                    snapshots_changed = True
+                    continue
+                run = self.monitor.run_for(path)
+                if run is None:
+                    rediscover = True  # a new run folder or event file
+                    continue
+                if path == run or path in self.monitor.states[run].run.files:
+                    self._run_of[name] = run
+                else:
+                    self.monitor.states[run].listed_at = -1e9  # a file the run does not know yet: list its folder
+            runs.add(run)
         return runs, rediscover, snapshots_changed
+
+    def _in_snapshot_folder(self, path: Path) -> bool:
+        return any(path == f or path.parent == f for f in self.snapshot_folders)
 
     def stop(self) -> None:
         self.observer.stop()
