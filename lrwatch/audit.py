@@ -14,7 +14,6 @@ from lrwatch.report import exit_code, render, to_json
 from lrwatch.runs import Run
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
 from lrwatch.tags import TagMap
-from lrwatch.tbexport import Exporter
 from lrwatch.trainers import ScheduleOptions
 
 
@@ -109,5 +108,9 @@ def audit(
             on_run(i, len(runs))
     monitor.judge_snapshots()
     problems = book.write_manifests() if book is not None and manifest else []
-    exported = Exporter().update(monitor.runs, book.by_run if book else None) if tensorboard else []
+    exported: list[str] = []
+    if tensorboard:
+        from lrwatch.tbexport import Exporter
+
+        exported = Exporter().update(monitor.runs, book.by_run if book else None)
     return AuditResult(monitor, exit_code(monitor), problems, exported)

@@ -140,9 +140,11 @@ def analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _storage_options(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if not values:
+        return options
     import yaml
 
-    options: dict[str, Any] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:

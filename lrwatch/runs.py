@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import yaml
 
 from lrwatch.loader import EventFile
 from lrwatch.records import Damage
@@ -222,6 +221,8 @@ class Run:
             if self._yml_seen.get(candidate) == mtime:
                 continue
             self._yml_seen[candidate] = mtime
+            import yaml  # here, not at the top: most runs have no hparams.yml
+
             try:
                 loaded = yaml.safe_load(candidate.read_text(encoding="utf-8", errors="replace"))
             except (OSError, yaml.YAMLError) as e:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.plugins.text.summary_v2 import text_pb
 
 from lrwatch.analysis import CRITICAL, Analysis, Finding
 from lrwatch.output import write_atomic
@@ -53,6 +52,9 @@ def _scalar(tag: str, value: float, step: int, wall: float) -> bytes:
 
 
 def _text(tag: str, text: str, step: int, wall: float) -> bytes:
+    # imported here: it pulls in tensorboard's gfile (and boto3 where installed), 0.1-0.2 s
+    from tensorboard.plugins.text.summary_v2 import text_pb
+
     return frame(Event(wall_time=wall, step=step, summary=text_pb(tag, text)).SerializeToString())
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from lrwatch.runs import RunLike
 from lrwatch.schedule_config import MAX_RESTARTS, KnownSchedule
@@ -147,6 +146,8 @@ def _logged_schedule(name: str, multiplier: Multiplier, restarts: list[int], max
 def _parsed(path: Path, version: tuple) -> object:
     """A config file's contents, parsed once per version: the watcher re-reads a run's layout
     on every change, and a trainer's config changes far less often than its logs."""
+    import yaml  # here, not at the top: most commands never read a YAML file
+
     text = path.read_text(encoding="utf-8")
     return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
 
@@ -240,6 +241,8 @@ def _ai_toolkit_config(run: RunLike) -> TrainerConfig:
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         return TrainerConfig(notes=[f"no ai-toolkit config.yaml found for {name} near the logs"])
+    import yaml
+
     try:
         raw = _load(path)
         process = raw["config"]["process"][0]  # type: ignore[index]

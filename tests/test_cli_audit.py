@@ -86,6 +86,18 @@ def test_the_core_never_imports_torch_or_matplotlib():
     assert out.stdout.strip() == "False False", out.stderr
 
 
+def test_an_audit_of_torch_scalars_imports_only_what_it_needs():
+    """The command's start-up is most of a small audit: no tensorboard protos (torch's scalars and
+    file_version records are read without them), no YAML, no watcher, no object-store packages."""
+    code = ("import sys; from lrwatch.cli import main; code = main(['audit', '--json', sys.argv[1]]); "
+            "heavy = ['tensorboard', 'yaml', 'psutil', 'watchdog', 'fsspec', 'boto3', 'torch', 'matplotlib'];"
+            "print(code, [m for m in heavy if m in sys.modules], file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, str(fixture_run("prodigy_seed_bump"))], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.stderr.strip().splitlines()[-1] == "0 []", out.stderr  # exit 0: warnings only
+    assert json.loads(out.stdout)["runs"][0]["findings"]
+
+
 def test_an_audit_read_by_several_processes_equals_the_serial_one(tmp_path):
     import shutil
 

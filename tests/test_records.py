@@ -8,6 +8,7 @@ from conftest import event_file_of, write_scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lrwatch.events import decode
 from lrwatch.loader import EventFile
 from lrwatch.records import HEADER, find_records, masked_crc
 
@@ -286,3 +287,55 @@ def test_a_small_read_walked_in_plain_python_frames_exactly_like_the_full_walk(f
     assert (small.end, small.pending, small.in_garbage, small.need) == (full.end, full.pending, full.in_garbage,
                                                                         full.need)
     assert small.damage == full.damage
+
+
+# --- records decoded one by one in plain Python ---------------------------------------------------
+
+def _proto_points(data: bytes, frames) -> list[tuple]:
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    out = []
+    for s, n in zip(frames.starts.tolist(), frames.lengths.tolist()):
+        event = Event.FromString(data[s : s + n])
+        out += [(v.tag, event.step, v.simple_value, event.wall_time) for v in event.summary.value]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(points=st.lists(st.tuples(st.text(min_size=0, max_size=140), st.integers(-2**63, 2**63 - 1),
+                                 st.floats(width=32, allow_nan=False), st.floats(allow_nan=False)),
+                       min_size=1, max_size=8),
+       version=st.booleans())
+def test_a_watched_steps_records_decoded_in_python_equal_tensorboards_parser(points, version):
+    """The few records of a watched step skip the proto; any tag (empty, long, non-ASCII), any
+    int64 step (negative ones take ten bytes), any value and wall time read as the proto reads them,
+    and a file_version record (with the writer's source_metadata) gives nothing."""
+    import io
+
+    from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    writer = RecordWriter(buf)
+    if version:
+        writer.write(Event(wall_time=1.5, file_version="brain.Event:2",
+                           source_metadata=SourceMetadata(writer="tensorboard.summary.writer")).SerializeToString())
+    for tag, step, value, wall in points:
+        writer.write(Event(wall_time=wall, step=step, summary=Summary(
+            value=[Summary.Value(tag=tag, simple_value=value)])).SerializeToString())
+    data = buf.getvalue()
+    frames = find_records(data)
+    s = decode(data, frames.starts, frames.lengths)
+    got = [(s.tags[t], st_, v, w) for t, st_, v, w in zip(s.tag_ids.tolist(), s.steps.tolist(), s.values.tolist(),
+                                                         s.wall_times.tolist())]
+    assert got == _proto_points(data, frames)
+
+
+def test_tensorflow_dtype_numbers_match_tensorboards_protos():
+    from tensorboard.compat.proto import types_pb2
+
+    import lrwatch.events as events
+
+    for name in ("DT_FLOAT", "DT_DOUBLE", "DT_INT32", "DT_INT64", "DT_BFLOAT16", "DT_HALF"):
+        assert getattr(events, name) == getattr(types_pb2, name), name
