@@ -31,6 +31,12 @@ n = len(batch.scalars)
 run = Run(PATH); run.refresh()
 n = sum(len(run.series(t).steps) for t in run.tags)
 """),
+    "lrwatch audit --json (the command)": ("import contextlib, io; from lrwatch.cli import main", """
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    main(["audit", "--json", str(Path(PATH).parent)])
+assert json.loads(out.getvalue())["runs"][0]["checked"]
+n = EVENTS  # every event of the file, read and analysed
+"""),
     "EventAccumulator": ("from tensorboard.backend.event_processing.event_accumulator import EventAccumulator", """
 acc = EventAccumulator(PATH, size_guidance={"scalars": 0}); acc.Reload()
 n = sum(len(acc.Scalars(t)) for t in acc.Tags()["scalars"])
@@ -66,11 +72,13 @@ def make_file(steps: int) -> Path:
     return target
 
 
-def run_reader(imports: str, code: str, path: str) -> dict:
+def run_reader(imports: str, code: str, path: str, events: int) -> dict:
     script = f"""
 import resource, time, json, sys
+from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 PATH = {path!r}
+EVENTS = {events}
 t0 = time.perf_counter()
 {imports}
 t1 = time.perf_counter()
@@ -95,7 +103,7 @@ def main() -> None:
     print(f"file: {size / 1e6:.1f} MB, {args.steps} steps x {len(TAGS)} scalars (ready in {time.perf_counter() - t0:.0f} s)")
     results = {}
     for name, (imports, code) in READERS.items():
-        runs = [run_reader(imports, code, path) for _ in range(args.repeat)]
+        runs = [run_reader(imports, code, path, args.steps * len(TAGS)) for _ in range(args.repeat)]
         results[name] = {
             "import": statistics.median(r["import"] for r in runs),
             "seconds": statistics.median(r["seconds"] for r in runs),
