@@ -233,28 +233,70 @@ def find_records(buf: bytes | memoryview, base_offset: int = 0, in_garbage: bool
         pos, in_garbage = pos + 1, True
 
 
+def _chain(b: _Buffer, pos: int) -> np.ndarray | None:
+    """The records from ``pos`` on within one window, found without a loop per record: every
+    offset whose length field is a valid header for a record under 64 KiB (upper six bytes
+    zero, length CRC right), kept while each record ends where the next such header begins
+    and the record lies inside the buffer. None when ``pos`` itself is not one (a large record,
+    damage or the buffer's end: the plain walk decides). Torch's scalars are ~50-byte records,
+    so this is what reads a finished file; a header-like pattern inside a record's data only
+    cuts the chain short there."""
+    last = min(b.n - HEADER, pos + RESYNC_WINDOW)
+    if last - pos < CHAIN_FROM:
+        return None
+    cand = np.flatnonzero(b.u32[pos + 4 : last + 5] == 0) + pos
+    if not len(cand) or cand[0] != pos:
+        return None
+    cand = cand[b.u16[cand + 2] == 0]
+    lens = b.u16[cand].astype(np.uint64)
+    cand = cand[length_crcs(lens) == b.u32[cand + 8]]
+    if not len(cand) or cand[0] != pos:
+        return None
+    nxt = cand + (HEADER + FOOTER) + b.u16[cand].astype(np.int64)
+    broken = np.flatnonzero((cand[1:] != nxt[:-1]) | (nxt[:-1] > b.n))
+    k = int(broken[0]) + 1 if len(broken) else len(cand)  # records 0..k-1 follow one another
+    if nxt[k - 1] > b.n:
+        k -= 1
+    return cand[:k]
+
+
+CHAIN_FROM = 16384  # bytes left: below this the plain walk is as fast
+
+
 def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarray]) -> int:
     """Walk blocks of records trusting their lengths, verify each block's CRCs in bulk, and
     keep the records up to the first bad one; return where the walk stopped."""
     unpack, mv, n = _unpack_len, b.mv, b.n
     limit = n - HEADER
+    chain_next = True
     while True:
-        offs: list[int] = []
-        append = offs.append
-        p = pos
-        while p <= limit and len(offs) < BLOCK:  # the hot loop: only the walk
-            (length,) = unpack(mv, p)
-            if length > MAX_RECORD_BYTES or p + HEADER + length + FOOTER > n:
-                break
-            append(p)
-            p += HEADER + length + FOOTER
-        if not offs:
-            return pos
-        at = np.asarray(offs, dtype=np.int64)
+        chained = _chain(b, pos) if chain_next else None
+        if chained is not None and len(chained):
+            at = chained
+            p = int(at[-1]) + HEADER + b.length(int(at[-1])) + FOOTER
+            # Cut short of its window (a large record, damage, a header-like pattern in data):
+            # the plain walk takes the next block, so odd data never costs a window scan per record.
+            chain_next = p > min(limit, pos + RESYNC_WINDOW)
+            full = True
+        else:
+            chain_next = True
+            offs: list[int] = []
+            append = offs.append
+            p = pos
+            while p <= limit and len(offs) < BLOCK:  # the hot loop: only the walk
+                (length,) = unpack(mv, p)
+                if length > MAX_RECORD_BYTES or p + HEADER + length + FOOTER > n:
+                    break
+                append(p)
+                p += HEADER + length + FOOTER
+            if not offs:
+                return pos
+            at = np.asarray(offs, dtype=np.int64)
+            full = len(offs) == BLOCK
         lens = np.diff(np.append(at, p)) - (HEADER + FOOTER)
         data_end = at + HEADER + lens
-        data_crcs = np.fromiter((_crc(mv[x:y]) for x, y in zip((at + HEADER).tolist(), data_end.tolist())),
-                                dtype=np.uint64, count=len(at))
+        data_crcs = np.array([_crc(mv[x:y]) for x, y in zip((at + HEADER).tolist(), data_end.tolist())],
+                             dtype=np.uint64)
         bad = (length_crcs(b.words[at]) != b.u32[at + 8]) | (_mask_array(data_crcs) != b.u32[data_end])
         good = int(np.argmax(bad)) if bad.any() else len(at)
         starts.append(at[:good] + HEADER)
@@ -262,5 +304,5 @@ def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarr
         if good < len(at):
             return int(at[good])
         pos = p
-        if len(offs) < BLOCK:
+        if not full:
             return pos

@@ -202,6 +202,36 @@ def test_damage_never_loses_an_intact_record_and_pieces_read_like_one_pass(seed,
     assert damage == [d.offset for d in whole.damage]
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), n_mutations=st.integers(0, 4), window=st.sampled_from([64, 300, 4096, 1 << 20]))
+def test_records_found_a_window_at_a_time_equal_the_record_by_record_walk(seed, n_mutations, window):
+    """A finished file's records are found with numpy over a window of bytes, not a loop per
+    record; whatever the damage (flipped bits, inserted headers, absurd lengths, cut windows), the
+    records and damage are exactly the plain walk's."""
+    import random
+
+    from framing_oracle import Mutated
+
+    import lrwatch.records as records
+
+    rng = random.Random(seed)
+    file = Mutated(_sample_records())
+    for _ in range(n_mutations):
+        file.mutate(rng)
+    data = bytes(file.data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(records, "CHAIN_FROM", 0)
+        mp.setattr(records, "RESYNC_WINDOW", window)
+        mp.setattr(records, "SMALL_BUFFER", -1)
+        chained = find_records(data, 7)
+        mp.setattr(records, "_chain", lambda b, pos: None)
+        plain = find_records(data, 7)
+    assert chained.starts.tolist() == plain.starts.tolist() and chained.lengths.tolist() == plain.lengths.tolist()
+    assert (chained.end, chained.pending, chained.in_garbage, chained.need) == (plain.end, plain.pending,
+                                                                                plain.in_garbage, plain.need)
+    assert chained.damage == plain.damage
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_a_damaged_file_growing_on_disk_reads_like_one_pass_in_small_chunks(tmp_path, monkeypatch, seed):
     import random
