@@ -120,6 +120,18 @@ class GroupAnalysis:
         known = self.d[np.isfinite(self.d)]
         return float(known[-1]) if len(known) else None
 
+    def drop_curves(self) -> None:
+        """Keep only the last point of every per-point array (d: the last known d): what the
+        report says stays (d now, risk, restarts, cycles); the curves that snapshot verdicts,
+        the TensorBoard export and the plot draw on go. Copies, so the full arrays are freed."""
+        d_now = self.d_now
+        self.steps = self.steps[-1:].copy()
+        self.lr = None if self.lr is None else self.lr[-1:].copy()
+        self.dlr = None if self.dlr is None else self.dlr[-1:].copy()
+        self.d = np.array([np.nan if d_now is None else d_now])
+        self.cycle_peak = self.cycle_peak[-1:].copy()
+        self.risk_series = None if self.risk_series is None else self.risk_series[-1:].copy()
+
 
 @dataclass
 class Analysis:

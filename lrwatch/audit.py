@@ -11,7 +11,6 @@ from typing import Any
 from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.report import exit_code, render, to_json
-from lrwatch.runs import Run
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
 from lrwatch.tags import TagMap
 from lrwatch.trainers import ScheduleOptions
@@ -49,26 +48,42 @@ def _pool_size(workers: int | None, runs: int) -> int:
     return max(1, min(workers if workers is not None else (os.cpu_count() or 1), runs))
 
 
-def _read_run(run: Run) -> Run:
-    """In a worker process: read every event file of one run (the costly part of an audit)."""
-    run.refresh()
-    return run
+def _analyse_alone(state: RunState, options: dict[str, Any], keep_points: bool) -> RunState:
+    """In a worker process: read and analyse one run as if it were the only one (the costly
+    part of an audit); without ``keep_points``, only what the report says of it comes back."""
+    worker = Monitor([], **options)
+    worker.states[state.run.path] = state
+    worker.poll({state.run.path}, rediscover=False)
+    if not keep_points:
+        _drop_points(state)
+    return state
 
 
-def _read_in_parallel(monitor: Monitor, runs: list[Run], pool: int,
-                      on_run: Callable[[int, int], None] | None) -> None:
-    """Read the runs in ``pool`` processes and put each read run back in its place; the analysis
-    (which needs every run, to join resumed ones) stays in this process. A run whose read fails
-    in a worker is read again here, where its error is kept like any other."""
+def _drop_points(state: RunState) -> None:
+    state.run.drop_points()
+    for group in state.analysis.groups if state.analysis else []:
+        group.drop_curves()
+
+
+def _analyse_in_parallel(monitor: Monitor, pool: int, keep_points: bool,
+                         on_run: Callable[[int, int], None] | None) -> None:
+    """Read and analyse the runs in ``pool`` processes, then put them in their places here, where
+    what needs every run (joining a resumed run to the run it continues) is done. A run whose
+    worker failed is read here, where its error is kept like any other."""
+    options = {"tag_map": monitor.tag_map, "thresholds": monitor.thresholds, "trainer": monitor.trainer,
+               "schedule": monitor.schedule}
+    states = list(monitor.states.values())
+    done_states: list[RunState] = []
     with ProcessPoolExecutor(max_workers=pool) as executor:
-        futures = {executor.submit(_read_run, run): run.path for run in runs}
+        futures = {executor.submit(_analyse_alone, state, options, keep_points): state for state in states}
         for done, future in enumerate(as_completed(futures), 1):
             try:
-                monitor.states[futures[future]].run = future.result()
-            except Exception:  # noqa: S110 -- the serial read below reports it
-                pass
+                done_states.append(future.result())
+            except Exception:
+                monitor.poll({futures[future].run.path}, rediscover=False)
             if on_run is not None:
-                on_run(done, len(runs))
+                on_run(done, len(states))
+    monitor.adopt(done_states)
 
 
 def audit(
@@ -86,6 +101,7 @@ def audit(
     tensorboard: bool = False,
     storage_options: dict[str, Any] | None = None,
     workers: int | None = None,
+    keep_points: bool = True,
 ) -> AuditResult:
     """Read and analyse every run under ``paths`` once (a watch that does not wait); with
     ``snapshots``, judge the snapshots in those folders and, with ``manifest``, write
@@ -94,18 +110,28 @@ def audit(
     of logs that hold only d×lr. ``tensorboard`` writes each run's analysis as a TensorBoard run
     ``<run folder>/lrwatch/`` (lrwatch.tbexport). Paths may be URLs fsspec understands
     (``storage_options`` go to it). With many runs, reading them is spread over ``workers``
-    processes (default: every core; 1 reads in this process); the results keep their order."""
+    processes (default: every core; 1 reads in this process); the results keep their order.
+    ``keep_points=False`` keeps only what the report says of each run once it is analysed (its
+    points and per-point curves go; a series asked for later is read again), so that memory
+    does not grow with the runs; with ``snapshots`` or ``tensorboard`` they are always kept."""
     book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss, storage_options) if snapshots else None
     monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
                       storage_options=storage_options)
     runs = monitor.discover()
     pool = _pool_size(workers, len(runs))
+    keep_points = keep_points or bool(snapshots) or tensorboard  # both draw on every run's curves
     if pool > 1:
-        _read_in_parallel(monitor, runs, pool, on_run)
-    for i, run in enumerate(runs, 1):
-        monitor.poll({run.path}, rediscover=False)  # read already (in a worker), or read here
-        if on_run is not None and pool <= 1:
-            on_run(i, len(runs))
+        _analyse_in_parallel(monitor, pool, keep_points, on_run)
+    else:
+        for i, run in enumerate(runs, 1):
+            monitor.poll({run.path}, rediscover=False)
+            if not keep_points:
+                _drop_points(monitor.states[run.path])
+            if on_run is not None:
+                on_run(i, len(runs))
+    if not keep_points:  # a resumed run joined again (above) read its points again
+        for state in monitor.states.values():
+            _drop_points(state)
     monitor.judge_snapshots()
     problems = book.write_manifests() if book is not None and manifest else []
     exported: list[str] = []

@@ -200,7 +200,7 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--tensorboard", is_flag=True,
               help="Write each run's analysis as a TensorBoard run <run folder>/lrwatch/ (rewritten atomically).")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Processes reading runs at once (default: every core; from 4 runs on).")
+              help="Processes reading and analysing runs at once (default: every core; from 4 runs on).")
 @snapshot_options
 @analysis_options
 def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, workers: int | None,
@@ -221,7 +221,8 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, 
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
                        manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress(), trainer=trainer,
-                       schedule=schedule, tensorboard=tensorboard, storage_options=storage_option, workers=workers)
+                       schedule=schedule, tensorboard=tensorboard, storage_options=storage_option, workers=workers,
+                       keep_points=False)  # the report needs what is said of each run, not its curves
     for line in _errors(result.monitor) + result.manifest_problems + result.export_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:

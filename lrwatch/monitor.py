@@ -98,6 +98,7 @@ class Monitor:
         self.root_errors: dict[Path, str] = {}  # roots that could not be listed, and why
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
         self._names: dict[Path, tuple[tuple, str]] = {}  # run -> its output name, by config
+        self._named: dict[str, list[Path]] | None = None  # output name -> runs (None: to build again)
 
     def missing_roots(self) -> list[Path]:
         return [r for r in self.roots if self._exists(r) is False]
@@ -129,6 +130,7 @@ class Monitor:
         for path, state in list(self.states.items()):
             if _identity(path) != state.folder:
                 del self.states[path]
+                self._named = None
         new = []
         for root in self.roots:
             if not self._exists(root):
@@ -144,6 +146,7 @@ class Monitor:
                     run = Run(path, base)
                     self.states[path] = RunState(run, folder=_identity(path))
                     new.append(run)
+                    self._named = None
         return new
 
     def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True) -> list[tuple[RunState, Finding]]:
@@ -152,9 +155,11 @@ class Monitor:
             self.discover()
         out: list[tuple[RunState, Finding]] = []
         delay = self._analysis_delay(time.monotonic()) if self.analysis_budget > 0 else 0.0  # once per pass
-        for path, state in list(self.states.items()):
-            if run_paths is not None and path not in run_paths:
-                continue
+        if run_paths is None:
+            targets = list(self.states.values())
+        else:  # a look-up per changed run, not a pass over every run (an audit polls each run alone)
+            targets = [self.states[p] for p in sorted(run_paths, key=str) if p in self.states]
+        for state in targets:
             try:
                 now = time.monotonic()
                 relist = not self.live or now - state.listed_at >= RELIST_INTERVAL
@@ -168,27 +173,54 @@ class Monitor:
                     state.grew = True
                 if self._throttled(state, new_points, delay):
                     continue
-                state.stale, state.analysed_at = False, time.monotonic()
-                reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
-                state.view, resume_note, resume_step = self._joined_view(state.run)
-                state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
-                if resume_note:
-                    state.analysis.notes.insert(0, resume_note)
-                if resume_step is not None:  # what came before the resume is the earlier run's to report
-                    state.analysis.findings = [f for f in state.analysis.findings if f.step > resume_step]
-                cost = time.monotonic() - state.analysed_at
-                self._analysis_cost = 0.9 * self._analysis_cost + 0.1 * cost  # a moving average
-                state.error = None
+                self._analyse(state)
             except Exception as e:  # one run's trouble never stops the others (or the watch)
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
                 continue
-            for finding in state.analysis.findings:
-                key = finding.key()
-                if key in state.reported:
-                    continue
+            out += self._new_findings(state)
+        return out
+
+    def _analyse(self, state: RunState) -> None:
+        state.stale, state.analysed_at = False, time.monotonic()
+        reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
+        state.view, resume_note, resume_step = self._joined_view(state.run)
+        state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
+        if resume_note:
+            state.analysis.notes.insert(0, resume_note)
+        if resume_step is not None:  # what came before the resume is the earlier run's to report
+            state.analysis.findings = [f for f in state.analysis.findings if f.step > resume_step]
+        cost = time.monotonic() - state.analysed_at
+        self._analysis_cost = 0.9 * self._analysis_cost + 0.1 * cost  # a moving average
+        state.error = None
+
+    def _new_findings(self, state: RunState) -> list[tuple[RunState, Finding]]:
+        out = []
+        for finding in state.analysis.findings if state.analysis else []:
+            key = finding.key()
+            if key not in state.reported:
                 state.reported.add(key)
                 out.append((state, finding))
         return out
+
+    def adopt(self, states: list[RunState]) -> None:
+        """Take the places of known runs with ``states``: the same runs, each read and analysed
+        alone in another process. What depends on the other runs is done again here, once all
+        are in: a resumed run is joined to the run it continues and analysed again; a run named
+        like an earlier one gets its note."""
+        for state in states:
+            self.states[state.run.path] = state
+        for state in states:
+            if state.analysis is None or state.error:
+                continue
+            try:
+                view, note, _ = self._joined_view(state.run)
+                if view is not state.run:
+                    self._analyse(state)
+                elif note:
+                    state.analysis.notes.insert(0, note)
+            except Exception as e:  # as in poll: reported with the run
+                state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
+            self._new_findings(state)
 
     def _joined_view(self, run: Run) -> tuple[RunLike, str | None, int | None]:
         """The run as analysed (joined to the run it resumed, when that is here), a note, and the
@@ -198,7 +230,7 @@ class Monitor:
             known = self.states.get(run.path)
             cached = known.resume_note if known else None
             if cached is None or cached[0] != len(self.states):  # only a new run can change the note
-                cached = (len(self.states), self._maybe_resumed_note(run, self._others(run)))
+                cached = (len(self.states), self._maybe_resumed_note(run))
                 if known is not None:
                     known.resume_note = cached
             return run, cached[1], None
@@ -251,17 +283,31 @@ class Monitor:
         key = (len(run.config), str(run.config.get("output_name")))
         cached = self._names.get(run.path)
         if cached is None or cached[0] != key:
-            cached = self._names[run.path] = (key, output_name(run))
+            name = output_name(run)
+            if cached is None or cached[1] != name:
+                self._named = None
+            cached = self._names[run.path] = (key, name)
         return cached[1]
 
-    def _maybe_resumed_note(self, run: Run, others: list[Run]) -> str | None:
+    def _runs_named(self, name: str) -> list[Path]:
+        """The runs with this output name, in path order: built once, not per run (an audit of
+        a thousand runs would otherwise compare every pair)."""
+        if self._named is None:
+            names = {path: self._output_name(state.run) for path, state in self.states.items()}
+            named: dict[str, list[Path]] = {}
+            for path in sorted(names, key=str):
+                named.setdefault(names[path], []).append(path)
+            self._named = named
+        return self._named.get(name, [])
+
+    def _maybe_resumed_note(self, run: Run) -> str | None:
         """A run that starts again at step 1 in a log folder named like an earlier run's may be a
         resume whose config was not logged: its steps would then be local. Say so, never guess."""
         first = first_step(run)
         if first is None or first > 1:
             return None
         name = self._output_name(run)
-        earlier = [o for o in others if str(o.path) < str(run.path) and self._output_name(o) == name]
+        earlier = [self.states[p].run for p in self._runs_named(name) if str(p) < str(run.path)]
         if not earlier:
             return None
         return (f"named like the earlier run {earlier[-1].name} and starting at step {first}: if it resumed that "

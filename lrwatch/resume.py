@@ -41,8 +41,8 @@ def output_name(run: Run) -> str:
 
 
 def first_step(run: Run) -> int | None:
-    firsts = [int(s.steps[0]) for tag in run.tags if (s := run.series(tag)) is not None and len(s.steps)]
-    return min(firsts) if firsts else None
+    span = run.step_range()
+    return span[0] if span else None
 
 
 def find_continued(run: Run, others: list[Run]) -> tuple[Run, int, int] | None:
@@ -59,9 +59,8 @@ def find_continued(run: Run, others: list[Run]) -> tuple[Run, int, int] | None:
     for other in others:
         if other is run or other.path == run.path or output_name(other) != name:
             continue
-        other_first = first_step(other)
-        steps = [int(s.steps[-1]) for t in other.tags if (s := other.series(t)) is not None and len(s.steps)]
-        if other_first is None or max(steps) < step or str(other.path) >= str(run.path):
+        span = other.step_range()
+        if span is None or span[1] < step or str(other.path) >= str(run.path):
             continue  # kohya names log folders by their start time: an earlier run sorts first
         candidates.append(other)
     if not candidates:

@@ -136,6 +136,9 @@ class Run:
         self._listed: list[Path] = []  # the event files found by the last listing
         self.pending_bytes = 0
         self._chunks: dict[str, _TagChunks] = {}
+        self._dropped: tuple[list[str], int] | None = None  # (tags, superseded points) once points are dropped
+        self._step_range: tuple[int, int] | None = None  # (first, last) step over every tag
+        self._step_range_known = False
         self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
         self.config_problems: list[str] = []  # logged configuration that could not be read
 
@@ -187,6 +190,7 @@ class Run:
     def _add(self, scalars) -> None:
         # Files are read in creation order and each file in write order, so concatenation order
         # is write order, which is what resolve_relogged needs.
+        self._step_range_known = False
         if len(scalars) <= SMALL_ADD:
             tags = scalars.tags
             for tag_id, step, value, wall in zip(scalars.tag_ids.tolist(), scalars.steps.tolist(),
@@ -237,9 +241,36 @@ class Run:
     # -- series ------------------------------------------------------------------------------
     @property
     def tags(self) -> list[str]:
-        return sorted(self._chunks)
+        return list(self._dropped[0]) if self._dropped is not None else sorted(self._chunks)
+
+    def drop_points(self) -> None:
+        """Forget the points once the run is analysed (an audit of thousands of runs keeps what
+        it says about each, not every curve); its tags, step range and superseded count stay,
+        and a series asked for later is read again from the files."""
+        if self._dropped is None:
+            self.step_range()
+            self._dropped = (self.tags, self.superseded_points)
+            self._chunks = {}
+
+    def _read_again(self) -> None:
+        self._dropped = None
+        for path in self.files:
+            batch = EventFile(path).read_new()
+            if len(batch.scalars):
+                self._add(batch.scalars)
+
+    def step_range(self) -> tuple[int, int] | None:
+        """(first, last) step over every tag, or None without points."""
+        if not self._step_range_known:
+            ends = [(int(s.steps[0]), int(s.steps[-1])) for t in self.tags
+                    if (s := self.series(t)) is not None and len(s.steps)]
+            self._step_range = (min(e[0] for e in ends), max(e[1] for e in ends)) if ends else None
+            self._step_range_known = True
+        return self._step_range
 
     def series(self, tag: str) -> Series | None:
+        if self._dropped is not None and tag in self._dropped[0]:
+            self._read_again()
         chunks = self._chunks.get(tag)
         if chunks is None:
             return None
@@ -265,4 +296,6 @@ class Run:
     @property
     def superseded_points(self) -> int:
         """Points replaced because steps went back (a resume); counted once series are built."""
+        if self._dropped is not None:
+            return self._dropped[1]
         return sum(c.superseded for c in self._chunks.values())

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-from conftest import FIXTURES, LABELS, ROOT, fixture_run
+import numpy as np
+import pytest
+from conftest import FIXTURES, LABELS, ROOT, fixture_run, write_scalars
 
 
 def lrwatch(*args: str) -> subprocess.CompletedProcess:
@@ -113,3 +115,63 @@ def test_an_audit_read_by_several_processes_equals_the_serial_one(tmp_path):
     parallel = audit([logs], workers=2)
     assert parallel.to_json() == serial.to_json()
     assert parallel.exit_code == serial.exit_code == 1 and len(parallel.runs) == 11
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_audit_that_drops_each_runs_points_reports_exactly_what_one_that_keeps_them_does(workers):
+    """``lrwatch audit`` keeps what it says of each run, not its curves; every trainer's layout,
+    a resumed run joined to the run it continues (whose points are read again for that), damage
+    and notes come out the same, read here or in worker processes."""
+    from lrwatch.audit import audit
+
+    roots = [ROOT / "fixtures" / "trainers", FIXTURES]
+    kept = audit(roots, workers=1)
+    dropped = audit(roots, workers=workers, keep_points=False)
+    assert dropped.to_json() == kept.to_json() and dropped.render() == kept.render()
+    assert any("joined to run" in note for s in dropped.runs for note in s.analysis.notes)
+
+
+def test_a_dropped_runs_series_is_read_again_from_its_files():
+    from lrwatch.runs import Run
+
+    run, fresh = Run(fixture_run("prodigy_resumed")), Run(fixture_run("prodigy_resumed"))
+    run.refresh()
+    fresh.refresh()
+    fresh.step_range()  # builds every series, and so counts what each superseded
+    superseded = fresh.superseded_points
+    run.drop_points()
+    assert run.tags == fresh.tags and run.superseded_points == superseded > 0
+    assert run.step_range() == fresh.step_range()
+    again, original = run.series("lr/unet"), fresh.series("lr/unet")
+    assert again is not None and original is not None
+    assert again.steps.tolist() == original.steps.tolist() and again.values.tolist() == original.values.tolist()
+
+
+def test_what_an_audit_holds_per_run_does_not_grow_with_the_runs_length(tmp_path):
+    """Memory stays bounded over a sweep of long runs: with ``keep_points=False`` a run of
+    20,000 steps leaves about what a run of 2,000 does (both with four cycles: what the report
+    says of a run grows with its cycles and findings, not with its points)."""
+    import gc
+    import tracemalloc
+
+    from lrwatch.audit import audit
+
+    def held(steps: int, keep_points: bool) -> int:
+        logs = tmp_path / f"s{steps}{keep_points}"
+        cycle = steps // 4
+        lr = [(s, 0.5 + 0.5 * np.cos(np.pi * (s % cycle) / cycle)) for s in range(1, steps)]
+        for i in range(3):
+            write_scalars(logs / f"run{i}", {"lr/unet": lr, "lr/d*lr/unet": [(s, 1e-4 * v) for s, v in lr],
+                                             "loss/current": [(s, 0.1) for s in range(1, steps)]})
+        audit([logs], workers=1, keep_points=keep_points)  # caches warmed
+        gc.collect()
+        tracemalloc.start()
+        result = audit([logs], workers=1, keep_points=keep_points)
+        gc.collect()
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert result.exit_code == 0
+        return size
+
+    short, long, kept = held(2_000, False), held(20_000, False), held(20_000, True)
+    assert long < 1.3 * short and long < kept / 10, (short, long, kept)
