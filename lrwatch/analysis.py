@@ -384,7 +384,7 @@ def _risk_findings(findings, group, steps, risk, d, best, cycle_of, schedule, th
     after_warm_up = np.arange(len(risk)) >= settled
     for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
         eligible = after_warm_up if severity == CRITICAL else True
-        for i in _first_per_cycle((np.nan_to_num(risk, nan=0.0) >= level) & eligible, cycle_of):
+        for i in _first_per_cycle((risk >= level) & eligible, cycle_of):  # NaN (no restart coming) compares False
             step = int(steps[i])
             restart = schedule.next_restart(step) if schedule else None
             when = f"at the restart at step {restart}" if restart else "at the next restart"
