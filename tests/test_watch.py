@@ -240,6 +240,26 @@ def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll):
     assert code == 0 and "predicted_restart_blowup" in err and "step 104" in err  # a warning: the loss holds
 
 
+def test_an_event_file_deleted_while_watched_is_said_at_once(tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(FIXTURES / "prodigy_seed_bump", logs / "seed")
+    events = tmp_path / "events.jsonl"
+    watcher = lrwatch(str(logs), "--until-idle", "12", "--events-out", str(events))
+    deadline = time.monotonic() + 30
+    while not (events.exists() and "predicted_restart_blowup" in events.read_text()):
+        assert time.monotonic() < deadline and watcher.poll() is None
+        time.sleep(0.05)
+    file = next(logs.rglob("events.out.tfevents.*"))
+    file.unlink()
+    deleted = time.monotonic()
+    while "file disappeared" not in events.read_text():
+        assert time.monotonic() - deleted < 5, "not said within 5 s (the folder is listed again only every 10 s)"
+        time.sleep(0.05)
+    watcher.terminate()
+    finish(watcher)
+    assert f"cannot read {file.name}: file disappeared" in events.read_text()
+
+
 def test_polling_mode_stops_the_trainer_too(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--poll", "0.1", "--kill-on-spike", "--",
