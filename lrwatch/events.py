@@ -71,7 +71,7 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
     out = Scalars()
     tag_index: dict[str, int] = {}
     if len(starts) < VECTORISE_FROM:
-        _, out.tag_ids, out.steps, out.values, out.wall_times = _decode_slow(
+        _, out.tag_ids, out.steps, out.values, out.wall_times = _decode_each(
             buf, range(len(starts)), starts, lengths, out, tag_index)
         return out
     u8 = np.frombuffer(buf, dtype=np.uint8)
@@ -94,7 +94,7 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
 
     slow = np.flatnonzero(~fast)
     if len(slow):
-        chunks.append(_decode_slow(buf, slow.tolist(), starts[slow], lengths[slow], out, tag_index))
+        chunks.append(_decode_each(buf, slow.tolist(), starts[slow], lengths[slow], out, tag_index))
 
     if len(chunks) == 1:
         _, out.tag_ids, out.steps, out.values, out.wall_times = chunks[0]
@@ -256,7 +256,7 @@ def _event_proto() -> Any:
     return Event
 
 
-def _decode_slow(buf, records, starts, lengths, out: Scalars, index: dict[str, int]):
+def _decode_each(buf, records, starts, lengths, out: Scalars, index: dict[str, int]):
     """Record by record: add_scalar's layout in plain Python, anything else with the proto."""
     record_of, tag_ids, steps, values, walls = [], [], [], [], []
     data = bytes(buf)
