@@ -213,11 +213,12 @@ class Monitor:
             if state.analysis is None or state.error:
                 continue
             try:
-                view, note, _ = self._joined_view(state.run)
-                if view is not state.run:
-                    self._analyse(state)
-                elif note:
-                    state.analysis.notes.insert(0, note)
+                if resumed_from(state.run.config) is not None:
+                    self._analyse(state)  # joined here, where the run it continues is
+                else:
+                    _, note, _ = self._joined_view(state.run)
+                    if note:
+                        state.analysis.notes.insert(0, note)
             except Exception as e:  # as in poll: reported with the run
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
             self._new_findings(state)
