@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lrwatch.events import decode
 from lrwatch.loader import EventFile
-from lrwatch.records import HEADER, find_records, masked_crc
+from lrwatch.records import HEADER, data_crcs, find_records, masked_crc
 
 
 def test_masked_crc_matches_the_tfrecord_definition():
@@ -369,3 +369,34 @@ def test_tensorflow_dtype_numbers_match_tensorboards_protos():
 
     for name in ("DT_FLOAT", "DT_DOUBLE", "DT_INT32", "DT_INT64", "DT_BFLOAT16", "DT_HALF"):
         assert getattr(events, name) == getattr(types_pb2, name), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(template=st.binary(min_size=1, max_size=80), n=st.integers(1, 120), seed=st.integers(0, 2**32),
+       varying=st.integers(0, 40), others=st.lists(st.binary(min_size=0, max_size=60), max_size=5))
+def test_crcs_of_many_records_equal_one_crc32c_call_per_record(template, n, seed, varying, others):
+    """Records of one length get their CRCs together (one crc32c call, then table look-ups for
+    the bytes in which they differ); whatever the lengths, the number of differing bytes and the
+    records of other lengths among them, each CRC is crc32c's own."""
+    import random
+
+    import crc32c
+
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        rec = bytearray(template)
+        for _ in range(varying):
+            rec[rng.randrange(len(rec))] = rng.randrange(256)
+        records.append(bytes(rec))
+    records += others
+    rng.shuffle(records)
+    buf = bytearray(rng.randbytes(3))
+    starts, lengths = [], []
+    for rec in records:
+        starts.append(len(buf))
+        lengths.append(len(rec))
+        buf += rec + rng.randbytes(rng.randrange(0, 9))
+    u8 = np.frombuffer(bytes(buf), np.uint8)
+    got = data_crcs(u8, np.asarray(starts, np.int64), np.asarray(lengths, np.int64))
+    assert got.tolist() == [crc32c.crc32c(rec) for rec in records]
