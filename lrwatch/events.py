@@ -94,7 +94,9 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
 
     slow = np.flatnonzero(~fast)
     if len(slow):
-        chunks.append(_decode_each(buf, slow.tolist(), starts[slow], lengths[slow], out, tag_index))
+        each = _decode_each(buf, slow.tolist(), starts[slow], lengths[slow], out, tag_index)
+        if len(each[0]):  # not only the file_version record: the two are merged in file order below
+            chunks.append(each)
 
     if len(chunks) == 1:
         _, out.tag_ids, out.steps, out.values, out.wall_times = chunks[0]

@@ -335,16 +335,19 @@ def _proto_points(data: bytes, frames) -> list[tuple]:
 @given(points=st.lists(st.tuples(st.text(min_size=0, max_size=140), st.integers(-2**63, 2**63 - 1),
                                  st.floats(width=32, allow_nan=False), st.floats(allow_nan=False)),
                        min_size=1, max_size=8),
-       version=st.booleans())
-def test_a_watched_steps_records_decoded_in_python_equal_tensorboards_parser(points, version):
-    """The few records of a watched step skip the proto; any tag (empty, long, non-ASCII), any
-    int64 step (negative ones take ten bytes), any value and wall time read as the proto reads them,
-    and a file_version record (with the writer's source_metadata) gives nothing."""
+       version=st.booleans(), vectorised=st.booleans())
+def test_records_decoded_without_the_proto_equal_tensorboards_parser(points, version, vectorised):
+    """torch's scalars skip the proto: a watched step's few records in plain Python, a file's
+    many with numpy. Either way any tag (empty, long, non-ASCII), any int64 step (negative ones
+    take ten bytes), any value and wall time read as the proto reads them, and a file_version
+    record (with the writer's source_metadata) gives nothing."""
     import io
 
     from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.summary.writer.record_writer import RecordWriter
+
+    import lrwatch.events as events
 
     buf = io.BytesIO()
     writer = RecordWriter(buf)
@@ -356,7 +359,9 @@ def test_a_watched_steps_records_decoded_in_python_equal_tensorboards_parser(poi
             value=[Summary.Value(tag=tag, simple_value=value)])).SerializeToString())
     data = buf.getvalue()
     frames = find_records(data)
-    s = decode(data, frames.starts, frames.lengths)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(events, "VECTORISE_FROM", 1 if vectorised else 64)
+        s = decode(data, frames.starts, frames.lengths)
     got = [(s.tags[t], st_, v, w) for t, st_, v, w in zip(s.tag_ids.tolist(), s.steps.tolist(), s.values.tolist(),
                                                          s.wall_times.tolist())]
     assert got == _proto_points(data, frames)
