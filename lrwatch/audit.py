@@ -40,6 +40,7 @@ class AuditResult:
 
 
 PARALLEL_FROM = 4  # runs: below this, starting worker processes costs more than it saves
+BATCH = 16  # runs handed to a worker at once, at most
 
 
 def _pool_size(workers: int | None, runs: int) -> int:
@@ -48,15 +49,16 @@ def _pool_size(workers: int | None, runs: int) -> int:
     return max(1, min(workers if workers is not None else (os.cpu_count() or 1), runs))
 
 
-def _analyse_alone(state: RunState, options: dict[str, Any], keep_points: bool) -> RunState:
-    """In a worker process: read and analyse one run as if it were the only one (the costly
+def _analyse_alone(states: list[RunState], options: dict[str, Any], keep_points: bool) -> list[RunState]:
+    """In a worker process: read and analyse each run as if it were the only one (the costly
     part of an audit); without ``keep_points``, only what the report says of it comes back."""
     worker = Monitor([], **options)
-    worker.states[state.run.path] = state
-    worker.poll({state.run.path}, rediscover=False)
-    if not keep_points:
-        _drop_points(state)
-    return state
+    for state in states:
+        worker.states = {state.run.path: state}
+        worker.poll({state.run.path}, rediscover=False)
+        if not keep_points:
+            _drop_points(state)
+    return states
 
 
 def _drop_points(state: RunState) -> None:
@@ -73,14 +75,19 @@ def _analyse_in_parallel(monitor: Monitor, pool: int, keep_points: bool,
     options = {"tag_map": monitor.tag_map, "thresholds": monitor.thresholds, "trainer": monitor.trainer,
                "schedule": monitor.schedule}
     states = list(monitor.states.values())
+    size = max(1, min(BATCH, len(states) // (4 * pool)))  # a few batches per worker: less to and fro
+    batches = [states[i : i + size] for i in range(0, len(states), size)]
     done_states: list[RunState] = []
+    done = 0
     with ProcessPoolExecutor(max_workers=pool) as executor:
-        futures = {executor.submit(_analyse_alone, state, options, keep_points): state for state in states}
-        for done, future in enumerate(as_completed(futures), 1):
+        futures = {executor.submit(_analyse_alone, batch, options, keep_points): batch for batch in batches}
+        for future in as_completed(futures):
             try:
-                done_states.append(future.result())
+                done_states += future.result()
             except Exception:
-                monitor.poll({futures[future].run.path}, rediscover=False)
+                for state in futures[future]:
+                    monitor.poll({state.run.path}, rediscover=False)
+            done += len(futures[future])
             if on_run is not None:
                 on_run(done, len(states))
     monitor.adopt(done_states)
