@@ -10,7 +10,7 @@ from typing import Any
 
 from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor, RunState
-from lrwatch.report import exit_code, render, to_json
+from lrwatch.report import exit_code, render, run_json, to_json
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
 from lrwatch.tags import TagMap
 from lrwatch.trainers import ScheduleOptions
@@ -56,8 +56,9 @@ def _analyse_alone(states: list[RunState], options: dict[str, Any], keep_points:
     for state in states:
         worker.states = {state.run.path: state}
         worker.poll({state.run.path}, rediscover=False)
-        if not keep_points:
+        if not keep_points:  # then what the report says is final here: its text too (seconds for thousands)
             _drop_points(state)
+            state.rendered = run_json(state)
     return states
 
 

@@ -57,6 +57,7 @@ class RunState:
     urgent: bool = False  # a stop waits on this run's steps: analyse every change
     listed_at: float = -1e9  # time.monotonic() of the last listing of the run's folder
     resume_note: tuple[int, str | None] | None = None  # (runs known then, the note) for runs without a config
+    rendered: str | None = None  # its JSON report entry, rendered where it was analysed (an audit's worker)
 
     @property
     def series_source(self) -> RunLike:
@@ -181,7 +182,7 @@ class Monitor:
         return out
 
     def _analyse(self, state: RunState) -> None:
-        state.stale, state.analysed_at = False, time.monotonic()
+        state.stale, state.analysed_at, state.rendered = False, time.monotonic(), None
         reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
         state.view, resume_note, resume_step = self._joined_view(state.run)
         state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
@@ -219,8 +220,9 @@ class Monitor:
                     _, note, _ = self._joined_view(state.run)
                     if note:
                         state.analysis.notes.insert(0, note)
+                        state.rendered = None
             except Exception as e:  # as in poll: reported with the run
-                state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
+                state.error, state.rendered = f"{type(e).__name__}: {e} (at {_where(e)})", None
             self._new_findings(state)
 
     def _joined_view(self, run: Run) -> tuple[RunLike, str | None, int | None]:

@@ -126,15 +126,28 @@ def _snapshots_of(monitor: Monitor, state: RunState) -> list | None:
     return None if monitor.snapshots is None else monitor.snapshots.by_run.get(state.run.path, [])
 
 
+def run_json(state: RunState, snapshots: list | None = None) -> str:
+    """One run's entry as it stands in ``to_json``'s document (indented for its place there)."""
+    return dumps(run_dict(state, snapshots), indent=2).replace("\n", "\n    ")
+
+
+_RUNS = "\u0000runs\u0000"  # where the runs go in the document's text
+
+
 def to_json(monitor: Monitor) -> str:
+    """The JSON report. Each run's entry is its own piece of text: one rendered in a worker
+    process (an audit of many runs) is used as it is, unless snapshots were judged since."""
     doc: dict[str, Any] = {"lrwatch": __version__, "schema": SCHEMA_VERSION,
                            "missing": [monitor.as_given(p) for p in monitor.missing_roots()],
                            "unreadable": {monitor.as_given(p): why for p, why in monitor.root_errors.items()},
-                           "runs": [run_dict(s, _snapshots_of(monitor, s)) for s in monitor.runs],
+                           "runs": _RUNS,
                            "exit_code": exit_code(monitor)}
     if monitor.snapshots is not None:
         doc["unassigned_snapshots"] = [snap.to_dict() for snap in monitor.snapshots.orphans]
-    return dumps(doc, indent=2)
+    runs = [s.rendered if s.rendered is not None and monitor.snapshots is None
+            else run_json(s, _snapshots_of(monitor, s)) for s in monitor.runs]
+    listed = "[\n    " + ",\n    ".join(runs) + "\n  ]" if runs else "[]"
+    return dumps(doc, indent=2).replace(dumps(_RUNS), listed, 1)
 
 
 def _g(x: float | None) -> str:

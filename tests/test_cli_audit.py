@@ -175,3 +175,15 @@ def test_what_an_audit_holds_per_run_does_not_grow_with_the_runs_length(tmp_path
 
     short, long, kept = held(2_000, False), held(20_000, False), held(20_000, True)
     assert long < 1.3 * short and long < kept / 10, (short, long, kept)
+
+
+def test_the_json_report_pieced_from_each_runs_text_is_the_whole_document_dumped_at_once():
+    from lrwatch.audit import audit
+    from lrwatch.output import dumps
+    from lrwatch.report import _snapshots_of, run_dict
+
+    result = audit([FIXTURES, ROOT / "fixtures" / "trainers", ROOT / "no-such-folder"], workers=2, keep_points=False)
+    doc = json.loads(result.to_json())
+    doc["runs"] = [run_dict(s, _snapshots_of(result.monitor, s)) for s in result.monitor.runs]
+    assert result.to_json() == dumps(doc, indent=2)
+    assert doc["missing"] and len(doc["runs"]) > 20
