@@ -304,11 +304,12 @@ def _chain(b: _Buffer, pos: int) -> np.ndarray | None:
     if not len(cand) or cand[0] != pos:
         return None
     cand = cand[b.u16[cand + 2] == 0]
-    lens = b.u16[cand].astype(np.uint64)
-    cand = cand[length_crcs(lens) == b.u32[cand + 8]]
+    lens = b.u16[cand].astype(np.int64)
+    valid = length_crcs(lens.astype(np.uint64)) == b.u32[cand + 8]
+    cand, lens = cand[valid], lens[valid]
     if not len(cand) or cand[0] != pos:
         return None
-    nxt = cand + (HEADER + FOOTER) + b.u16[cand].astype(np.int64)
+    nxt = cand + (HEADER + FOOTER) + lens
     broken = np.flatnonzero((cand[1:] != nxt[:-1]) | (nxt[:-1] > b.n))
     k = int(broken[0]) + 1 if len(broken) else len(cand)  # records 0..k-1 follow one another
     if nxt[k - 1] > b.n:
