@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +72,8 @@ def _analyse_in_parallel(monitor: Monitor, pool: int, keep_points: bool,
     """Read and analyse the runs in ``pool`` processes, then put them in their places here, where
     what needs every run (joining a resumed run to the run it continues) is done. A run whose
     worker failed is read here, where its error is kept like any other."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed  # here: multiprocessing costs 10 ms to import
+
     options = {"tag_map": monitor.tag_map, "thresholds": monitor.thresholds, "trainer": monitor.trainer,
                "schedule": monitor.schedule}
     states = list(monitor.states.values())
