@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -254,6 +255,28 @@ def test_without_the_logged_config_a_resume_is_not_guessed_but_said(tmp_path):
     assert later.analysis.last_step == 300  # local steps, not shifted
     assert any("if it resumed that run, its steps are local" in n for n in later.analysis.notes)
     assert not any("resumed" in n for n in earlier.analysis.notes)
+
+
+def test_an_earlier_runs_output_name_logged_late_still_names_a_later_run_as_a_possible_resume(tmp_path):
+    """The earlier run's config (its output_name) arrives after the runs were first compared; a
+    run found next makes the comparison again (the index of names is built anew whenever the
+    runs change), and it must see the name the config gave."""
+    from lrwatch.monitor import Monitor
+
+    logs = tmp_path / "logs"
+    points = {"lr/unet": [(s, 1.0) for s in range(1, 30)], "lr/d*lr/unet": [(s, 1e-4) for s in range(1, 30)]}
+    write_scalars(logs / "first20260101000000" / "network_train", points)
+    write_scalars(logs / "lora20260102000000" / "network_train", points)
+    monitor = Monitor([logs])
+    monitor.poll()
+    later = monitor.states[logs / "lora20260102000000" / "network_train"]
+    assert not any("named like" in n for n in later.analysis.notes)
+    (logs / "first20260101000000" / "network_train" / "hparams.yml").write_text("output_name: lora\n")
+    monitor.poll()
+    write_scalars(logs / "other20260103000000" / "network_train", points)  # a new run: notes are made again
+    write_scalars(logs / "lora20260102000000" / "network_train", {"lr/unet": [(30, 1.0)]})  # on the next change
+    monitor.poll()
+    assert any("named like the earlier run first20260101000000" in n for n in later.analysis.notes)
 
 
 def test_onetrainer_counts_batches_and_windows_still_count_optimizer_steps():
