@@ -2,7 +2,7 @@
 realistic corpus (``fixtures/corpus``: LoRA on a tiny diffusion model, labelled by a
 held-out eval loss, never by lrwatch).
 
-    python bench/detection.py [--split train|eval|all] [--runs]  [threshold options, e.g. --risk-critical 6]
+    python bench/detection.py [--split train|eval|all] [--runs] [--fried-loss X] [threshold options, e.g. --risk-critical 6]
 
 Prints, per split (thresholds are chosen on the train seeds and reported on the eval
 seeds): fried runs caught by a critical finding before their first fried eval step,
@@ -24,15 +24,16 @@ sys.path.insert(0, str(ROOT))
 
 import lrwatch  # noqa: E402
 from lrwatch.analysis import CRITICAL, Thresholds  # noqa: E402
+from lrwatch.snapshots import DEFAULT_FRIED_LOSS  # noqa: E402
 
 CORPUS = ROOT / "fixtures" / "corpus"
 SPLITS = {"train": (0, 1), "eval": (2, 3)}
 
 
-def judge_run(name: str, label: dict, thresholds: Thresholds) -> dict:
+def judge_run(name: str, label: dict, thresholds: Thresholds, fried_loss: float) -> dict:
     run_dir = CORPUS / "runs" / name
     result = lrwatch.audit([run_dir / "logs"], thresholds=thresholds, snapshots=[run_dir / "output"],
-                           manifest=False)
+                           manifest=False, fried_loss=fried_loss)
     state = result.runs[0]
     criticals = [f for f in state.analysis.findings if f.severity == CRITICAL] if state.analysis else []
     first_critical = min((f.step for f in criticals), default=None)
@@ -80,6 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=["train", "eval", "all"], default="all")
     ap.add_argument("--runs", action="store_true", help="one line per run")
+    ap.add_argument("--fried-loss", type=float, default=DEFAULT_FRIED_LOSS, help="as lrwatch's --fried-loss")
     defaults = Thresholds()
     for f in fields(Thresholds):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
@@ -90,7 +92,7 @@ def main() -> int:
     splits = list(SPLITS) if args.split == "all" else [args.split]
     for split in splits:
         names = [n for n, lab in labels.items() if lab["spec"]["seed"] in SPLITS[split]]
-        rows = [judge_run(n, labels[n], thresholds) for n in sorted(names)]
+        rows = [judge_run(n, labels[n], thresholds, args.fried_loss) for n in sorted(names)]
         print(f"{split} seeds {SPLITS[split]}: {len(rows)} runs "
               f"({sum(r['fry'] == 'healthy' for r in rows)} healthy, "
               f"{sum(r['fry'] == 'permanent' for r in rows)} permanent fries, "
