@@ -22,6 +22,7 @@ from lrwatch.trainers import Reading, fold_duplicate_groups, read_layout
 
 WARNING = "warning"
 CRITICAL = "critical"
+TINY_LOSS = 1e-9  # a loss at or below zero counts as this fraction of the base model's in a geometric mean
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,10 @@ class Thresholds:
     loss_smoothing: int = 10  # steps averaged (trailing mean) before the loss is compared
     loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
     # The loss against the base model's (a LoRA's B starts at zero, so the first steps are the
-    # base model): chosen on the realistic corpus's train seeds and the toy runs (README).
-    loss_above_base: float = 8.0  # median loss of the last `loss_base_window` steps / the first steps'
-    loss_base_window: int = 5
-    loss_reference: int = 10  # the first steps, whose median is the base model's loss
+    # base model): chosen on the realistic corpus's train seeds (README).
+    loss_above_base: float = 3.2  # geometric mean of the last `loss_base_window` steps / the first steps'
+    loss_base_window: int = 10
+    loss_reference: int = 10  # the first steps, whose geometric mean is the base model's loss
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
 
@@ -142,7 +143,7 @@ class Analysis:
     schedule: KnownSchedule | None
     notes: list[str]
     unrecognised: dict[str, int] = field(default_factory=dict)  # scalar tag -> points, when nothing was checked
-    base_loss: float | None = None  # the median loss of the run's first steps: the base model's (a LoRA's B is 0)
+    base_loss: float | None = None  # geometric-mean loss of the run's first steps: the base model's (LoRA B is 0)
     trainer: str | None = None  # the layout the tags were read as (lrwatch.trainers)
     trainer_why: str | None = None
 
@@ -517,36 +518,43 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Fin
 
 
 def _base_loss(steps: np.ndarray, loss: np.ndarray, th: Thresholds) -> float | None:
-    """The base model's loss: the median over the run's first ``loss_reference`` steps (a LoRA's
-    B starts at zero, so they are the untouched model). Medians, because a diffusion loss
-    swings ~30x with the random timestep. ``loss`` is finite here."""
+    """The base model's loss: the geometric mean over the run's first ``loss_reference`` steps
+    (a LoRA's B starts at zero, so they are the untouched model). Geometric, because a
+    diffusion loss swings ~30x with the random timestep and is close to log-normal: its
+    log-mean is the median's value with less noise. ``loss`` is finite here; a loss that is
+    not positive there has no base."""
     ref_n = points(steps, th.loss_reference)
-    if len(loss) < ref_n:
+    if len(loss) < ref_n or not np.all(loss[:ref_n] > 0):
         return None
-    base = float(np.median(loss[:ref_n]))
-    return base if base > 0 else None
+    return geometric_mean(loss[:ref_n])
+
+
+def geometric_mean(x: np.ndarray, floor: float = 0.0) -> float:
+    """exp(mean(log x)), values below ``floor`` counted as ``floor`` (>0 where x may hold zeros)."""
+    return float(np.exp(np.mean(np.log(np.maximum(x, floor)))))
 
 
 def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str,
                      th: Thresholds) -> list[Finding]:
-    """The loss far above the base model's: the median of the last few steps over ``base``.
-    This catches fries within the first cycle, which the best-so-far rule cannot (its best
-    is taken after d's warm-up)."""
+    """The loss far above the base model's: the geometric mean of the last few steps over
+    ``base``. This catches fries within the first cycle, which the best-so-far rule cannot
+    (its best is taken after d's warm-up). A single huge step still counts, as it should.
+    ``loss`` is finite here; values at or below zero count as a tiny loss."""
     w, ref_n = points(steps, th.loss_base_window), points(steps, th.loss_reference)
     if len(loss) < max(w, ref_n + 1):
         return []
-    medians = np.median(np.lib.stride_tricks.sliding_window_view(loss, w), axis=1)  # medians[k]: loss[k:k+w]
+    level = np.exp(trailing_mean(np.log(np.maximum(loss, base * TINY_LOSS)), w)[w - 1:])  # level[k]: loss[k:k+w]
     ends = np.arange(w - 1, len(loss))
-    hits = np.flatnonzero((ends >= ref_n) & (medians >= th.loss_above_base * base))
+    hits = np.flatnonzero((ends >= ref_n) & (level >= th.loss_above_base * base))
     if not len(hits):
         return []
     k = int(hits[0])
     i = int(ends[k])
     return [Finding(
         "blowup", CRITICAL, None, int(steps[i]),
-        f"{loss_tag} far above the base model's: median of the last {th.loss_base_window} steps "
-        f"{medians[k]:.3g} is {medians[k] / base:.1f}x the first {th.loss_reference} steps' ({base:.3g})",
-        {"what": "loss_above_base", "ratio": round(float(medians[k] / base), 4), "loss": float(medians[k]),
+        f"{loss_tag} far above the base model's: geometric mean of the last {th.loss_base_window} steps "
+        f"{level[k]:.3g} is {level[k] / base:.1f}x the first {th.loss_reference} steps' ({base:.3g})",
+        {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
          "baseline": base},
     )]
 

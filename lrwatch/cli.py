@@ -87,8 +87,8 @@ THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
     ("runaway_warning", float, "Warn when d grows by this factor within the window (after d's warm-up)."),
     ("runaway_critical", float, "Critical at this growth factor."),
     ("loss_divergence", float, "Critical when the smoothed loss reaches this multiple of its best."),
-    ("loss_above_base", float, "Critical when the median loss of the last 5 steps reaches this multiple of the "
-                               "first 10 steps' (the base model's)."),
+    ("loss_above_base", float, "Critical when the geometric mean of the loss over the last 10 steps reaches this "
+                               "multiple of the first 10 steps' (the base model's)."),
     ("restart_spike", float, "A warning when d*lr right after a restart is this multiple of the highest before."),
     ("restart_jump", float, "An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
 ]
@@ -182,8 +182,9 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="A save is at a cycle minimum when its last update's lr was at most "
                                              "this fraction of the cycle's peak."),
         click.option("--fried-loss", type=click.FloatRange(1, min_open=True), default=DEFAULT_FRIED_LOSS,
-                     show_default=True, help="A snapshot is fried when the median loss over the 25 steps before its "
-                                             "save is at least this multiple of the run's first 10 steps'."),
+                     show_default=True, help="A snapshot is fried when the geometric mean of the loss over the 25 "
+                                             "steps before its save is at least this multiple of the run's "
+                                             "first 10 steps'."),
         click.option("--no-manifest", is_flag=True,
                      help=f"Do not write {MANIFEST} into the snapshot folders."),
     ]

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lrwatch.analysis import CRITICAL, Analysis, GroupAnalysis, adaptive_optimizer_hint, points
+from lrwatch.analysis import (
+    CRITICAL,
+    TINY_LOSS,
+    Analysis,
+    GroupAnalysis,
+    adaptive_optimizer_hint,
+    geometric_mean,
+    points,
+)
 from lrwatch.output import write_atomic
 from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule
@@ -39,7 +47,7 @@ UNKNOWN = "unknown"
 MANIFEST = "lrwatch-snapshots.json"
 DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cycle's peak: "at a minimum"
 # The loss evidence (chosen on the corpus's train seeds, README "Detection on realistic runs"):
-DEFAULT_FRIED_LOSS = 3.0  # median loss before the save / the base model's: at least this is fried
+DEFAULT_FRIED_LOSS = 2.0  # geometric-mean loss before the save / the base model's: at least this is fried
 LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
 
 _EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
@@ -63,7 +71,7 @@ class Snapshot:
     verdict: str = UNKNOWN
     lr_multiplier: float | None = None
     d: float | None = None
-    loss_ratio: float | None = None  # median loss over the LOSS_WINDOW steps before its save / the base model's
+    loss_ratio: float | None = None  # geometric-mean loss, LOSS_WINDOW steps before its save / the base model's
     reason: str = ""
 
     def to_dict(self) -> dict:
@@ -262,10 +270,10 @@ def _lr_of_last_update(group: GroupAnalysis, step: int, schedule: KnownSchedule 
 
 
 def loss_ratio(run: RunLike | None, analysis: Analysis | None, step: int) -> float | None:
-    """The evidence for the weights saved at ``step``: the median loss over the LOSS_WINDOW steps
-    before it, over the base model's (``analysis.base_loss``). Medians, because a diffusion
-    loss swings ~30x with the random timestep. None when the loss was not logged there (or
-    the base is unknown); inf when it was non-finite."""
+    """The evidence for the weights saved at ``step``: the geometric mean of the loss over the
+    LOSS_WINDOW steps before it, over the base model's (``analysis.base_loss``, also geometric:
+    a diffusion loss swings ~30x with the random timestep, close to log-normal). None when
+    the loss was not logged there (or the base is unknown); inf when it was non-finite."""
     if run is None or analysis is None or analysis.loss_tag is None or analysis.base_loss is None:
         return None
     series = run.series(analysis.loss_tag)
@@ -276,7 +284,7 @@ def loss_ratio(run: RunLike | None, analysis: Analysis | None, step: int) -> flo
         return None
     if not np.isfinite(window).all():
         return math.inf
-    return float(np.median(window)) / analysis.base_loss
+    return geometric_mean(window, analysis.base_loss * TINY_LOSS) / analysis.base_loss
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,

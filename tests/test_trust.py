@@ -43,10 +43,10 @@ def test_an_earlier_runs_critical_finding_never_stops_a_newly_launched_trainer(t
     logs = tmp_path / "logs"
     copy_run_into(logs, "dadapt_sgd_blowup")  # an earlier run, critical, in the same logdir
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",
-                                    *REPLAY, "dadapt_adam_rex_healthy", str(logs), "--delay", "0.002"))
+                                    *REPLAY, "prodigy_two_groups", str(logs), "--delay", "0.002"))
     assert "the trainer exited with code 0" in err, err
     assert stop_lines(err) == []
-    assert last_step_written(logs / "dadapt_adam_rex_healthy20261124090000") == 600
+    assert last_step_written(logs / "prodigy_two_groups20261124090000") == 800
     assert "earlier run: no new data while lrwatch watched" in out
     assert "(earlier run: in the logs before lrwatch started)" in err
     assert code == 1  # the report still says the earlier run is critical
@@ -73,7 +73,7 @@ def test_a_run_written_by_another_process_never_stops_the_launched_trainer(tmp_p
     other = subprocess.Popen([*REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.01"])
     try:
         code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",
-                                        *REPLAY, "dadapt_adam_rex_healthy", str(logs), "--delay", "0.01"))
+                                        *REPLAY, "prodigy_two_groups", str(logs), "--delay", "0.01"))
         assert "CRITICAL dadapt_sgd_blowup" in err
         assert "no trainer process provably writes this run" in err and "not by the trainer lrwatch launched" in err
         assert stop_lines(err) == []

@@ -120,10 +120,10 @@ def test_stop_cmd_under_dry_run_runs_nothing(tmp_path):
 def test_a_healthy_launched_run_is_left_alone_and_ends_the_watch(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",
-                                    *REPLAY, "dadapt_adam_rex_healthy", str(logs), "--delay", "0.002"))
+                                    *REPLAY, "prodigy_two_groups", str(logs), "--delay", "0.002"))
     assert code == 0, err
     assert "the trainer exited with code 0" in err and "stopping" not in err
-    assert last_step_written(logs) == 600
+    assert last_step_written(logs) == 800
 
 
 def test_a_really_training_writer_is_found_from_its_file_name_and_a_bystander_is_untouched(tmp_path):
