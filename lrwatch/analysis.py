@@ -398,16 +398,28 @@ def _risk_findings(findings, group, steps, risk, d, best, cycle_of, schedule, th
             ))
 
 
-def points(steps: np.ndarray, span: int) -> int:
-    """How many logged points cover ``span`` optimizer steps: windows and grace periods are
-    counted in steps, whether a trainer logs every step or every N (repeats at one step,
-    from gradient accumulation, are already folded into one point)."""
+def spacing(steps: np.ndarray) -> float:
+    """Optimizer steps between logged points: 1 for a trainer that logs every step, N for one
+    that logs every N (repeats at one step, from gradient accumulation, are already folded)."""
     if len(steps) < 2:
-        return span
+        return 1.0
     gaps = np.diff(steps)
     low = gaps.min()  # nearly always every gap is the same: no median needed
-    spacing = float(low) if low == gaps.max() else float(np.median(gaps))
-    return max(1, math.ceil(span / max(spacing, 1.0)))
+    return max(float(low) if low == gaps.max() else float(np.median(gaps)), 1.0)
+
+
+def points(steps: np.ndarray, span: int) -> int:
+    """How many logged points cover ``span`` optimizer steps: windows and grace periods are
+    counted in steps, whether a trainer logs every step or every N."""
+    return span if len(steps) < 2 else max(1, math.ceil(span / spacing(steps)))
+
+
+def samples(steps: np.ndarray, span: int) -> int:
+    """The points a loss window of ``span`` steps takes: those steps, and never fewer than
+    ``span`` points. A diffusion loss swings ~30x with the random timestep, so what averages
+    out its noise is the number of losses, not the steps they span: a trainer that logs one
+    step's loss every 10 steps (ai-toolkit) gets windows 10x as long, not one loss each."""
+    return max(points(steps, span), span)
 
 
 def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds, w: int) -> int:
@@ -501,7 +513,7 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Fin
     grace = points(steps, th.loss_grace)
     if n <= grace:
         return out, base
-    smooth = trailing_mean(loss[:n], points(steps, th.loss_smoothing))
+    smooth = trailing_mean(loss[:n], samples(steps, th.loss_smoothing))
     baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = smooth / baseline
@@ -519,11 +531,11 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Fin
 
 def _base_loss(steps: np.ndarray, loss: np.ndarray, th: Thresholds) -> float | None:
     """The base model's loss: the geometric mean over the run's first ``loss_reference`` steps
-    (a LoRA's B starts at zero, so they are the untouched model). Geometric, because a
-    diffusion loss swings ~30x with the random timestep and is close to log-normal: its
-    log-mean is the median's value with less noise. ``loss`` is finite here; a loss that is
-    not positive there has no base."""
-    ref_n = points(steps, th.loss_reference)
+    and at least that many losses (a LoRA's B starts at zero, so they are the untouched
+    model). Geometric, because a diffusion loss swings ~30x with the random timestep and is
+    close to log-normal: its log-mean is the median's value with less noise. ``loss`` is
+    finite here; a loss that is not positive there has no base."""
+    ref_n = samples(steps, th.loss_reference)
     if len(loss) < ref_n or not np.all(loss[:ref_n] > 0):
         return None
     return geometric_mean(loss[:ref_n])
@@ -540,7 +552,7 @@ def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag:
     ``base``. This catches fries within the first cycle, which the best-so-far rule cannot
     (its best is taken after d's warm-up). A single huge step still counts, as it should.
     ``loss`` is finite here; values at or below zero count as a tiny loss."""
-    w, ref_n = points(steps, th.loss_base_window), points(steps, th.loss_reference)
+    w, ref_n = samples(steps, th.loss_base_window), samples(steps, th.loss_reference)
     if len(loss) < max(w, ref_n + 1):
         return []
     level = np.exp(trailing_mean(np.log(np.maximum(loss, base * TINY_LOSS)), w)[w - 1:])  # level[k]: loss[k:k+w]
@@ -552,8 +564,9 @@ def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag:
     i = int(ends[k])
     return [Finding(
         "blowup", CRITICAL, None, int(steps[i]),
-        f"{loss_tag} far above the base model's: geometric mean of the last {th.loss_base_window} steps "
-        f"{level[k]:.3g} is {level[k] / base:.1f}x the first {th.loss_reference} steps' ({base:.3g})",
+        f"{loss_tag} far above the base model's: geometric mean of the last {w} losses (steps "
+        f"{int(steps[k])}-{int(steps[i])}) {level[k]:.3g} is {level[k] / base:.1f}x the first {ref_n}'s (steps "
+        f"{int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g})",
         {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
          "baseline": base},
     )]

@@ -30,7 +30,8 @@ from lrwatch.analysis import (
     GroupAnalysis,
     adaptive_optimizer_hint,
     geometric_mean,
-    points,
+    samples,
+    spacing,
 )
 from lrwatch.output import write_atomic
 from lrwatch.runs import RunLike
@@ -271,20 +272,30 @@ def _lr_of_last_update(group: GroupAnalysis, step: int, schedule: KnownSchedule 
 
 def loss_ratio(run: RunLike | None, analysis: Analysis | None, step: int) -> float | None:
     """The evidence for the weights saved at ``step``: the geometric mean of the loss over the
-    LOSS_WINDOW steps before it, over the base model's (``analysis.base_loss``, also geometric:
-    a diffusion loss swings ~30x with the random timestep, close to log-normal). None when
-    the loss was not logged there (or the base is unknown); inf when it was non-finite."""
+    LOSS_WINDOW steps before it (and over at least LOSS_WINDOW logged losses: a trainer that
+    logs every 10th step's loss is judged on the 250 steps before), over the base model's
+    (``analysis.base_loss``, also geometric: a diffusion loss swings ~30x with the random
+    timestep, close to log-normal). None when the loss was not logged there (or the base is
+    unknown); inf when it was non-finite."""
     if run is None or analysis is None or analysis.loss_tag is None or analysis.base_loss is None:
         return None
     series = run.series(analysis.loss_tag)
     if series is None:
         return None
-    window = series.values[(series.steps > step - LOSS_WINDOW) & (series.steps <= step)]
-    if len(window) < max(1, points(series.steps, LOSS_WINDOW) // 2):
+    wanted = samples(series.steps, LOSS_WINDOW)
+    reach = wanted * spacing(series.steps)
+    window = series.values[(series.steps > step - reach) & (series.steps <= step)]
+    if len(window) < max(1, wanted // 2):
         return None
     if not np.isfinite(window).all():
         return math.inf
     return geometric_mean(window, analysis.base_loss * TINY_LOSS) / analysis.base_loss
+
+
+def _loss_window_words(run: RunLike | None, analysis: Analysis | None) -> str:
+    loss = run.series(analysis.loss_tag) if run is not None and analysis is not None and analysis.loss_tag else None
+    gap = spacing(loss.steps) if loss is not None else 1.0
+    return f"{LOSS_WINDOW} steps" if gap <= 1 else f"{LOSS_WINDOW} losses logged (one every {gap:g} steps)"
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,
@@ -296,6 +307,7 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
     base_loss = analysis.base_loss if analysis else None
+    window = _loss_window_words(run, analysis)
     group = None
     layout = LAYOUTS.get(analysis.trainer or "") if analysis else None
     lag = layout.save_lag if layout else 1
@@ -322,8 +334,8 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
             continue
         if s.loss_ratio is not None and s.loss_ratio >= fried_loss:
             s.verdict = FRIED
-            s.reason = (f"the loss over the {LOSS_WINDOW} steps before its save is {s.loss_ratio:.3g}x the base "
-                        f"model's ({base_loss:.3g}, over the run's first steps)")
+            s.reason = (f"the loss over the {window} before its save is {s.loss_ratio:.3g}x the base model's "
+                        f"({base_loss:.3g}, over the run's first steps)")
             continue
         if s.loss_ratio is None and fried_from is not None and s.step >= fried_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why} (no loss logged to judge it)"

@@ -199,6 +199,24 @@ def test_no_healthy_corpus_run_gets_a_critical_finding(name):
     assert a.worst != CRITICAL, [f.message for f in a.findings if f.severity == CRITICAL]
 
 
+@pytest.mark.parametrize("name", ["dadapt_adagrad_s0", "dadapt_adagrad_s1", "dadapt_adagrad_s3", "dadapt_lion_lr10_s0"])
+def test_a_healthy_diffusion_run_logged_every_tenth_step_gets_no_critical_finding(name, tmp_path):
+    """ai-toolkit logs one step's loss every ``log_every`` steps. A 10-step window would then be
+    one diffusion loss against one other, which swings ~30x with the timestep: these healthy
+    corpus runs, kept every 10th step, were critical when windows counted steps alone. The
+    loss windows take at least as many losses as steps."""
+    full = Run(CORPUS / "runs" / name / "logs" / f"{name}20261125083000" / "network_train")
+    full.refresh()
+    sparse = {tag: [(int(s), float(v)) for s, v in zip(full.series(tag).steps, full.series(tag).values) if s % 10 == 0]
+              for tag in full.tags if tag != "loss/epoch"}
+    write_scalars(tmp_path, sparse)
+    run = Run(tmp_path)
+    run.refresh()
+    a = analyze(run)
+    assert a.loss_tag == "loss/current" and a.base_loss is not None
+    assert a.worst != CRITICAL, [f.message for f in a.findings if f.severity == CRITICAL]
+
+
 @pytest.mark.parametrize("name", ["prodigy_safeguard_s0", "prodigy_safeguard_s1"])
 def test_a_slow_d_warm_up_out_of_d0_is_not_a_runaway(name):
     """Prodigy with safeguard_warmup holds d at d0 for 50-90 steps, then climbs x2000 across
@@ -209,7 +227,8 @@ def test_a_slow_d_warm_up_out_of_d0_is_not_a_runaway(name):
 
 def test_windows_count_optimizer_steps_when_a_trainer_logs_every_nth_step(tmp_path):
     """The same run logged every 5th step (as trainers with a log interval do): the runaway
-    and the loss rules see the same steps, not 5x longer windows."""
+    rule sees the same steps, not a 5x longer window (the loss rules also want as many losses
+    as steps: the next test)."""
     full = Run(fixture_run("dadapt_sgd_blowup"))
     full.refresh()
     sparse = {tag: [(int(s), float(v)) for s, v in zip(full.series(tag).steps, full.series(tag).values) if s % 5 == 0]
