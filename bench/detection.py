@@ -2,12 +2,16 @@
 realistic corpus (``fixtures/corpus``: LoRA on a tiny diffusion model, labelled by a
 held-out eval loss, never by lrwatch).
 
-    python bench/detection.py [--split train|eval|all] [--runs] [--fried-loss X] [threshold options, e.g. --risk-critical 6]
+    python bench/detection.py [--split train|eval|all] [--runs] [--every K] [--fried-loss X]
+                              [threshold options, e.g. --risk-critical 6]
 
 Prints, per split (thresholds are chosen on the train seeds and reported on the eval
 seeds): fried runs caught by a critical finding before their first fried eval step,
 healthy runs with a critical finding, the median lead time, and snapshot verdict
 accuracy (fried/at_risk exactly where the snapshot's own eval loss says fried).
+``--every K`` judges the runs as a trainer that logs every K-th step would have written them
+(ai-toolkit's ``log_every``): the same points, every K-th step kept, written again with
+tensorboard's RecordWriter into a temporary folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -30,9 +36,34 @@ CORPUS = ROOT / "fixtures" / "corpus"
 SPLITS = {"train": (0, 1), "eval": (2, 3)}
 
 
-def judge_run(name: str, label: dict, thresholds: Thresholds, fried_loss: float) -> dict:
+def every_kth_step(name: str, k: int, dest: Path) -> Path:
+    """The run's logs as a trainer logging every ``k``-th step would have written them."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from lrwatch.runs import Run
+
+    (tb,) = (CORPUS / "runs" / name / "logs").iterdir()
+    full = Run(tb / "network_train")
+    full.refresh()
+    folder = dest / name / tb.name / "network_train"
+    folder.mkdir(parents=True)
+    rows = sorted((int(step), tag, float(value), float(wall)) for tag in full.tags
+                  if (series := full.series(tag)) is not None
+                  for step, value, wall in zip(series.steps, series.values, series.wall_times) if step % k == 0)
+    with open(folder / f"events.out.tfevents.{int(time.time())}.corpus.1.0", "wb") as fh:
+        writer = RecordWriter(fh)
+        writer.write(Event(wall_time=rows[0][3] if rows else 0.0, file_version="brain.Event:2").SerializeToString())
+        for step, tag, value, wall in rows:
+            writer.write(Event(wall_time=wall, step=step, summary=Summary(
+                value=[Summary.Value(tag=tag, simple_value=value)])).SerializeToString())
+    return dest / name
+
+
+def judge_run(name: str, label: dict, thresholds: Thresholds, fried_loss: float, logs: Path | None = None) -> dict:
     run_dir = CORPUS / "runs" / name
-    result = lrwatch.audit([run_dir / "logs"], thresholds=thresholds, snapshots=[run_dir / "output"],
+    result = lrwatch.audit([logs or run_dir / "logs"], thresholds=thresholds, snapshots=[run_dir / "output"],
                            manifest=False, fried_loss=fried_loss)
     state = result.runs[0]
     criticals = [f for f in state.analysis.findings if f.severity == CRITICAL] if state.analysis else []
@@ -48,6 +79,7 @@ def judge_run(name: str, label: dict, thresholds: Thresholds, fried_loss: float)
         right += known and says_fried == snap["fried"]
     return {"name": name, "fry": label["fry"], "fried_at": fried_at, "first_critical": first_critical,
             "first_kind": next((f.kind for f in criticals if f.step == first_critical), None),
+            "found": first_critical is not None and fried_at is not None,
             "caught": first_critical is not None and fried_at is not None and first_critical < fried_at,
             "first_evidence": first_evidence,
             "caught_confirmed": first_evidence is not None and fried_at is not None and first_evidence < fried_at,
@@ -64,6 +96,10 @@ def summary(rows: list[dict]) -> list[str]:
         leads = [r["fried_at"] - r["first_critical"] for r in caught]
         lead = f", median lead {statistics.median(leads):.0f} steps" if leads else ""
         lines.append(f"  {kind} fries caught before their first fried step: {len(caught)}/{len(group)}{lead}")
+        found = [r for r in group if r["found"]]
+        after = [r["first_critical"] - r["fried_at"] for r in found if r["first_critical"] >= r["fried_at"]]
+        late = f", median {statistics.median(after):.0f} steps after it when later" if after else ""
+        lines.append(f"    found at all: {len(found)}/{len(group)}{late}")
         confirmed = [r for r in group if r["caught_confirmed"]]
         leads = [r["fried_at"] - r["first_evidence"] for r in confirmed]
         lead = f", median lead {statistics.median(leads):.0f} steps" if leads else ""
@@ -81,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=["train", "eval", "all"], default="all")
     ap.add_argument("--runs", action="store_true", help="one line per run")
+    ap.add_argument("--every", type=int, default=1, help="keep every K-th step's points (a sparse logger)")
     ap.add_argument("--fried-loss", type=float, default=DEFAULT_FRIED_LOSS, help="as lrwatch's --fried-loss")
     defaults = Thresholds()
     for f in fields(Thresholds):
@@ -90,9 +127,11 @@ def main() -> int:
     thresholds = Thresholds(**{f.name: getattr(args, f.name) for f in fields(Thresholds)})
     labels = json.loads((CORPUS / "labels.json").read_text())
     splits = list(SPLITS) if args.split == "all" else [args.split]
+    sparse = tempfile.TemporaryDirectory(prefix="lrwatch-corpus-") if args.every > 1 else None
     for split in splits:
         names = [n for n, lab in labels.items() if lab["spec"]["seed"] in SPLITS[split]]
-        rows = [judge_run(n, labels[n], thresholds, args.fried_loss) for n in sorted(names)]
+        rows = [judge_run(n, labels[n], thresholds, args.fried_loss,
+                          every_kth_step(n, args.every, Path(sparse.name)) if sparse else None) for n in sorted(names)]
         print(f"{split} seeds {SPLITS[split]}: {len(rows)} runs "
               f"({sum(r['fry'] == 'healthy' for r in rows)} healthy, "
               f"{sum(r['fry'] == 'permanent' for r in rows)} permanent fries, "
@@ -103,6 +142,8 @@ def main() -> int:
                       f"{r['first_critical']!s:5s} {r['first_kind'] or '':26s} verdicts {r['verdicts_right']}/"
                       f"{r['snapshots']}")
         print("\n".join(summary(rows)))
+    if sparse:
+        sparse.cleanup()
     return 0
 
 

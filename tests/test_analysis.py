@@ -240,3 +240,30 @@ def test_windows_count_optimizer_steps_when_a_trainer_logs_every_nth_step(tmp_pa
     critical = [f for f in a.findings if f.severity == CRITICAL]
     assert critical and critical[0].kind == "runaway_d" and 115 <= critical[0].step <= 130
     assert critical[0].values["window"] <= 50
+
+
+def detection(*args: str) -> dict[str, str]:
+    """bench/detection.py's summary lines for the eval seeds, by their label."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "detection.py"), "--split", "eval", *args],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    return dict(line.strip().split(": ", 1) for line in out.splitlines() if line.startswith("  ") and ": " in line
+                and not line.startswith("    "))
+
+
+def test_the_issues_targets_hold_on_the_eval_seeds_never_used_to_choose_thresholds():
+    """What the README's detection table says, as printed by the bench: no healthy run critical,
+    snapshot verdicts at least 90 % right; and no fewer permanent fries caught in time than
+    this release's 7/12 (the issue's target, all 12, is not met: README)."""
+    got = detection()
+    assert got["healthy runs with a critical finding"] == "0/11"
+    right, total = map(int, got["snapshot verdicts right"].split()[0].split("/"))
+    assert right / total >= 0.9
+    assert int(got["permanent fries caught before their first fried step"].split("/")[0]) >= 7
+
+
+def test_a_trainer_logging_every_tenth_step_never_gets_a_critical_on_a_healthy_corpus_run():
+    got = detection("--every", "10")
+    assert got["healthy runs with a critical finding"] == "0/11"
