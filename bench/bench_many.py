@@ -7,8 +7,10 @@ names. Then times, each in a fresh process, with the peak memory of the whole pr
 
 - ``lrwatch audit --json LOGS --workers 1`` (one core) and ``--workers N`` (every core);
 - a loop of ``EventAccumulator(run).Reload()`` reading every scalar of the first EA_RUNS runs
-  (the loop's time grows linearly with the runs; with EA_RUNS < RUNS it is scaled up, and
-  the output says so).
+  (the loop's time grows linearly with the runs; with EA_RUNS < RUNS its loads are scaled
+  up, its imports are not, and the output says so).
+
+lrwatch runs with its bytecode compiled, as pip leaves an installed package (bench/installed.py).
 
     python bench/bench_many.py [--runs 1000] [--steps 2000] [--ea-runs 100] [--repeat 2]
 """
@@ -26,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import installed
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +59,11 @@ def make_logs(runs: int, steps: int) -> Path:
     return logs
 
 
-def timed(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MB) of a command and all its children together."""
+def timed(args: list[str], env: dict[str, str] | None = None, output: bool = False) -> tuple[float, float, str]:
+    """Wall seconds, peak resident memory (MB) of a command and all its children together, and
+    its output if asked for (a short one: it is read once the command has ended)."""
     t0 = time.perf_counter()
-    proc = psutil.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL)
+    proc = psutil.Popen(args, cwd=ROOT, stdout=subprocess.PIPE if output else subprocess.DEVNULL, env=env, text=True)
     peak = 0.0
     stop = threading.Event()
 
@@ -81,13 +85,15 @@ def timed(args: list[str]) -> tuple[float, float]:
     sampler.join()
     if code not in (0, 1):  # 1: a finding (the runs' d*lr curves raise warnings, not errors)
         raise SystemExit(f"{' '.join(args)} exited {code}")
-    return seconds, peak
+    return seconds, peak, proc.stdout.read() if output else ""
 
 
 EA_LOOP = """
-import sys
+import sys, time
+t0 = time.perf_counter()
 from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+print(time.perf_counter() - t0)
 n = 0
 for run in sorted(Path(sys.argv[1]).iterdir())[: int(sys.argv[2])]:
     if not run.is_dir():
@@ -113,16 +119,18 @@ def main() -> None:
     print(f"{args.runs} runs x {args.steps} steps x {len(TAGS)} scalars, {size / 1e6:.0f} MB "
           f"(ready in {time.perf_counter() - t0:.0f} s); {cores} cores")
     lrwatch = [sys.executable, "-m", "lrwatch", "audit", "--json", str(logs)]
+    env = installed.env()
     rows: dict[str, tuple[float, float]] = {}
     for name, cmd in [("lrwatch audit, one core (--workers 1)", [*lrwatch, "--workers", "1"]),
                       (f"lrwatch audit, every core (--workers {cores})", [*lrwatch, "--workers", str(cores)])]:
-        results = [timed(cmd) for _ in range(args.repeat)]
+        results = [timed(cmd, env) for _ in range(args.repeat)]
         rows[name] = (statistics.median(r[0] for r in results), statistics.median(r[1] for r in results))
     ea_runs = min(args.ea_runs, args.runs)
-    seconds, peak = timed([sys.executable, "-c", EA_LOOP, str(logs), str(ea_runs)])
+    seconds, peak, out = timed([sys.executable, "-c", EA_LOOP, str(logs), str(ea_runs)], output=True)
+    imports = float(out.split()[0])
     scale = args.runs / ea_runs
-    ea_name = "EventAccumulator loop" + (f" ({ea_runs} runs, x{scale:g})" if scale != 1 else "")
-    rows[ea_name] = (seconds * scale, peak)
+    ea_name = "EventAccumulator loop" + (f" ({ea_runs} runs' loads x{scale:g})" if scale != 1 else "")
+    rows[ea_name] = (imports + (seconds - imports) * scale, peak)
     base = rows[ea_name][0]
     print(f"{'reader':44s} {'seconds':>8s} {'peak MB':>8s} {'x EventAcc':>10s}")
     for name, (secs, mb) in rows.items():

@@ -3,7 +3,8 @@
 Writes (once, cached in bench/out/) a kohya-like event file with torch's SummaryWriter:
 STEPS steps x 6 scalars (loss/current, loss/average, lr/unet, lr/textencoder and their
 d*lr). Then reads it with each reader in a fresh subprocess, REPEAT times, and prints
-the median time, events/s, peak RSS and the ratio to EventAccumulator.
+the median time, events/s, peak RSS and the ratio to EventAccumulator. lrwatch runs with its
+bytecode compiled, as pip leaves an installed package (bench/installed.py).
 
     python bench/bench_reader.py [--steps 100000] [--repeat 3]
 """
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import installed
 
 OUT = Path(__file__).resolve().parent / "out"
 TAGS = ["loss/current", "loss/average", "lr/textencoder", "lr/unet", "lr/d*lr/textencoder", "lr/d*lr/unet"]
@@ -72,7 +75,7 @@ def make_file(steps: int) -> Path:
     return target
 
 
-def run_reader(imports: str, code: str, path: str, events: int) -> dict:
+def run_reader(imports: str, code: str, path: str, events: int, env: dict[str, str]) -> dict:
     script = f"""
 import resource, time, json, sys
 from pathlib import Path
@@ -87,7 +90,7 @@ t2 = time.perf_counter()
 print(json.dumps({{"import": t1 - t0, "seconds": t2 - t1, "events": n,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -102,8 +105,9 @@ def main() -> None:
     size = Path(path).stat().st_size
     print(f"file: {size / 1e6:.1f} MB, {args.steps} steps x {len(TAGS)} scalars (ready in {time.perf_counter() - t0:.0f} s)")
     results = {}
+    env = installed.env()
     for name, (imports, code) in READERS.items():
-        runs = [run_reader(imports, code, path, args.steps * len(TAGS)) for _ in range(args.repeat)]
+        runs = [run_reader(imports, code, path, args.steps * len(TAGS), env) for _ in range(args.repeat)]
         results[name] = {
             "import": statistics.median(r["import"] for r in runs),
             "seconds": statistics.median(r["seconds"] for r in runs),
