@@ -180,17 +180,16 @@ def _intern_tags(u8: np.ndarray, words: np.ndarray, tstart: np.ndarray, tlen: np
     """Tag id per record without building a string per record: hash the tag's words, then
     compare every record's words with its bucket's first record, so a hash collision can
     never mislabel a point."""
-    n_words_per_tag = (int(tlen.max()) + 7) // 8
+    tag_words = [_tag_words(words, tstart, tlen, k) for k in range((int(tlen.max()) + 7) // 8)]
     h = _FNV_OFFSET ^ tlen.astype(np.uint64)
-    for k in range(n_words_per_tag):
-        h = (h ^ _tag_words(words, tstart, tlen, k)) * _FNV_PRIME
+    for word in tag_words:
+        h = (h ^ word) * _FNV_PRIME
         h ^= h >> np.uint64(29)
     uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
-    rep = first[inverse]
-    same = tlen == tlen[rep]
-    for k in range(n_words_per_tag):
-        same &= _tag_words(words, tstart, tlen, k) == _tag_words(words, tstart[rep], tlen[rep], k)
+    same = tlen == tlen[first][inverse]
+    for word in tag_words:
+        same &= word == word[first][inverse]
     if not same.all():
         raise _HashCollision
     mapping = np.empty(len(uniq), np.int32)
