@@ -172,7 +172,7 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
     loss_tag = reading.tag_map.loss_tag(tags)
     base = None
     if loss_tag is not None:
-        loss_found, base = loss_findings(run, loss_tag, th)
+        loss_found, base = loss_findings(run, loss_tag, th, reading.steps_per_update)
         findings += loss_found
     notes += _coverage_notes(groups, loss_tag, run.config, reading)
     if schedule is not None and schedule.problem:
@@ -414,12 +414,13 @@ def points(steps: np.ndarray, span: int) -> int:
     return span if len(steps) < 2 else max(1, math.ceil(span / spacing(steps)))
 
 
-def samples(steps: np.ndarray, span: int) -> int:
-    """The points a loss window of ``span`` steps takes: those steps, and never fewer than
-    ``span`` points. A diffusion loss swings ~30x with the random timestep, so what averages
-    out its noise is the number of losses, not the steps they span: a trainer that logs one
-    step's loss every 10 steps (ai-toolkit) gets windows 10x as long, not one loss each."""
-    return max(points(steps, span), span)
+def samples(steps: np.ndarray, span: int, per_update: int = 1) -> int:
+    """The points a loss window of ``span`` logged steps takes: those steps, and never fewer
+    points than the window has optimizer updates (``span / per_update``). A diffusion loss
+    swings ~30x with the random timestep, so what averages out its noise is the number of
+    losses, not the steps they span: a trainer that logs one step's loss every 10 steps
+    (ai-toolkit) gets windows 10x as long, not one loss each."""
+    return max(points(steps, span), math.ceil(span / per_update))
 
 
 def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds, w: int) -> int:
@@ -497,8 +498,10 @@ def _nonfinite(findings, group, steps, named: dict[str, np.ndarray]) -> None:
             ))
 
 
-def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Finding], float | None]:
-    """The loss's findings, and the base model's loss (None where it cannot be known)."""
+def loss_findings(run: RunLike, loss_tag: str, th: Thresholds, per_update: int = 1
+                  ) -> tuple[list[Finding], float | None]:
+    """The loss's findings, and the base model's loss (None where it cannot be known). ``th``'s
+    windows are in logged steps, ``per_update`` of them per optimizer update."""
     series = run.series(loss_tag)
     if series is None or not len(series.steps):
         return [], None
@@ -507,13 +510,13 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Fin
     _nonfinite(out, None, steps, {loss_tag: loss})
     finite_upto = np.flatnonzero(~np.isfinite(loss))
     n = int(finite_upto[0]) if len(finite_upto) else len(loss)
-    base = _base_loss(steps[:n], loss[:n], th)
+    base = _base_loss(steps[:n], loss[:n], th, per_update)
     if base is not None:
-        out += _loss_above_base(steps[:n], loss[:n], base, loss_tag, th)
+        out += _loss_above_base(steps[:n], loss[:n], base, loss_tag, th, per_update)
     grace = points(steps, th.loss_grace)
     if n <= grace:
         return out, base
-    smooth = trailing_mean(loss[:n], samples(steps, th.loss_smoothing))
+    smooth = trailing_mean(loss[:n], samples(steps, th.loss_smoothing, per_update))
     baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = smooth / baseline
@@ -529,13 +532,13 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds) -> tuple[list[Fin
     return out, base
 
 
-def _base_loss(steps: np.ndarray, loss: np.ndarray, th: Thresholds) -> float | None:
+def _base_loss(steps: np.ndarray, loss: np.ndarray, th: Thresholds, per_update: int = 1) -> float | None:
     """The base model's loss: the geometric mean over the run's first ``loss_reference`` steps
     and at least that many losses (a LoRA's B starts at zero, so they are the untouched
     model). Geometric, because a diffusion loss swings ~30x with the random timestep and is
     close to log-normal: its log-mean is the median's value with less noise. ``loss`` is
     finite here; a loss that is not positive there has no base."""
-    ref_n = samples(steps, th.loss_reference)
+    ref_n = samples(steps, th.loss_reference, per_update)
     if len(loss) < ref_n or not np.all(loss[:ref_n] > 0):
         return None
     return geometric_mean(loss[:ref_n])
@@ -546,13 +549,13 @@ def geometric_mean(x: np.ndarray, floor: float = 0.0) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(x, floor)))))
 
 
-def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str,
-                     th: Thresholds) -> list[Finding]:
+def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str, th: Thresholds,
+                     per_update: int = 1) -> list[Finding]:
     """The loss far above the base model's: the geometric mean of the last few steps over
     ``base``. This catches fries within the first cycle, which the best-so-far rule cannot
     (its best is taken after d's warm-up). A single huge step still counts, as it should.
     ``loss`` is finite here; values at or below zero count as a tiny loss."""
-    w, ref_n = samples(steps, th.loss_base_window), samples(steps, th.loss_reference)
+    w, ref_n = samples(steps, th.loss_base_window, per_update), samples(steps, th.loss_reference, per_update)
     if len(loss) < max(w, ref_n + 1):
         return []
     level = np.exp(trailing_mean(np.log(np.maximum(loss, base * TINY_LOSS)), w)[w - 1:])  # level[k]: loss[k:k+w]

@@ -199,6 +199,19 @@ def test_no_healthy_corpus_run_gets_a_critical_finding(name):
     assert a.worst != CRITICAL, [f.message for f in a.findings if f.severity == CRITICAL]
 
 
+@pytest.mark.parametrize("gap, per_update, points_taken", [
+    (1, 1, 10),  # kohya: a loss every step
+    (10, 1, 10),  # ai-toolkit, log_every 10: 10 losses, 100 steps
+    (1, 2, 20),  # OneTrainer with accumulation 2, a loss per batch: 20 batches are 10 updates
+    (2, 2, 10),  # ... a loss per update, at the batch count: 10 losses
+])
+def test_a_loss_window_takes_as_many_losses_as_it_has_updates(gap, per_update, points_taken):
+    from lrwatch.analysis import samples
+
+    steps = np.arange(0, 1000 * gap, gap)
+    assert samples(steps, 10 * per_update, per_update) == points_taken
+
+
 @pytest.mark.parametrize("name", ["dadapt_adagrad_s0", "dadapt_adagrad_s1", "dadapt_adagrad_s3", "dadapt_lion_lr10_s0"])
 def test_a_healthy_diffusion_run_logged_every_tenth_step_gets_no_critical_finding(name, tmp_path):
     """ai-toolkit logs one step's loss every ``log_every`` steps. A 10-step window would then be
