@@ -182,6 +182,12 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
     loss = run.series(loss_tag) if loss_tag else None
     if loss is not None and len(loss.steps):
         last.append(int(loss.steps[-1]))
+        gap = spacing(loss.steps) / reading.steps_per_update  # optimizer steps per logged loss
+        if gap > 1:
+            least = samples(loss.steps, th.loss_reference, reading.steps_per_update)
+            notes.append(f"{loss_tag} is logged every {gap:g} steps: the loss rules take at least {least} losses "
+                         f"per window ({least * gap:g} steps), so a fry shows there later than in a run that logs "
+                         "every step")
     findings = _drop_shadowed_warnings(findings)
     findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
     analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes, base_loss=base,

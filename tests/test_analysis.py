@@ -228,6 +228,8 @@ def test_a_healthy_diffusion_run_logged_every_tenth_step_gets_no_critical_findin
     a = analyze(run)
     assert a.loss_tag == "loss/current" and a.base_loss is not None
     assert a.worst != CRITICAL, [f.message for f in a.findings if f.severity == CRITICAL]
+    assert "loss/current is logged every 10 steps: the loss rules take at least 10 losses per window (100 steps)" \
+        in " ".join(a.notes)  # said, so that a later finding is not a surprise
 
 
 @pytest.mark.parametrize("name", ["prodigy_safeguard_s0", "prodigy_safeguard_s1"])
