@@ -182,6 +182,10 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
     loss = run.series(loss_tag) if loss_tag else None
     if loss is not None and len(loss.steps):
         last.append(int(loss.steps[-1]))
+        first = loss.values[: samples(loss.steps, th.loss_reference, reading.steps_per_update)]
+        if base is None and np.isfinite(first).all() and (first <= 0).any():
+            notes.append(f"{loss_tag} is zero or negative in the run's first steps: it is not compared with the base "
+                         "model's (only its divergence and non-finite values are checked)")
         gap = spacing(loss.steps) / reading.steps_per_update  # optimizer steps per logged loss
         if gap > 1:
             least = samples(loss.steps, th.loss_reference, reading.steps_per_update)

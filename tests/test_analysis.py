@@ -282,3 +282,16 @@ def test_the_issues_targets_hold_on_the_eval_seeds_never_used_to_choose_threshol
 def test_a_trainer_logging_every_tenth_step_never_gets_a_critical_on_a_healthy_corpus_run():
     got = detection("--every", "10")
     assert got["healthy runs with a critical finding"] == "0/11"
+
+
+def test_a_loss_that_is_not_positive_at_the_start_is_said_not_compared_with_a_base(tmp_path):
+    """A geometric mean needs positive losses; a trainer logging a signed loss gets a note, not
+    a silent skip, and no finding from the base-model rule."""
+    write_scalars(tmp_path, {"loss/current": [(s, -1.0 + 0.01 * s) for s in range(1, 200)],
+                             "lr/unet": [(s, 1.0) for s in range(1, 200)]})
+    run = Run(tmp_path)
+    run.refresh()
+    a = analyze(run)
+    assert a.base_loss is None
+    assert any("zero or negative in the run's first steps" in n for n in a.notes)
+    assert not [f for f in a.findings if f.values.get("what") == "loss_above_base"]
