@@ -172,8 +172,9 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
     loss_tag = reading.tag_map.loss_tag(tags)
     base = None
     if loss_tag is not None:
-        loss_found, base = loss_findings(run, loss_tag, th, reading.steps_per_update)
+        loss_found, base, loss_notes = loss_findings(run, loss_tag, th, reading.steps_per_update)
         findings += loss_found
+        notes += loss_notes
     notes += _coverage_notes(groups, loss_tag, run.config, reading)
     if schedule is not None and schedule.problem:
         notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
@@ -182,16 +183,6 @@ def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds 
     loss = run.series(loss_tag) if loss_tag else None
     if loss is not None and len(loss.steps):
         last.append(int(loss.steps[-1]))
-        first = loss.values[: samples(loss.steps, th.loss_reference, reading.steps_per_update)]
-        if base is None and np.isfinite(first).all() and (first <= 0).any():
-            notes.append(f"{loss_tag} is zero or negative in the run's first steps: it is not compared with the base "
-                         "model's (only its divergence and non-finite values are checked)")
-        gap = spacing(loss.steps) / reading.steps_per_update  # optimizer steps per logged loss
-        if gap > 1:
-            least = samples(loss.steps, th.loss_reference, reading.steps_per_update)
-            notes.append(f"{loss_tag} is logged every {gap:g} steps: the loss rules take at least {least} losses "
-                         f"per window ({least * gap:g} steps), so a fry shows there later than in a run that logs "
-                         "every step")
     findings = _drop_shadowed_warnings(findings)
     findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
     analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes, base_loss=base,
@@ -344,7 +335,7 @@ def analyze_group(run: RunLike, group: Group, schedule: KnownSchedule | None, th
         best = _running_max_finite(dlr)  # the highest d*lr so far, at every point
         risk = _restart_risk(steps, d, cycle_peak, best, schedule)
         risk_now = None if not np.isfinite(risk[-1]) else float(risk[-1])
-        w = points(steps, th.runaway_window)
+        w = points(spacing(steps), th.runaway_window)
         settled = _d_settled_index(d, cycle_of, th, w)
         _risk_findings(findings, name, steps, risk, d, best, cycle_of, schedule, th, settled)
         _runaway_findings(findings, name, steps, d, cycle_of, th, settled, w)
@@ -418,19 +409,20 @@ def spacing(steps: np.ndarray) -> float:
     return max(float(low) if low == gaps.max() else float(np.median(gaps)), 1.0)
 
 
-def points(steps: np.ndarray, span: int) -> int:
-    """How many logged points cover ``span`` optimizer steps: windows and grace periods are
-    counted in steps, whether a trainer logs every step or every N."""
-    return span if len(steps) < 2 else max(1, math.ceil(span / spacing(steps)))
+def points(gap: float, span: int) -> int:
+    """How many logged points, one every ``gap`` steps (``spacing``), cover ``span`` optimizer
+    steps: windows and grace periods are counted in steps, whether a trainer logs every step
+    or every N."""
+    return max(1, math.ceil(span / gap))
 
 
-def samples(steps: np.ndarray, span: int, per_update: int = 1) -> int:
+def samples(gap: float, span: int, per_update: int = 1) -> int:
     """The points a loss window of ``span`` logged steps takes: those steps, and never fewer
     points than the window has optimizer updates (``span / per_update``). A diffusion loss
     swings ~30x with the random timestep, so what averages out its noise is the number of
     losses, not the steps they span: a trainer that logs one step's loss every 10 steps
     (ai-toolkit) gets windows 10x as long, not one loss each."""
-    return max(points(steps, span), math.ceil(span / per_update))
+    return max(points(gap, span), math.ceil(span / per_update))
 
 
 def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds, w: int) -> int:
@@ -509,24 +501,38 @@ def _nonfinite(findings, group, steps, named: dict[str, np.ndarray]) -> None:
 
 
 def loss_findings(run: RunLike, loss_tag: str, th: Thresholds, per_update: int = 1
-                  ) -> tuple[list[Finding], float | None]:
-    """The loss's findings, and the base model's loss (None where it cannot be known). ``th``'s
-    windows are in logged steps, ``per_update`` of them per optimizer update."""
+                  ) -> tuple[list[Finding], float | None, list[str]]:
+    """The loss's findings, the base model's loss (None where it cannot be known) and notes on
+    how the loss could be judged. ``th``'s windows are in logged steps, ``per_update`` of them
+    per optimizer update."""
     series = run.series(loss_tag)
     if series is None or not len(series.steps):
-        return [], None
+        return [], None, []
     out: list[Finding] = []
+    notes: list[str] = []
     steps, loss = series.steps, series.values
     _nonfinite(out, None, steps, {loss_tag: loss})
     finite_upto = np.flatnonzero(~np.isfinite(loss))
     n = int(finite_upto[0]) if len(finite_upto) else len(loss)
-    base = _base_loss(steps[:n], loss[:n], th, per_update)
+    gap = spacing(steps)
+    gap_finite = gap if n == len(steps) else spacing(steps[:n])
+    ref_n = samples(gap_finite, th.loss_reference, per_update)
+    base = _base_loss(loss[:n], ref_n)
     if base is not None:
-        out += _loss_above_base(steps[:n], loss[:n], base, loss_tag, th, per_update)
-    grace = points(steps, th.loss_grace)
+        out += _loss_above_base(steps[:n], loss[:n], base, loss_tag, th,
+                                samples(gap_finite, th.loss_base_window, per_update), ref_n)
+    elif n >= ref_n:
+        notes.append(f"{loss_tag} is zero or negative in the run's first steps: it is not compared with the base "
+                     "model's (only its divergence and non-finite values are checked)")
+    if gap > per_update:  # fewer losses than optimizer updates
+        least = samples(gap, th.loss_reference, per_update)
+        notes.append(f"{loss_tag} is logged every {gap / per_update:g} steps: the loss rules take at least {least} "
+                     f"losses per window ({least * gap / per_update:g} steps), so a fry shows there later than in a "
+                     "run that logs every step")
+    grace = points(gap, th.loss_grace)
     if n <= grace:
-        return out, base
-    smooth = trailing_mean(loss[:n], samples(steps, th.loss_smoothing, per_update))
+        return out, base, notes
+    smooth = trailing_mean(loss[:n], samples(gap, th.loss_smoothing, per_update))
     baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = smooth / baseline
@@ -539,16 +545,15 @@ def loss_findings(run: RunLike, loss_tag: str, th: Thresholds, per_update: int =
             {"what": "loss_diverged", "ratio": round(float(ratio[i]), 4), "loss": float(smooth[i]),
              "baseline": float(baseline[i])},
         ))
-    return out, base
+    return out, base, notes
 
 
-def _base_loss(steps: np.ndarray, loss: np.ndarray, th: Thresholds, per_update: int = 1) -> float | None:
-    """The base model's loss: the geometric mean over the run's first ``loss_reference`` steps
-    and at least that many losses (a LoRA's B starts at zero, so they are the untouched
-    model). Geometric, because a diffusion loss swings ~30x with the random timestep and is
-    close to log-normal: its log-mean is the median's value with less noise. ``loss`` is
-    finite here; a loss that is not positive there has no base."""
-    ref_n = samples(steps, th.loss_reference, per_update)
+def _base_loss(loss: np.ndarray, ref_n: int) -> float | None:
+    """The base model's loss: the geometric mean of the run's first ``ref_n`` losses (its first
+    ``loss_reference`` steps, and at least that many losses: a LoRA's B starts at zero, so they
+    are the untouched model). Geometric, because a diffusion loss swings ~30x with the random
+    timestep and is close to log-normal: its log-mean is the median's value with less noise.
+    ``loss`` is finite here; a loss that is not positive there has no base."""
     if len(loss) < ref_n or not np.all(loss[:ref_n] > 0):
         return None
     return geometric_mean(loss[:ref_n])
@@ -559,13 +564,13 @@ def geometric_mean(x: np.ndarray, floor: float = 0.0) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(x, floor)))))
 
 
-def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str, th: Thresholds,
-                     per_update: int = 1) -> list[Finding]:
+def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str, th: Thresholds, w: int,
+                     ref_n: int) -> list[Finding]:
     """The loss far above the base model's: the geometric mean of the last few steps over
     ``base``. This catches fries within the first cycle, which the best-so-far rule cannot
     (its best is taken after d's warm-up). A single huge step still counts, as it should.
-    ``loss`` is finite here; values at or below zero count as a tiny loss."""
-    w, ref_n = samples(steps, th.loss_base_window, per_update), samples(steps, th.loss_reference, per_update)
+    ``loss`` is finite here; values at or below zero count as a tiny loss. ``w`` and ``ref_n``:
+    the losses the level and the base take."""
     if len(loss) < max(w, ref_n + 1):
         return []
     level = np.exp(trailing_mean(np.log(np.maximum(loss, base * TINY_LOSS)), w)[w - 1:])  # level[k]: loss[k:k+w]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrwatch.analysis import CRITICAL, WARNING, Analysis, points, trailing_mean
+from lrwatch.analysis import CRITICAL, WARNING, Analysis, points, spacing, trailing_mean
 from lrwatch.output import write_atomic
 from lrwatch.report import render_run
 
@@ -72,7 +72,7 @@ def draw_run(axes, state, snapshots: list | None) -> None:
     loss = source.series(a.loss_tag) if a.loss_tag else None
     if loss is not None and len(loss.steps):
         ax_loss.plot(loss.steps, loss.values, color="#888888", lw=0.5, alpha=0.35, label=a.loss_tag)
-        smooth = trailing_mean(loss.values, points(loss.steps, SMOOTHING))
+        smooth = trailing_mean(loss.values, points(spacing(loss.steps), SMOOTHING))
         ax_loss.plot(loss.steps, smooth, color="#222222", lw=1.8, label=f"mean of {SMOOTHING} steps")
         finite = loss.values[np.isfinite(loss.values)]
         if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 50:

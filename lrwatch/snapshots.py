@@ -20,6 +20,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from lrwatch.analysis import (
     spacing,
 )
 from lrwatch.output import write_atomic
-from lrwatch.runs import RunLike
+from lrwatch.runs import RunLike, Series
 from lrwatch.schedule_config import KnownSchedule
 from lrwatch.sources import is_remote, location, read_range
 from lrwatch.trainers import LAYOUTS, SNAPSHOT_NAMES
@@ -270,32 +271,48 @@ def _lr_of_last_update(group: GroupAnalysis, step: int, schedule: KnownSchedule 
     return float(group.lr[i]), float(group.cycle_peak[i]), d
 
 
-def loss_ratio(run: RunLike | None, analysis: Analysis | None, step: int) -> float | None:
-    """The evidence for the weights saved at ``step``: the geometric mean of the loss over the
-    LOSS_WINDOW steps before it (and over at least LOSS_WINDOW logged losses: a trainer that
-    logs every 10th step's loss is judged on the 250 steps before), over the base model's
-    (``analysis.base_loss``, also geometric: a diffusion loss swings ~30x with the random
-    timestep, close to log-normal). None when the loss was not logged there (or the base is
-    unknown); inf when it was non-finite."""
+class LossWindow(NamedTuple):
+    """The loss that judges the weights of each save: the LOSS_WINDOW steps before it, and at
+    least LOSS_WINDOW logged losses (a trainer that logs every 10th step's loss is judged on
+    the 250 steps before)."""
+
+    series: Series
+    base: float  # the base model's loss (``Analysis.base_loss``)
+    wanted: int  # losses
+    gap: float  # steps between logged losses
+
+    @property
+    def words(self) -> str:
+        if self.gap <= 1:
+            return f"{LOSS_WINDOW} steps"
+        return f"{self.wanted} losses logged (one every {self.gap:g} steps)"
+
+
+def loss_window(run: RunLike | None, analysis: Analysis | None) -> LossWindow | None:
+    """None where the run logged no loss or its base model's loss is unknown."""
     if run is None or analysis is None or analysis.loss_tag is None or analysis.base_loss is None:
         return None
     series = run.series(analysis.loss_tag)
     if series is None:
         return None
-    wanted = samples(series.steps, LOSS_WINDOW)
-    reach = wanted * spacing(series.steps)
-    window = series.values[(series.steps > step - reach) & (series.steps <= step)]
-    if len(window) < max(1, wanted // 2):
+    gap = spacing(series.steps)
+    return LossWindow(series, analysis.base_loss, samples(gap, LOSS_WINDOW), gap)
+
+
+def loss_ratio(window: LossWindow | None, step: int) -> float | None:
+    """The evidence for the weights saved at ``step``: the geometric mean of the loss over the
+    window before it, over the base model's (also geometric: a diffusion loss swings ~30x with
+    the random timestep, close to log-normal). None when the loss was not logged there (or
+    the base is unknown); inf when it was non-finite."""
+    if window is None:
         return None
-    if not np.isfinite(window).all():
+    steps = window.series.steps
+    values = window.series.values[(steps > step - window.wanted * window.gap) & (steps <= step)]
+    if len(values) < max(1, window.wanted // 2):
+        return None
+    if not np.isfinite(values).all():
         return math.inf
-    return geometric_mean(window, analysis.base_loss * TINY_LOSS) / analysis.base_loss
-
-
-def _loss_window_words(run: RunLike | None, analysis: Analysis | None) -> str:
-    loss = run.series(analysis.loss_tag) if run is not None and analysis is not None and analysis.loss_tag else None
-    gap = spacing(loss.steps) if loss is not None else 1.0
-    return f"{LOSS_WINDOW} steps" if gap <= 1 else f"{LOSS_WINDOW} losses logged (one every {gap:g} steps)"
+    return geometric_mean(values, window.base * TINY_LOSS) / window.base
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,
@@ -307,7 +324,8 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
     base_loss = analysis.base_loss if analysis else None
-    window = _loss_window_words(run, analysis)
+    window = loss_window(run, analysis)
+    words = window.words if window else ""
     group = None
     layout = LAYOUTS.get(analysis.trainer or "") if analysis else None
     lag = layout.save_lag if layout else 1
@@ -328,13 +346,13 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
         if covered is not None:
             lr, peak, s.d = covered
             s.lr_multiplier = round(lr / peak, 6) if peak > 0 and np.isfinite(lr) else None
-        s.loss_ratio = loss_ratio(run, analysis, s.step)
+        s.loss_ratio = loss_ratio(window, s.step)
         if nonfinite_from is not None and s.step >= nonfinite_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {nonfinite_why}"
             continue
         if s.loss_ratio is not None and s.loss_ratio >= fried_loss:
             s.verdict = FRIED
-            s.reason = (f"the loss over the {window} before its save is {s.loss_ratio:.3g}x the base model's "
+            s.reason = (f"the loss over the {words} before its save is {s.loss_ratio:.3g}x the base model's "
                         f"({base_loss:.3g}, over the run's first steps)")
             continue
         if s.loss_ratio is None and fried_from is not None and s.step >= fried_from:

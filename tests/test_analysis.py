@@ -206,10 +206,10 @@ def test_no_healthy_corpus_run_gets_a_critical_finding(name):
     (2, 2, 10),  # ... a loss per update, at the batch count: 10 losses
 ])
 def test_a_loss_window_takes_as_many_losses_as_it_has_updates(gap, per_update, points_taken):
-    from lrwatch.analysis import samples
+    from lrwatch.analysis import samples, spacing
 
     steps = np.arange(0, 1000 * gap, gap)
-    assert samples(steps, 10 * per_update, per_update) == points_taken
+    assert samples(spacing(steps), 10 * per_update, per_update) == points_taken
 
 
 @pytest.mark.parametrize("name", ["dadapt_adagrad_s0", "dadapt_adagrad_s1", "dadapt_adagrad_s3", "dadapt_lion_lr10_s0"])
