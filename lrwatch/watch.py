@@ -1,8 +1,8 @@
 """Live watching: the audit pipeline, re-run as the trainer's files change.
 
-File-system events (watchdog's native observer, or its polling observer for
-network filesystems) wake the loop; only runs whose files changed are read
-again, from where the last read stopped.
+File-system events (lrwatch.file_events: inotify on Linux, watchdog's observers
+elsewhere, or polling for network filesystems) wake the loop; only runs whose
+files changed are read again, from where the last read stopped.
 """
 
 from __future__ import annotations
@@ -13,28 +13,15 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import psutil
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
 
 from lrwatch.analysis import CRITICAL, Finding
+from lrwatch.file_events import WatchdogEvents, open_file_events
 from lrwatch.hooks import Hooks, run_with_record
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.output import terminal_safe
@@ -58,9 +45,6 @@ from lrwatch.tbexport import Exporter
 from lrwatch.trainers import LAYOUTS
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
-# watchdog's inotify observer warns when a new folder's watch is added twice (its own race between
-# the creation event and its recursive walk); harmless, and not the user's concern.
-warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
 ANALYSIS_BUDGET = 0.05  # of one core, for analyses; one growing run is analysed on every change
@@ -84,57 +68,23 @@ class WatchOptions:
     analysis_budget: float = ANALYSIS_BUDGET  # share of one core for analyses (Monitor._throttled)
 
 
-class _Changes(FileSystemEventHandler):
-    """Collects changed paths from the observer thread and wakes the loop: files written (or
-    created, or renamed into place) apart from paths that went away or are folders, which make
-    the loop look at the folders again."""
-
-    def __init__(self) -> None:
-        self.wake = threading.Event()
-        self._lock = threading.Lock()
-        self._written: set[str] = set()
-        self._moved: set[str] = set()
-
-    def on_any_event(self, event: FileSystemEvent) -> None:  # only WATCHED_EVENTS reach it
-        src = os.fsdecode(event.src_path)
-        with self._lock:
-            if event.is_directory or event.event_type in ("deleted", "moved"):
-                self._moved.add(src)
-            else:
-                self._written.add(src)
-            dest = getattr(event, "dest_path", "")
-            if dest:
-                (self._moved if event.is_directory else self._written).add(os.fsdecode(dest))
-        self.wake.set()
-
-    def take(self) -> tuple[set[str], set[str]]:
-        """(files written, paths that appeared as folders, moved or went away) since the last call."""
-        with self._lock:
-            written, moved, self._written, self._moved = self._written, self._moved, set(), set()
-        self.wake.clear()
-        return written, moved
-
-
-# What the watcher listens to: writes, and new, renamed and deleted files and folders. Not opens
-# and closes: tensorboard's writer opens and closes the file at every flush, and every reader
-# opens it; asked of inotify this way, the kernel never sends them. Not "folder modified" either:
-# watchdog asks inotify for every close-after-write to make those, one more event per flush.
-WATCHED_EVENTS: list[type[FileSystemEvent]] = [
-    FileModifiedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent, DirMovedEvent,
-    DirDeletedEvent]
 BOOKKEEPING = 0.25  # seconds between the passes over every run (verdicts, export, notes, status lines)
 COALESCE = 0.02  # seconds: a burst of file events is taken together, not one pass per event
 STOP_CMD_TIMEOUT = 120.0  # seconds a --stop-cmd (scancel, kubectl, runpodctl) may take
 REMOTE_POLL = 5.0  # seconds between passes over remote roots (--poll overrides)
+FALLBACK_POLL = 1.0  # seconds between polls when native file events run out (inotify's watch limit)
 
 
 class Watcher:
     """Observes the roots (waiting for those that do not exist yet) and yields changed runs."""
 
-    def __init__(self, monitor: Monitor, poll: float | None = None) -> None:
+    def __init__(self, monitor: Monitor, poll: float | None = None, say: Callable[[str], None] | None = None) -> None:
         self.monitor = monitor
-        self.changes = _Changes()
-        self.observer = PollingObserver(timeout=poll) if poll else Observer()
+        self.say = say or (lambda text: None)
+        self.events, note = open_file_events(poll)
+        self.polling = bool(poll)
+        if note:
+            self.say(f"lrwatch: {note}")
         self._scheduled: set[Path] = set()
         # Remote roots (object stores) have no file events: a full pass every `remote_every` s.
         self.remote = any(is_remote(r) for r in [*monitor.roots, *self.snapshot_folders])
@@ -144,7 +94,6 @@ class Watcher:
         self._run_of: dict[str, Path] = {}  # an event file's path, as the observer spells it -> its run
 
     def start(self) -> None:
-        self.observer.start()
         self.schedule_new_roots()
 
     @property
@@ -152,13 +101,28 @@ class Watcher:
         return self.monitor.snapshots.folders if self.monitor.snapshots is not None else []
 
     def schedule_new_roots(self) -> bool:
-        """Start observing roots (and snapshot folders) that have appeared; True if any did."""
+        """Start observing roots (and snapshot folders) that have appeared, or came back after
+        being deleted; True if any did."""
         appeared = False
         for root in [*self.monitor.roots, *self.snapshot_folders]:
-            if root in self._scheduled or is_remote(root) or not root.exists():
+            if is_remote(root) or not root.exists():
                 continue
-            folder = root if root.is_dir() else root.parent
-            self.observer.schedule(self.changes, str(folder), recursive=root.is_dir(), event_filter=WATCHED_EVENTS)
+            folder = str(root if root.is_dir() else root.parent)
+            if root in self._scheduled and self.events.watching(folder):
+                continue
+            try:
+                self.events.add(folder, recursive=root.is_dir())
+            except OSError as e:
+                if self.polling:  # nothing left to fall back to: the 10 s full re-reads still see it
+                    self.say(f"lrwatch: cannot observe {folder}: {e}")
+                    self._scheduled.add(root)
+                    continue
+                # out of inotify watches (or handles): poll rather than miss changes
+                self.events.stop()
+                self.events, self.polling = WatchdogEvents(FALLBACK_POLL), True
+                self.say(f"lrwatch: {e}; polling every {FALLBACK_POLL:g} s instead")
+                self._scheduled.clear()
+                return self.schedule_new_roots() or True
             self._scheduled.add(root)
             appeared = True
         return appeared
@@ -166,14 +130,14 @@ class Watcher:
     def wait(self, timeout: float) -> tuple[set[Path], bool, bool]:
         """Block until something changes (or ``timeout``): (changed known runs, whether to
         rediscover, whether a snapshot folder changed)."""
-        if self.changes.wake.wait(timeout):
+        if self.events.wait(timeout):
             time.sleep(max(0.0, COALESCE - (time.monotonic() - self._last_take)))
         self._last_take = time.monotonic()
         rediscover = self.schedule_new_roots()
         if self.remote and time.monotonic() - self._last_remote >= self.remote_every:
             self._last_remote, rediscover = time.monotonic(), True
         snapshots_changed = rediscover and bool(self.snapshot_folders)
-        written, moved = self.changes.take()
+        written, moved = self.events.take()
         for name in moved:  # a run folder deleted (and perhaps made again), a new folder in a run
             if self._in_snapshot_folder(Path(name)):
                 snapshots_changed = True
@@ -202,8 +166,7 @@ class Watcher:
         return any(path == f or path.parent == f for f in self.snapshot_folders)
 
     def stop(self) -> None:
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        self.events.stop()
 
 
 class StatusBoard:
@@ -485,7 +448,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
         hooks.say(f"lrwatch: {e}")
         return EXIT_UNREADABLE
     board = StatusBoard(sys.stderr)
-    watcher = Watcher(monitor, options.poll)
+    watcher = Watcher(monitor, options.poll, hooks.say)
     watcher.start()
     for root in monitor.missing_roots():
         hooks.say(f"lrwatch: waiting for {monitor.as_given(root)} to appear")

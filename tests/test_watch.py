@@ -225,12 +225,13 @@ def test_kill_at_confirm_stops_on_evidence_not_on_a_prediction(tmp_path):
 
 # --- following ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("poll", [None, "0.2"], ids=["native", "polling"])
-def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll):
+@pytest.mark.parametrize("poll,observer", [(None, ""), (None, "watchdog"), ("0.2", "")],
+                         ids=["native", "watchdog-observer", "polling"])
+def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll, observer):
     logs = tmp_path / "not" / "yet"
     extra = ["--poll", poll] if poll else []
     # the writer imports torch before it creates the folder: 2.4 s on a loaded 2-core machine
-    watcher = lrwatch(str(logs), "--until-idle", "8", *extra)
+    watcher = lrwatch(str(logs), "--until-idle", "8", *extra, env={**os.environ, "LRWATCH_OBSERVER": observer})
     time.sleep(1.0)
     assert watcher.poll() is None
     writer = subprocess.Popen([*REPLAY, "prodigy_seed_bump", str(logs), "--delay", "0.001"], cwd=ROOT)
