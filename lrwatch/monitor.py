@@ -28,6 +28,7 @@ from lrwatch.trainers import ScheduleOptions, read_layout
 RELIST_INTERVAL = 10.0
 ACTIVE_WINDOW = 2.0  # seconds: a run that got points this recently counts as growing
 MAX_ANALYSIS_DELAY = 2.0  # seconds: the longest a growing run's analysis waits for its turn
+ANALYSIS_SLICE = 0.01  # seconds of put-off analyses per pass, at most (Monitor._throttled)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -156,6 +157,7 @@ class Monitor:
             self.discover()
         out: list[tuple[RunState, Finding]] = []
         delay = self._analysis_delay(time.monotonic()) if self.analysis_budget > 0 else 0.0  # once per pass
+        spent = 0.0  # seconds of analyses in this pass
         if run_paths is None:
             targets = list(self.states.values())
         else:  # a look-up per changed run, not a pass over every run (an audit polls each run alone)
@@ -172,9 +174,10 @@ class Monitor:
                     continue
                 if self.live and (new_points or not state.seen_at_start):
                     state.grew = True
-                if self._throttled(state, new_points, delay):
+                if self._throttled(state, new_points, delay, busy=spent >= ANALYSIS_SLICE):
                     continue
                 self._analyse(state)
+                spent += time.monotonic() - state.analysed_at
             except Exception as e:  # one run's trouble never stops the others (or the watch)
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
                 continue
@@ -254,19 +257,21 @@ class Monitor:
     def _others(self, run: Run) -> list[Run]:
         return [s.run for s in self.states.values() if s.run is not run]
 
-    def _throttled(self, state: RunState, new_points: int, delay: float) -> bool:
+    def _throttled(self, state: RunState, new_points: int, delay: float, busy: bool) -> bool:
         """Whether to leave a run's new points for a later pass. Analyses get ``analysis_budget``
         of one core: with one growing run that is every change (a millisecond each); with 200
         runs each written every fraction of a second, each run's analysis waits its turn, up to
-        ``MAX_ANALYSIS_DELAY``. A non-finite value, a run with a stop pending on its step and a
-        first analysis are never put off. The findings are the same either way (the analysis is
-        causal): only found later."""
+        ``MAX_ANALYSIS_DELAY``, and a pass that has spent ``ANALYSIS_SLICE`` on analyses leaves
+        the runs whose turn came for the next pass (turns come in bunches; a pass that analysed
+        them all would hold up the finding of a run that needs one now). A non-finite value, a
+        run with a stop pending on its step and a first analysis are never put off. The findings
+        are the same either way (the analysis is causal): only found later."""
         now = time.monotonic()
         if new_points:
             state.grew_at = now
         if self.analysis_budget <= 0 or state.analysis is None or state.run.new_nonfinite or state.urgent:
             return False
-        if now - state.analysed_at >= delay:
+        if now - state.analysed_at >= delay and not busy:
             return False
         state.stale = state.stale or bool(new_points)
         return True
