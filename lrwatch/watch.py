@@ -47,7 +47,7 @@ from lrwatch.trainers import LAYOUTS
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
 
 
-ANALYSIS_BUDGET = 0.05  # of one core, for analyses; one growing run is analysed on every change
+ANALYSIS_BUDGET = 0.03  # of one core, for analyses; one growing run is analysed on every change
 
 
 @dataclass

@@ -14,6 +14,8 @@ import pytest
 
 from lrwatch.file_events import FileEvents, InotifyEvents, WatchdogEvents, open_file_events
 
+# watchdog's own race on a new folder (lrwatch.file_events filters it; pytest resets filters per test)
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 LINUX = sys.platform.startswith("linux")
 SOURCES = [pytest.param(InotifyEvents, id="inotify", marks=pytest.mark.skipif(not LINUX, reason="Linux only")),
            pytest.param(lambda: WatchdogEvents(None), id="watchdog")]
