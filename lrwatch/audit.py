@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,32 @@ class AuditResult:
 
     def to_json(self) -> str:
         return to_json(self.monitor)
+
+
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """For a process that reads and then exits (the audit command and its workers): ask glibc
+    to keep freed memory for reuse. By default it hands numpy's large temporaries back to the
+    system and faults them in again at the next one: on a 600k-event file 48k page faults
+    instead of 23k, a fifth of the reading time, for the same peak memory. Not for the watcher
+    (it lives on) nor for the library (the process is not lrwatch's); nothing without glibc.
+    True if glibc took all three settings."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    # the three together: any one alone turns off glibc's adaptive threshold, and then every
+    # large array is mapped and faulted in afresh
+    return all([mallopt(M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest allowed on 64-bit
+                mallopt(M_TOP_PAD, 64 << 20),
+                mallopt(M_TRIM_THRESHOLD, 1 << 30)])
 
 
 PARALLEL_FROM = 4  # runs: below this, starting worker processes costs more than it saves
@@ -81,7 +108,7 @@ def _analyse_in_parallel(monitor: Monitor, pool: int, keep_points: bool,
     batches = [states[i : i + size] for i in range(0, len(states), size)]
     done_states: list[RunState] = []
     done = 0
-    with ProcessPoolExecutor(max_workers=pool) as executor:
+    with ProcessPoolExecutor(max_workers=pool, initializer=keep_freed_memory) as executor:
         futures = {executor.submit(_analyse_alone, batch, options, keep_points): batch for batch in batches}
         for future in as_completed(futures):
             try:

@@ -217,7 +217,9 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, 
     nothing on stdout when no snapshot is safe, 2 when a path is missing or unreadable.
     """
     from lrwatch.audit import audit as run_audit
+    from lrwatch.audit import keep_freed_memory
 
+    keep_freed_memory()
     if best and not snapshot_dirs:
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,

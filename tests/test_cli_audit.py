@@ -100,6 +100,19 @@ def test_an_audit_of_torch_scalars_imports_only_what_it_needs():
     assert json.loads(out.stdout)["runs"][0]["findings"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_audit_command_keeps_freed_memory_with_settings_glibc_accepts():
+    """glibc refuses a mmap threshold over 32 MiB without a word: each setting must be taken, or
+    the others turn its adaptive threshold off and the audit gets slower, not faster."""
+    code = "from lrwatch.audit import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert out.stdout.strip() == "True", out.stderr
+
+
 def test_an_audit_read_by_several_processes_equals_the_serial_one(tmp_path):
     import shutil
 
