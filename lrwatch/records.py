@@ -318,6 +318,49 @@ def _chain(b: _Buffer, pos: int) -> np.ndarray | None:
 
 
 CHAIN_FROM = 16384  # bytes left: below this the plain walk is as fast
+PROBE = 64  # records walked one by one to find a file's repeating pattern of record lengths
+PATTERN_AFTER = 3  # records before the pattern begins, at most
+
+
+def _periodic(b: _Buffer, pos: int) -> np.ndarray | None:
+    """The records from ``pos`` on within one window, when their lengths repeat: a trainer logs
+    the same tags in the same order at every step, so record lengths repeat with a period of
+    one step until a step's digits grow or another record comes between (an epoch's loss).
+    The first PROBE records are walked one by one to find the period (it may begin a few
+    records in); then every later record
+    is predicted (row m of the pattern starts m periods' bytes later) and kept while each
+    predicted record's length field holds exactly the pattern's length, so each kept record
+    ends where the next begins: the chain a walk would find, at a gather per record instead of
+    a check of every byte offset (``_chain``). None when no pattern holds for two periods."""
+    end = min(b.n, pos + RESYNC_WINDOW)
+    offs: list[int] = []
+    lens: list[int] = []
+    p = pos
+    while len(offs) < PROBE and p + HEADER <= end:
+        (length,) = _unpack_len(b.mv, p)
+        if length > 0xFFFF or p + HEADER + length + FOOTER > end:
+            break
+        offs.append(p)
+        lens.append(length)
+        p += HEADER + length + FOOTER
+    # the pattern may begin after a few other records (a file's first record, an epoch's loss)
+    found = next(((j, k) for j in range(PATTERN_AFTER + 1) for k in range(1, (len(lens) - j) // 2 + 1)
+                  if lens[j + k :] == lens[j : len(lens) - k]), None)
+    if found is None:
+        return None
+    j, period = found
+    first = offs[j]
+    stride = offs[j + period] - first
+    rows = (end - first) // stride
+    rel = np.asarray(offs[j : j + period], np.int64) - first
+    want = np.asarray(lens[j : j + period], np.uint64)
+    at = (first + np.arange(rows, dtype=np.int64)[:, None] * stride + rel).ravel()  # each row ends by `end`
+    held = b.words[at] == np.tile(want, rows)
+    k = int(np.argmin(held)) if not held.all() else len(at)
+    if k < 2 * period:
+        return None
+    return np.concatenate([np.asarray(offs[:j], np.int64), at[:k]])
+
 
 
 def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarray]) -> int:
@@ -327,13 +370,15 @@ def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarr
     limit = n - HEADER
     chain_next = True
     while True:
-        chained = _chain(b, pos) if chain_next else None
+        periodic = _periodic(b, pos) if chain_next else None
+        chained = periodic if periodic is not None else _chain(b, pos) if chain_next else None
         if chained is not None and len(chained):
             at = chained
             p = int(at[-1]) + HEADER + b.length(int(at[-1])) + FOOTER
             # Cut short of its window (a large record, damage, a header-like pattern in data):
             # the plain walk takes the next block, so odd data never costs a window scan per record.
-            chain_next = p > min(limit, pos + RESYNC_WINDOW)
+            # A pattern that stopped holding is looked for again at once: finding it costs PROBE records.
+            chain_next = periodic is not None or p > min(limit, pos + RESYNC_WINDOW)
             full = True
         else:
             chain_next = True
