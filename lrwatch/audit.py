@@ -60,7 +60,7 @@ def keep_freed_memory() -> bool:
         return False
     # the three together: any one alone turns off glibc's adaptive threshold, and then every
     # large array is mapped and faulted in afresh
-    return all([mallopt(M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest allowed on 64-bit
+    return all([mallopt(M_MMAP_THRESHOLD, 32 << 20),  # the largest glibc documents for 64-bit
                 mallopt(M_TOP_PAD, 64 << 20),
                 mallopt(M_TRIM_THRESHOLD, 1 << 30)])
 
