@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
 HEADER = 12
@@ -30,7 +30,37 @@ MAX_RECORD_BYTES = 256 * 1024 * 1024
 BLOCK = 4096  # records walked optimistically before their CRCs are checked
 RESYNC_WINDOW = 1 << 20  # header candidates checked per numpy pass while resynchronising
 
-_crc = crc32c.crc32c
+
+
+def _load_crc32c() -> Callable[[bytes | memoryview], int]:
+    """The crc32c package's C function, loaded without the package's ``__init__``, which looks up
+    the installed package's metadata (importlib.metadata) and imports argparse for its command
+    line: 15 ms of every lrwatch start. Anything unexpected (another layout, a new version):
+    the package, imported as usual."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    try:
+        spec = importlib.util.find_spec("crc32c")
+        folder = (spec.submodule_search_locations or [])[0] if spec else ""
+        name = next(n for n in os.listdir(folder) if n.startswith("_crc32c.")
+                    and n.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)))
+        path = os.path.join(folder, name)
+        loader = importlib.machinery.ExtensionFileLoader("crc32c._crc32c", path)
+        module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(loader.name, loader, origin=path))
+        loader.exec_module(module)
+        function = module.crc32c
+        if function(b"123456789") == 0xE3069283:  # the CRC-32C check value
+            return function
+    except Exception:
+        pass
+    import crc32c
+
+    return crc32c.crc32c
+
+
+_crc = _load_crc32c()
 _unpack_len = struct.Struct("<Q").unpack_from
 _unpack_crc = struct.Struct("<I").unpack_from
 

@@ -13,6 +13,18 @@ from lrwatch.loader import EventFile
 from lrwatch.records import HEADER, data_crcs, find_records, masked_crc
 
 
+def test_the_crc32c_function_loaded_without_its_package_init_is_the_packages_own():
+    import os
+
+    import crc32c
+
+    from lrwatch.records import _crc
+
+    for n in (0, 1, 7, 8, 63, 64, 1000, 70000):
+        data = os.urandom(n)
+        assert _crc(data) == crc32c.crc32c(data)
+
+
 def test_masked_crc_matches_the_tfrecord_definition():
     # masked crc of the 8-byte length of the first record of every file: known from TensorFlow's writer
     data = event_file_of("prodigy_cosine_healthy").read_bytes()
