@@ -142,12 +142,10 @@ def data_crcs(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nd
     rest = np.ones(len(starts), bool)
     mv = buf.data
     if len(starts) >= BULK_FROM:
-        for length in np.unique(lengths).tolist():
-            if not 0 < length < BULK_MAX_LENGTH:
-                continue
+        # (a count per length, not np.unique: numpy 2's unique imports numpy.ma, 14 ms, on first use)
+        counts = np.bincount(lengths[(lengths > 0) & (lengths < BULK_MAX_LENGTH)])
+        for length in np.flatnonzero(counts >= BULK_FROM).tolist():
             group = np.flatnonzero(lengths == length)
-            if len(group) < BULK_FROM:
-                continue
             block = np.lib.stride_tricks.sliding_window_view(buf, length)[starts[group]]  # one row per record
             first = block[0]
             varying = np.flatnonzero((block != first).any(axis=0))
