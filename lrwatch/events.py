@@ -140,16 +140,17 @@ def _fast_scalar_layout(u8: np.ndarray, words: np.ndarray, starts: np.ndarray, l
     end = s + lengths
     head = words[s + 8]  # byte 8 of wall time, then 0x10 and the step varint
     ok &= (u8[s] == 0x09) & (_byte(head, 1) == 0x10)
-    # Step varint: up to 7 bytes inside this one word (steps below 2**49).
-    step = np.zeros(len(s), np.uint64)
-    nvar = np.zeros(len(s), np.int64)
-    active = ok.copy()
-    for j in range(7):
-        b = _byte(head, 2 + j) if j < 6 else _byte(words[s + 16], 0)
-        step |= np.where(active, (b & np.uint64(0x7F)) << np.uint64(7 * j), np.uint64(0))
-        ended = active & (b < 0x80)
-        nvar[ended] = j + 1
-        active &= ~ended
+    # Step varint: up to 7 bytes (steps below 2**49), read for every record at once from one word
+    # (no pass per byte): its last byte is the first without the high bit; the 7-bit groups up
+    # to it are then packed together in three steps of shifts and masks.
+    var = (head >> np.uint64(16)) | (words[s + 16] << np.uint64(48))  # bytes 0-6: the varint's
+    last = ~var & np.uint64(0x0080808080808080)  # the high bits of bytes that can end it
+    last &= ~last + np.uint64(1)  # the lowest: bit 8k+7 of its last byte k (0: none in 7 bytes)
+    nvar = np.frexp(last.astype(np.float64))[1].astype(np.int64) >> 3  # 2**(8k+7) has exponent 8k+8
+    x = var & ((last << np.uint64(1)) - np.uint64(1)) & np.uint64(0x007F7F7F7F7F7F7F)
+    x = (x & np.uint64(0x007F007F007F007F)) | ((x & np.uint64(0x7F007F007F007F00)) >> np.uint64(1))
+    x = (x & np.uint64(0x00003FFF00003FFF)) | ((x & np.uint64(0x3FFF00003FFF0000)) >> np.uint64(2))
+    step = (x & np.uint64(0x000000000FFFFFFF)) | ((x & np.uint64(0x0FFFFFFF00000000)) >> np.uint64(4))
     ok &= nvar > 0
     p = np.where(ok, s + 10 + nvar, s)
     hdr = words[np.minimum(p, n_words - 1)]

@@ -390,6 +390,33 @@ def test_records_decoded_without_the_proto_equal_tensorboards_parser(points, ver
     assert got == _proto_points(data, frames)
 
 
+def test_every_step_width_the_fast_decoder_takes_reads_as_the_proto_reads_it():
+    """Steps of 1 to 7 varint bytes (below 2**49) are read from one word per record; each width's
+    edges, step 0 (not written: the proto's path) and the first step that needs 8 bytes (the
+    proto's path too) read as the proto reads them."""
+    import io
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from lrwatch.events import _fast_scalar_layout, _words
+
+    steps = sorted({0, 1, 2**49} | {edge + d for k in range(1, 8) for edge in [2 ** (7 * k)] for d in (-1, 0)})
+    buf = io.BytesIO()
+    writer = RecordWriter(buf)
+    for i, step in enumerate(steps * 10):  # enough records for the vectorised path
+        writer.write(Event(wall_time=1e9 + i, step=step, summary=Summary(
+            value=[Summary.Value(tag="lr/unet", simple_value=0.5)])).SerializeToString())
+    data = buf.getvalue()
+    frames = find_records(data)
+    u8 = np.frombuffer(data, np.uint8)
+    layout = _fast_scalar_layout(u8, _words(data, len(u8)), frames.starts, frames.lengths)
+    assert layout.ok.tolist() == [0 < step < 2**49 for step in steps * 10]  # a step of 0 is not written at all
+    decoded = decode(data, frames.starts, frames.lengths)
+    assert decoded.steps.tolist() == steps * 10 == [p[1] for p in _proto_points(data, frames)]
+
+
 def test_tensorflow_dtype_numbers_match_tensorboards_protos():
     from tensorboard.compat.proto import types_pb2
 
