@@ -168,12 +168,13 @@ _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
 
+_KEEP_BYTES = np.array([(1 << (8 * n)) - 1 for n in range(9)], np.uint64)  # [n]: a word's first n bytes
+
+
 def _tag_words(words: np.ndarray, tstart: np.ndarray, tlen: np.ndarray, k: int) -> np.ndarray:
     """The k-th 8-byte word of each tag, with bytes past the tag's end zeroed."""
     w = words[np.minimum(tstart + 8 * k, len(words) - 1)]
-    keep = np.clip(tlen - 8 * k, 0, 8).astype(np.uint64)
-    mask = np.where(keep >= 8, np.uint64(0xFFFFFFFFFFFFFFFF), (np.uint64(1) << (keep * np.uint64(8))) - np.uint64(1))
-    return w & mask
+    return w & _KEEP_BYTES[np.clip(tlen - 8 * k, 0, 8)]
 
 
 def _intern_tags(u8: np.ndarray, words: np.ndarray, tstart: np.ndarray, tlen: np.ndarray,
