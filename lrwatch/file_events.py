@@ -29,6 +29,8 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 
 
 class FileEvents(Protocol):
+    failure: OSError | None  # why a folder made since the start could not be observed (then poll)
+
     def add(self, folder: str, recursive: bool) -> None:
         """Observe ``folder`` (and, if ``recursive``, every folder below it, also those made later)."""
 
@@ -95,6 +97,7 @@ class InotifyEvents:
         self._roots: set[str] = set()
         self._written: set[str] = set()
         self._moved: set[str] = set()
+        self.failure: OSError | None = None
 
     def add(self, folder: str, recursive: bool) -> None:
         self._roots.add(folder)
@@ -186,8 +189,11 @@ class InotifyEvents:
             if mask & IN_MOVED_FROM:
                 self._forget(path)
             elif mask & (IN_CREATE | IN_MOVED_TO) and self._recursive.get(wd):
-                self._watch(path, True)
-                self._watch_below(path)
+                try:
+                    self._watch(path, True)
+                    self._watch_below(path)
+                except OSError as e:  # out of watches: the watcher polls instead
+                    self.failure = e
         elif mask & (IN_DELETE | IN_MOVED_FROM):
             self._moved.add(path)
         else:
@@ -203,6 +209,7 @@ class WatchdogEvents:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
+        self.failure: OSError | None = None  # watchdog's observer raises at add() instead
         self._changes = _Changes()
         self._observer = PollingObserver(timeout=poll) if poll else Observer()
         self._observer.start()

@@ -117,15 +117,19 @@ class Watcher:
                     self.say(f"lrwatch: cannot observe {folder}: {e}")
                     self._scheduled.add(root)
                     continue
-                # out of inotify watches (or handles): poll rather than miss changes
-                self.events.stop()
-                self.events, self.polling = WatchdogEvents(FALLBACK_POLL), True
-                self.say(f"lrwatch: {e}; polling every {FALLBACK_POLL:g} s instead")
-                self._scheduled.clear()
-                return self.schedule_new_roots() or True
+                self._fall_back(e)
+                return True
             self._scheduled.add(root)
             appeared = True
         return appeared
+
+    def _fall_back(self, error: OSError) -> None:
+        """Out of inotify watches (or handles): poll every root rather than miss changes."""
+        self.events.stop()
+        self.events, self.polling = WatchdogEvents(FALLBACK_POLL), True
+        self.say(f"lrwatch: {error}; polling every {FALLBACK_POLL:g} s instead")
+        self._scheduled.clear()
+        self.schedule_new_roots()
 
     def wait(self, timeout: float) -> tuple[set[Path], bool, bool]:
         """Block until something changes (or ``timeout``): (changed known runs, whether to
@@ -138,6 +142,9 @@ class Watcher:
             self._last_remote, rediscover = time.monotonic(), True
         snapshots_changed = rediscover and bool(self.snapshot_folders)
         written, moved = self.events.take()
+        if self.events.failure is not None:  # a new folder could not be watched
+            self._fall_back(self.events.failure)
+            rediscover = True
         for name in moved:  # a run folder deleted (and perhaps made again), a new folder in a run
             if self._in_snapshot_folder(Path(name)):
                 snapshots_changed = True
@@ -536,8 +543,15 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
             if options.until_idle is not None and time.monotonic() - last_data >= options.until_idle:
                 reason = f"no new data for {options.until_idle:g} s"
                 break
-            runs, rediscover, snapshots_changed = watcher.wait(
-                timeout=0.5 if options.poll is None else min(0.5, options.poll))
+            try:
+                runs, rediscover, snapshots_changed = watcher.wait(
+                    timeout=0.5 if options.poll is None else min(0.5, options.poll))
+            except Exception as e:  # as above: the watch goes on, and looks at everything again
+                failures += 1
+                hooks.say(f"lrwatch: internal error while waiting for changes (the watch goes on): "
+                          f"{type(e).__name__}: {e}")
+                time.sleep(min(2.0, 0.1 * failures))
+                runs, rediscover, snapshots_changed = set(), True, True
             runs |= monitor.stale_runs()
     except KeyboardInterrupt:
         alive = launched_proc or writers or given

@@ -150,3 +150,36 @@ def test_the_native_source_is_inotify_on_linux_unless_watchdog_is_asked_for(monk
     polled, _ = open_file_events(0.5)
     polled.stop()
     assert isinstance(polled, WatchdogEvents)
+
+
+@pytest.mark.skipif(not LINUX, reason="inotify")
+def test_a_watcher_out_of_inotify_watches_says_so_and_polls_instead(tmp_path, monkeypatch):
+    """The kernel's watch limit (fs.inotify.max_user_watches) reached when a new folder appears:
+    the watcher says so and polls, and writes in that folder still arrive."""
+    import errno
+
+    from lrwatch.monitor import Monitor
+    from lrwatch.watch import Watcher
+
+    real_watch = InotifyEvents._watch
+
+    def limited(self, folder, recursive):
+        if os.path.basename(folder) == "new":
+            raise OSError(errno.ENOSPC, "No space left on device: cannot watch " + folder)
+        real_watch(self, folder, recursive)
+
+    monkeypatch.setattr(InotifyEvents, "_watch", limited)
+    said: list[str] = []
+    watcher = Watcher(Monitor([tmp_path]), None, said.append)
+    watcher.start()
+    try:
+        assert isinstance(watcher.events, InotifyEvents)
+        (tmp_path / "new").mkdir()
+        _, rediscover, _ = watcher.wait(2.0)
+        assert rediscover and isinstance(watcher.events, WatchdogEvents) and watcher.polling
+        assert any("polling every 1 s instead" in line for line in said), said
+        append(tmp_path / "new" / "events.out.tfevents.1")
+        written, _ = gather(watcher.events, lambda w, m: bool(w), timeout=5)
+        assert str(tmp_path / "new" / "events.out.tfevents.1") in written
+    finally:
+        watcher.stop()
