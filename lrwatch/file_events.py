@@ -209,7 +209,7 @@ class WatchdogEvents:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
-        self.failure: OSError | None = None  # watchdog's observer raises at add() instead
+        self.failure: OSError | None = None  # never set: add() raises; new folders are watchdog's own affair
         self._changes = _Changes()
         self._observer = PollingObserver(timeout=poll) if poll else Observer()
         self._observer.start()

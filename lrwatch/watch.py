@@ -488,6 +488,14 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     last_full = time.monotonic()
     reason = "interrupted"
     failures = 0
+
+    def survive(e: Exception, doing: str) -> None:
+        """Never leave a trainer unguarded because of one bad pass: say it, back off, go on."""
+        nonlocal failures
+        failures += 1
+        hooks.say(f"lrwatch: internal error while {doing} (the watch goes on): {type(e).__name__}: {e}")
+        time.sleep(min(2.0, 0.1 * failures))
+
     try:
         runs: set[Path] = set()
         rediscover, snapshots_changed = True, True
@@ -526,10 +534,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     board.draw(monitor.runs)
                     if guarded is None:
                         _track_writers(monitor, writers, tried_writers)
-            except Exception as e:  # never leave a trainer unguarded because of one bad pass
-                failures += 1
-                hooks.say(f"lrwatch: internal error while watching (the watch goes on): {type(e).__name__}: {e}")
-                time.sleep(min(2.0, 0.1 * failures))
+            except Exception as e:
+                survive(e, "watching")
 
             if launched_proc is not None and launched_proc.poll() is not None:
                 reason = f"the trainer exited with code {launched_proc.returncode}"
@@ -546,12 +552,9 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
             try:
                 runs, rediscover, snapshots_changed = watcher.wait(
                     timeout=0.5 if options.poll is None else min(0.5, options.poll))
-            except Exception as e:  # as above: the watch goes on, and looks at everything again
-                failures += 1
-                hooks.say(f"lrwatch: internal error while waiting for changes (the watch goes on): "
-                          f"{type(e).__name__}: {e}")
-                time.sleep(min(2.0, 0.1 * failures))
-                runs, rediscover, snapshots_changed = set(), True, True
+            except Exception as e:
+                survive(e, "waiting for changes")
+                runs, rediscover, snapshots_changed = set(), True, True  # then look at everything again
             runs |= monitor.stale_runs()
     except KeyboardInterrupt:
         alive = launched_proc or writers or given
