@@ -141,11 +141,17 @@ class InotifyEvents:
         """Stop watching ``folder`` and what is below it (it moved: its watches would name the old paths)."""
         below = folder + os.sep
         for path in [p for p in self._wd if p == folder or p.startswith(below)]:
-            wd = self._wd.pop(path)
-            self._folder.pop(wd, None)
-            self._prefix.pop(wd, None)
-            self._recursive.pop(wd, None)
+            wd = self._wd[path]
+            self._drop(wd)
             self._libc.inotify_rm_watch(self.fd, wd)
+
+    def _drop(self, wd: int) -> None:
+        """Forget a watch descriptor (removed by us, or by the kernel when its folder went away)."""
+        folder = self._folder.pop(wd, None)
+        if folder is not None and self._wd.get(folder) == wd:  # not a newer watch of the same path
+            del self._wd[folder]
+        self._prefix.pop(wd, None)
+        self._recursive.pop(wd, None)
 
     def _read(self) -> None:
         while True:
@@ -173,10 +179,7 @@ class InotifyEvents:
         if folder is None:
             return
         if mask & IN_IGNORED:  # the folder was deleted (or its file system unmounted)
-            self._wd.pop(folder, None)
-            self._folder.pop(wd, None)
-            self._prefix.pop(wd, None)
-            self._recursive.pop(wd, None)
+            self._drop(wd)
             return
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             self._moved.add(folder)

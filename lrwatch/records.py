@@ -31,7 +31,6 @@ BLOCK = 4096  # records walked optimistically before their CRCs are checked
 RESYNC_WINDOW = 1 << 20  # header candidates checked per numpy pass while resynchronising
 
 
-
 def _load_crc32c() -> Callable[[bytes | memoryview], int]:
     """The crc32c package's C function, loaded without the package's ``__init__``, which looks up
     the installed package's metadata (importlib.metadata) and imports argparse for its command
