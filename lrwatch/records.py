@@ -354,11 +354,11 @@ def _periodic(b: _Buffer, pos: int) -> np.ndarray | None:
     the same tags in the same order at every step, so record lengths repeat with a period of
     one step until a step's digits grow or another record comes between (an epoch's loss).
     The first PROBE records are walked one by one to find the period (it may begin a few
-    records in); then every later record
-    is predicted (row m of the pattern starts m periods' bytes later) and kept while each
-    predicted record's length field holds exactly the pattern's length, so each kept record
-    ends where the next begins: the chain a walk would find, at a gather per record instead of
-    a check of every byte offset (``_chain``). None when no pattern holds for two periods."""
+    records in); then every later record is predicted (row m of the pattern starts m periods'
+    bytes later) and kept while each predicted record's length field holds exactly the
+    pattern's length, so each kept record ends where the next begins: the chain a walk would
+    find, at a gather per record instead of a check of every byte offset (``_chain``). None
+    when no pattern holds for two periods."""
     end = min(b.n, pos + RESYNC_WINDOW)
     offs: list[int] = []
     lens: list[int] = []
@@ -387,7 +387,6 @@ def _periodic(b: _Buffer, pos: int) -> np.ndarray | None:
     if k < 2 * period:
         return None
     return np.concatenate([np.asarray(offs[:j], np.int64), at[:k]])
-
 
 
 def _walk(b: _Buffer, pos: int, starts: list[np.ndarray], lengths: list[np.ndarray]) -> int:
