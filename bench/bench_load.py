@@ -5,7 +5,8 @@ flushed as torch's writer does) for D seconds while lrwatch watches them; meanwh
 random moments, one run gets a non-finite d*lr and the time until lrwatch prints the
 finding is measured. Prints lrwatch's CPU (share of one core) and the finding latency.
 
-    python bench/bench_load.py [--runs 200] [--rate 15] [--seconds 20] [--poll 0.5]
+    python bench/bench_load.py [--runs 200] [--rate 5] [--seconds 20] [--poll 0.5] [--per-flush 1]
+    python bench/bench_load.py --runs 1 --rate 1667 --per-flush 4   # one run at 5,000 events/s
 """
 
 from __future__ import annotations
@@ -35,17 +36,21 @@ def record(step: int, tag: str, value: float) -> bytes:
                  summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])).SerializeToString()
 
 
-def step_bytes(step: int, dlr: float) -> bytes:
+def step_bytes(step: int, dlr: float, steps: int = 1) -> bytes:
+    """``steps`` steps from ``step`` on (the last with ``dlr``), as one flush."""
     import io
 
     buf = io.BytesIO()
     w = RecordWriter(buf)
-    for tag, value in (("loss/current", 0.1), ("lr/unet", 1.0), ("lr/d*lr/unet", dlr)):
-        w.write(record(step, tag, value))
+    for s in range(step, step + steps):
+        for tag, value in (("loss/current", 0.1), ("lr/unet", 1.0), ("lr/d*lr/unet", dlr if s == step + steps - 1
+                                                                          else 0.01)):
+            w.write(record(s, tag, value))
     return buf.getvalue()
 
 
-def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None) -> dict:
+def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None,
+             per_flush: int = 1) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
     files = []
     for i in range(runs):
@@ -82,22 +87,22 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
     inject_at = dict(zip(sorted(rng.uniform(2, seconds - 2) for _ in victims), victims))
     threads_before = {t.id: t.user_time + t.system_time for t in watcher.threads()}
     cpu0, t0 = sum(watcher.cpu_times()[:2]), time.monotonic()
-    tick = 1.0 / rate
+    tick = per_flush / rate
     next_tick = time.monotonic()
     while time.monotonic() - t0 < seconds:
         now = time.monotonic() - t0
         for at in [a for a in inject_at if a <= now]:
             v = inject_at.pop(at)
-            step[v] += 1
             with open(files[v], "ab") as fh:
-                fh.write(step_bytes(step[v], float("nan")))
+                fh.write(step_bytes(step[v] + 1, float("nan"), per_flush))
+            step[v] += per_flush
             injected[v] = time.time()
         for i, path in enumerate(files):
-            if i in injected:
-                continue
-            step[i] += 1
+            if i in injected and injected[i] > time.time() - tick:
+                continue  # just written (with the non-finite value); it goes on being written, as kohya does
             with open(path, "ab") as fh:
-                fh.write(step_bytes(step[i], 0.01))
+                fh.write(step_bytes(step[i] + 1, 0.01, per_flush))
+            step[i] += per_flush
         next_tick += tick
         time.sleep(max(0.0, next_tick - time.monotonic()))
     cpu = (sum(watcher.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
@@ -119,12 +124,15 @@ def main() -> None:
                     help="steps per second per run (a step is 3 events: 5 steps/s = 15 events/s)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--poll", type=float, nargs="*", default=[])
+    ap.add_argument("--per-flush", type=int, default=1,
+                    help="steps written at once (torch's SummaryWriter flushes every 10 events by default)")
     ap.add_argument("--profile", metavar="FILE", help="run the watcher under cProfile, stats to FILE")
     args = ap.parse_args()
-    print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s) for {args.seconds:g} s")
+    print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s, {args.per_flush} step(s) per flush)"
+          f" for {args.seconds:g} s")
     print(f"{'mode':16s} {'CPU':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
-        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile)
+        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
         print(f"{mode:16s} {r['cpu']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
     print("(CPU: lrwatch's share of one core while the runs are written, and of it the main thread's (the rest is "
