@@ -91,15 +91,17 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
     next_tick = time.monotonic()
     while time.monotonic() - t0 < seconds:
         now = time.monotonic() - t0
+        just_injected = set()
         for at in [a for a in inject_at if a <= now]:
             v = inject_at.pop(at)
             with open(files[v], "ab") as fh:
                 fh.write(step_bytes(step[v] + 1, float("nan"), per_flush))
             step[v] += per_flush
             injected[v] = time.time()
+            just_injected.add(v)
         for i, path in enumerate(files):
-            if i in injected and injected[i] > time.time() - tick:
-                continue  # just written (with the non-finite value); it goes on being written, as kohya does
+            if i in just_injected:
+                continue  # its step of this tick held the non-finite value; next tick it goes on, as kohya does
             with open(path, "ab") as fh:
                 fh.write(step_bytes(step[i] + 1, 0.01, per_flush))
             step[i] += per_flush

@@ -107,12 +107,12 @@ def test_the_audit_command_keeps_freed_memory_with_settings_glibc_accepts():
     """mallopt says 0 for a setting it does not take; the others alone would turn glibc's adaptive
     threshold off and make the audit slower, not faster (188k page faults instead of 48k on the
     600k-event file), so every one must be taken."""
-    code = "from lrwatch.audit import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
+    code = "from lrwatch.audit import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "True", out.stderr
 
 
