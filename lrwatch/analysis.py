@@ -4,8 +4,10 @@ Every quantity at step t is computed from data at steps <= t only (running
 maxima, trailing windows, the current cycle's peak so far). A finding's step is
 therefore the first step at which it could have been known: a finished run gives
 the findings a live watcher would have printed, and analysing a longer prefix of
-a run never moves or removes an earlier finding. The watcher re-runs this on the
-growing arrays; it is vectorised, so that costs milliseconds.
+a run never moves or removes an earlier finding. That is what lets the watcher
+update a run's analysis with its new points only (``Analyser``): the rules carry
+what they keep of the earlier points, and an audit is the same code fed the whole
+run at once.
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from lrwatch.runs import RunLike
+from lrwatch.runs import RunLike, Series
 from lrwatch.schedule_config import KnownSchedule, known_schedule
 from lrwatch.tags import Group, TagMap
-from lrwatch.trainers import Reading, fold_duplicate_groups, read_layout
+from lrwatch.trainers import (
+    DIFFERS,
+    PENDING,
+    SAME,
+    Reading,
+    fold_duplicate_groups,
+    group_match,
+    read_layout,
+    twin_candidates,
+)
 
 WARNING = "warning"
 CRITICAL = "critical"
@@ -161,35 +172,7 @@ class Analysis:
 def analyze(run: RunLike, tag_map: TagMap | None = None, thresholds: Thresholds | None = None,
             reading: Reading | None = None) -> Analysis:
     """Findings for ``run``, its tags read as ``reading`` says (else: ``tag_map``, else detected)."""
-    reading = reading or read_layout(run, tag_map=tag_map)
-    th = _in_logged_steps(thresholds or Thresholds(), reading.steps_per_update)
-    tags = set(run.tags)
-    schedule = reading.schedule or known_schedule(run.config)
-    findings: list[Finding] = []
-    notes: list[str] = list(reading.notes)
-    tag_groups = fold_duplicate_groups(run, reading.tag_map.groups(tags))
-    groups = [analyze_group(run, g, schedule, th, findings) for g in tag_groups]
-    loss_tag = reading.tag_map.loss_tag(tags)
-    base = None
-    if loss_tag is not None:
-        loss_found, base, loss_notes = loss_findings(run, loss_tag, th, reading.steps_per_update)
-        findings += loss_found
-        notes += loss_notes
-    notes += _coverage_notes(groups, loss_tag, run.config, reading)
-    if schedule is not None and schedule.problem:
-        notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
-    notes += [f"logged configuration not read: {p}" for p in run.config_problems]
-    last = [int(g.steps[-1]) for g in groups if len(g.steps)]
-    loss = run.series(loss_tag) if loss_tag else None
-    if loss is not None and len(loss.steps):
-        last.append(int(loss.steps[-1]))
-    findings = _drop_shadowed_warnings(findings)
-    findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
-    analysis = Analysis(groups, findings, loss_tag, max(last) if last else None, schedule, notes, base_loss=base,
-                        trainer=reading.layout.name, trainer_why=reading.why)
-    if not analysis.checked:
-        analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
-    return analysis
+    return Analyser(thresholds).update(run, reading or read_layout(run, tag_map=tag_map))
 
 
 def _in_logged_steps(th: Thresholds, scale: int) -> Thresholds:
@@ -248,18 +231,19 @@ def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
             if f.severity == CRITICAL or (f.kind, f.group, f.values.get("cycle"), f.step) not in critical]
 
 
-def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None
+def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, after: int | None = None
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Steps where the group's series were logged, with lr and d*lr there; a series that was not
-    logged (and cannot be derived) is None (absent, never NaN). Derived: d*lr = lr * d (lr and d
-    logged), lr = d*lr / d (SimpleTuner), lr from the schedule (only d*lr logged)."""
-    lr = run.series(group.lr_tag) if group.lr_tag else None
-    dlr = run.series(group.dlr_tag) if group.dlr_tag else None
-    d = run.series(group.d_tag) if group.d_tag else None
+    """Steps where the group's series were logged (after step ``after``, when given), with lr
+    and d*lr there; a series that was not logged (and cannot be derived) is None (absent, never
+    NaN). Derived: d*lr = lr * d (lr and d logged), lr = d*lr / d (SimpleTuner), lr from the
+    schedule (only d*lr logged)."""
+    lr = _after(run.series(group.lr_tag) if group.lr_tag else None, after)
+    dlr = _after(run.series(group.dlr_tag) if group.dlr_tag else None, after)
+    d = _after(run.series(group.d_tag) if group.d_tag else None, after)
     known = lr if dlr is None else dlr if lr is None else None  # exactly one of lr and d*lr logged
     if d is not None and known is not None:
-        steps, i, j = np.intersect1d(known.steps, d.steps, assume_unique=True, return_indices=True)
-        k, dv = known.values[i], d.values[j]
+        steps, i, j = np.intersect1d(known[0], d[0], assume_unique=True, return_indices=True)
+        k, dv = known[1][i], d[1][j]
         if lr is not None:
             return steps, k, k * dv
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -267,27 +251,36 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None
     if lr is None and dlr is None:
         return np.zeros(0, np.int64), None, None
     if dlr is None:
-        return lr.steps, lr.values, None  # type: ignore[union-attr]
+        return lr  # type: ignore[return-value]
     if lr is None:
         if schedule is not None and schedule.lr_at is not None:
-            return dlr.steps, schedule.lr_at(dlr.steps), dlr.values
-        return dlr.steps, None, dlr.values
-    steps, i, j = np.intersect1d(lr.steps, dlr.steps, assume_unique=True, return_indices=True)
-    return steps, lr.values[i], dlr.values[j]
+            return dlr[0], schedule.lr_at(dlr[0]), dlr[1]
+        return dlr[0], None, dlr[1]
+    steps, i, j = np.intersect1d(lr[0], dlr[0], assume_unique=True, return_indices=True)
+    return steps, lr[1][i], dlr[1][j]
+
+
+def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndarray, None] | None:
+    """(steps, values, None) of the series' points after ``step`` (all, when None)."""
+    if series is None:
+        return None
+    start = 0 if step is None else int(np.searchsorted(series.steps, step, side="right"))
+    return series.steps[start:], series.values[start:], None
 
 
 _RESTART_CHUNK = 4096
 
 
-def find_restarts(lr: np.ndarray, jump: float) -> np.ndarray:
+def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.ndarray:
     """Indices where the lr restarts: it rises by at least ``jump`` x the current cycle's peak
     from below that peak. A warmup rises from its own peak, so it never qualifies; float
     noise is far below ``jump``. Searched chunk by chunk with the cycle's peak carried
-    across chunks, so each restart costs only the distance to it."""
+    across chunks, so each restart costs only the distance to it. ``carry``: the cycle's
+    peak before ``lr[0]`` (a run read in parts)."""
     finite = np.where(np.isfinite(lr), lr, -np.inf)
     n = len(finite)
     out: list[int] = []
-    pos, carry = 0, -np.inf  # carry: the cycle's peak before index `pos`
+    pos = 0  # carry: the cycle's peak before index `pos`
     while pos < n - 1:
         seg = finite[pos : min(n, pos + _RESTART_CHUNK)]
         peak = np.maximum(np.maximum.accumulate(seg), carry)  # cycle peak up to and including each index
@@ -303,59 +296,494 @@ def find_restarts(lr: np.ndarray, jump: float) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def _d_series(lr: np.ndarray, dlr: np.ndarray, tiny: float) -> np.ndarray:
-    """d = (d*lr)/lr where lr is usable, carried forward where it is not (lr zero or tiny:
-    both optimizers keep d there, and the ratio would only amplify float noise)."""
-    top = np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)) if len(lr) else lr
-    usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > tiny * top)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
-    idx = np.where(np.isfinite(d), np.arange(len(d)), -1)
-    idx = np.maximum.accumulate(idx) if len(idx) else idx
-    return np.where(idx >= 0, d[np.maximum(idx, 0)], np.nan)
+class _Stale(Exception):
+    """What was analysed before may have changed: analyse the run again from its start."""
 
 
-def analyze_group(run: RunLike, group: Group, schedule: KnownSchedule | None, th: Thresholds,
-                  findings: list[Finding]) -> GroupAnalysis:
-    steps, lr, dlr = _joined(run, group, schedule)
-    name = group.name
-    restarts_idx = find_restarts(lr, th.restart_jump) if lr is not None and len(lr) else np.zeros(0, np.int64)
-    cycle_of = np.zeros(len(steps), np.int64)
-    if len(restarts_idx):
-        cycle_of[restarts_idx] = 1
-        cycle_of = np.cumsum(cycle_of)
-    d = _d_series(lr, dlr, th.tiny_lr) if lr is not None and dlr is not None else np.full(len(steps), np.nan)
-    cycle_peak = _cycle_peak_lr(lr, cycle_of) if lr is not None else np.full(len(steps), np.nan)
+class _Growing:
+    """An array that grows at its end: an append costs what it adds (amortised), and ``view``
+    is the filled part without a copy (a view taken earlier keeps its length and values)."""
 
-    _nonfinite(findings, name, steps, {label: x for label, x in (("lr", lr), ("d*lr", dlr)) if x is not None})
-    risk_now = None
-    risk = np.full(len(steps), np.nan)
-    next_restart = schedule.next_restart(int(steps[-1])) if schedule and len(steps) else None
-    if lr is not None and dlr is not None and len(steps):
-        best = _running_max_finite(dlr)  # the highest d*lr so far, at every point
-        risk = _restart_risk(steps, d, cycle_peak, best, schedule)
-        risk_now = None if not np.isfinite(risk[-1]) else float(risk[-1])
-        w = points(spacing(steps), th.runaway_window)
-        settled = _d_settled_index(d, cycle_of, th, w)
-        _risk_findings(findings, name, steps, risk, d, best, cycle_of, schedule, th, settled)
-        _runaway_findings(findings, name, steps, d, cycle_of, th, settled, w)
-        _spike_findings(findings, name, steps, dlr, best, restarts_idx, th)
-    cycles = _cycles(steps, lr, dlr, d, restarts_idx, schedule)
-    return GroupAnalysis(name, group.lr_tag, group.dlr_tag, steps, lr, dlr, d, cycle_peak,
-                         [int(steps[i]) for i in restarts_idx], cycles, risk_now, next_restart, group.d_tag, risk)
+    __slots__ = ("data", "n")
+
+    def __init__(self, dtype: type = np.float64) -> None:
+        self.data: np.ndarray = np.empty(0, dtype)
+        self.n = 0
+
+    def extend(self, x: np.ndarray) -> None:
+        need = self.n + len(x)
+        if need > len(self.data):
+            grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : need] = x
+        self.n = need
+
+    @property
+    def view(self) -> np.ndarray:
+        """Read-only: the analyses handed out share these points."""
+        out = self.data[: self.n]
+        out.flags.writeable = False
+        return out
+
+
+class _Spacing:
+    """``spacing`` of a growing run's steps, kept from the smallest and largest gap."""
+
+    def __init__(self) -> None:
+        self.low = self.high = 0
+
+    def add(self, steps: np.ndarray, start: int) -> float:
+        """``spacing(steps)`` once ``steps[start:]`` were added."""
+        gaps = np.diff(steps[max(0, start - 1):])
+        if len(gaps):
+            fresh = start <= 1
+            self.low = int(gaps.min()) if fresh else min(self.low, int(gaps.min()))
+            self.high = int(gaps.max()) if fresh else max(self.high, int(gaps.max()))
+        if len(steps) < 2:
+            return 1.0
+        return max(float(self.low), 1.0) if self.low == self.high else spacing(steps)
+
+
+class Analyser:
+    """A run's analysis, kept up to date as the run grows: each update reads only the points
+    after the ones it has seen, carrying what the rules keep (running maxima, the current
+    cycle, whether d has settled, which cycles have had a finding), so its work is
+    proportional to what changed, not to the run's length. The rules are causal, so an
+    update gives exactly what a full analysis of the same points gives (a test pins it);
+    whatever could change what was seen (steps that went back, a rewritten file, new tags,
+    another reading or config, a different step spacing) starts it again from the run's
+    first point. ``analyze`` is one update of a new Analyser."""
+
+    def __init__(self, thresholds: Thresholds | None = None) -> None:
+        self.thresholds = thresholds or Thresholds()
+        self.fresh_starts = 0  # analyses that read the run from its first point
+        self._rules: _RunRules | None = None
+
+    def update(self, run: RunLike, reading: Reading) -> Analysis:
+        key = _reading_key(run, reading)
+        rules = self._rules
+        if rules is not None and rules.key == key:
+            try:
+                return rules.extend(run)
+            except _Stale:
+                pass
+            except BaseException:
+                self._rules = None  # half-updated: never extended again
+                raise
+        self._rules = None
+        self.fresh_starts += 1
+        rules = _RunRules(run, reading, self.thresholds, key)
+        analysis = rules.extend(run)
+        self._rules = rules
+        return analysis
+
+
+def _reading_key(run: RunLike, reading: Reading) -> tuple:
+    return (reading.layout.name, reading.why, reading.tag_map, reading.schedule, tuple(reading.notes),
+            reading.steps_per_update, tuple(run.tags), repr(run.config))
+
+
+class _RunRules:
+    """One run's rules: a param group's each, and the loss's."""
+
+    def __init__(self, run: RunLike, reading: Reading, thresholds: Thresholds, key: tuple) -> None:
+        self.key, self.reading = key, reading
+        self.th = th = _in_logged_steps(thresholds, reading.steps_per_update)
+        self.schedule = reading.schedule or known_schedule(run.config)
+        tags = set(run.tags)
+        groups = reading.tag_map.groups(tags)
+        self.kept = fold_duplicate_groups(run, groups)
+        self.groups = [_GroupRules(g, self.schedule, th) for g in self.kept]
+        self.twins = [_TwinPair(g, k) for g, named in twin_candidates(groups) for k in named]
+        self.loss_tag = reading.tag_map.loss_tag(tags)
+        self.loss = _LossRules(self.loss_tag, th, reading.steps_per_update) if self.loss_tag else None
+        used = {t for g in groups for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t}
+        self.used = sorted(used | {self.loss_tag} if self.loss_tag else used)
+        self.seen: dict[str, tuple[int, int]] = {}  # tag -> (points, points replaced) at the last update
+
+    def extend(self, run: RunLike) -> Analysis:
+        self._check_appended(run)
+        self._check_twins(run)
+        for rules in self.groups:
+            rules.extend(*_joined(run, rules.group, self.schedule, rules.last_step))
+        loss_notes: list[str] = []
+        if self.loss is not None:
+            series = run.series(self.loss.tag)
+            if series is not None:
+                self.loss.extend(series)
+                loss_notes = self.loss.notes()
+        return self._analysis(run, loss_notes)
+
+    def _check_appended(self, run: RunLike) -> None:
+        for tag, (n, replaced) in self.seen.items():
+            series = run.series(tag)  # (never None: the tags are part of the key)
+            if series is not None and (len(series.steps) < n or series.replaced != replaced):
+                raise _Stale(tag)
+        self.seen = {t: (len(s.steps), s.replaced) for t in self.used if (s := run.series(t)) is not None}
+
+    def _check_twins(self, run: RunLike) -> None:
+        """Twins (``fold_duplicate_groups``) compared on their new points only; a fold that
+        changes changes the groups: analyse again."""
+        for pair in self.twins:
+            if pair.status != DIFFERS:  # (differing points stay: only appends are extended)
+                pair.status = group_match(run, pair.group, pair.twin, pair.compared)
+                pair.compared = min((len(s.steps) for t in pair.tags() if (s := run.series(t)) is not None), default=0)
+        folded = {pair.group.name for pair in self.twins if pair.status == SAME}
+        kept = {r.group.name for r in self.groups}
+        if folded & kept or any(pair.group.name not in folded | kept for pair in self.twins):
+            raise _Stale("the groups folded as kohya's twins changed")
+
+    def _analysis(self, run: RunLike, loss_notes: list[str]) -> Analysis:
+        reading, schedule = self.reading, self.schedule
+        groups = [r.result() for r in self.groups]
+        findings = [f for r in self.groups for f in r.findings]
+        notes = list(reading.notes)
+        base = None
+        if self.loss is not None:
+            findings += self.loss.findings
+            notes += loss_notes
+            base = self.loss.base
+        notes += _coverage_notes(groups, self.loss_tag, run.config, reading)
+        if schedule is not None and schedule.problem:
+            notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
+        notes += [f"logged configuration not read: {p}" for p in run.config_problems]
+        last = [int(g.steps[-1]) for g in groups if len(g.steps)]
+        if self.loss is not None and len(self.loss.steps):
+            last.append(int(self.loss.steps[-1]))
+        findings = _drop_shadowed_warnings(findings)
+        findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
+        analysis = Analysis(groups, findings, self.loss_tag, max(last) if last else None, schedule, notes,
+                            base_loss=base, trainer=reading.layout.name, trainer_why=reading.why)
+        if not analysis.checked:
+            analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
+        return analysis
+
+
+@dataclass
+class _TwinPair:
+    """A ``group<i>`` and a group it may be the twin of, compared up to ``compared`` points."""
+
+    group: Group
+    twin: Group
+    status: str = PENDING
+    compared: int = 0
+
+    def tags(self) -> list[str]:
+        return [t for g in (self.group, self.twin) for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t]
+
+
+class _GroupRules:
+    """A param group's rules over its joined points, fed in step order. Each is vectorised
+    over the new points, with what it needs of the earlier ones carried: the cycle's peak
+    lr, the highest d*lr and |lr|, the last known d, where d's warm-up ended, which cycles
+    have had their finding."""
+
+    def __init__(self, group: Group, schedule: KnownSchedule | None, th: Thresholds) -> None:
+        self.group, self.schedule, self.th = group, schedule, th
+        self.steps = _Growing(np.int64)
+        self.started = False
+        self.lr: _Growing | None = None  # None when not logged
+        self.dlr: _Growing | None = None
+        self.d, self.peak, self.risk = _Growing(), _Growing(), _Growing()
+        self.best = -np.inf  # the highest finite d*lr so far
+        self.restarts: list[int] = []  # indices
+        self.findings: list[Finding] = []
+        self.nonfinite_seen: set[str] = set()
+        self.cycles_found: dict[tuple[str, str], set[int]] = {}  # (rule, severity) -> cycles with a finding
+        self.top_lr = 0.0  # the highest finite |lr| so far
+        self.d_last = math.nan  # the last known d
+        self.d_first: float | None = None
+        self.climb: int | None = None  # index where d had climbed out of d0
+        self.settled: int | None = None  # index where d's warm-up ended
+        self.spacing = _Spacing()
+        self.window: int | None = None  # runaway_window in points
+        self.closed: list[Cycle] = []
+        self.open: _OpenCycle | None = None
+
+    @property
+    def last_step(self) -> int | None:
+        return int(self.steps.data[self.steps.n - 1]) if self.steps.n else None
+
+    def extend(self, steps: np.ndarray, lr: np.ndarray | None, dlr: np.ndarray | None) -> None:
+        if not self.started:  # whether lr and d*lr are logged is known from the first call, points or none
+            self.started = True
+            self.lr = None if lr is None else _Growing()
+            self.dlr = None if dlr is None else _Growing()
+        if not len(steps):
+            return
+        i0 = self.steps.n
+        self.steps.extend(steps)
+        w = points(self.spacing.add(self.steps.view, i0), self.th.runaway_window)
+        if self.window is not None and w != self.window:
+            raise _Stale("the steps between logged points changed")
+        self.window = w
+        self._nonfinite(i0, {label: x for label, x in (("lr", lr), ("d*lr", dlr)) if x is not None})
+        cycle_of, new_restarts, peak = self._restarts(i0, lr)
+        if self.lr is not None:
+            self.lr.extend(lr)  # type: ignore[arg-type]
+        if self.dlr is not None:
+            self.dlr.extend(dlr)  # type: ignore[arg-type]
+        self.peak.extend(peak)
+        if lr is not None and dlr is not None:
+            self._adaptive(i0, lr, dlr, peak, cycle_of, new_restarts, w)
+        else:
+            self.d.extend(np.full(len(steps), np.nan))
+            self.risk.extend(np.full(len(steps), np.nan))
+        self._cycles(i0, new_restarts)
+
+    def _nonfinite(self, i0: int, named: dict[str, np.ndarray]) -> None:
+        for label, values in named.items():
+            if label in self.nonfinite_seen:
+                continue
+            bad = np.flatnonzero(~np.isfinite(values))
+            if len(bad):
+                self.nonfinite_seen.add(label)
+                i = int(bad[0])
+                self.findings.append(Finding(
+                    "blowup", CRITICAL, self.group.name, int(self.steps.view[i0 + i]),
+                    f"{label} is {values[i]} at step {int(self.steps.view[i0 + i])}",
+                    {"what": f"nonfinite_{label}", "value": None if math.isnan(values[i]) else float(values[i])},
+                ))
+
+    def _restarts(self, i0: int, lr: np.ndarray | None) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """The new points' cycle numbers, the restarts among them (indices) and each point's
+        cycle peak lr so far."""
+        m = self.steps.n - i0
+        if lr is None:
+            return np.zeros(m, np.int64), [], np.full(m, np.nan)
+        if i0:  # the pair across the boundary counts: start from the last point seen
+            last_peak = float(self.peak.view[-1])
+            hits = find_restarts(np.concatenate(([self.lr.view[-1]], lr)), self.th.restart_jump,  # type: ignore
+                                 last_peak) + (i0 - 1)
+        else:
+            last_peak, hits = -np.inf, find_restarts(lr, self.th.restart_jump)
+        new = hits.tolist()
+        marks = np.zeros(m, np.int64)
+        marks[hits - i0] = 1
+        cycle_of = len(self.restarts) + np.cumsum(marks)
+        self.restarts += new
+        peak = np.empty(m)
+        bounds = [0, *(hits - i0).tolist(), m]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                peak[a:b] = _running_max_finite(lr[a:b])
+        if bounds[1] > 0:  # the first points continue the cycle seen so far
+            peak[: bounds[1]] = np.maximum(peak[: bounds[1]], last_peak)
+        return cycle_of, new, peak
+
+    def _adaptive(self, i0: int, lr: np.ndarray, dlr: np.ndarray, peak: np.ndarray, cycle_of: np.ndarray,
+                  new_restarts: list[int], w: int) -> None:
+        """The new points' cycle numbers are ``cycle_of``; the restarts among them (indices),
+        ``new_restarts``."""
+        th = self.th
+        d = self._d_series(lr, dlr)
+        best_before = self.best
+        best = np.maximum(_running_max_finite(dlr), best_before)  # the highest d*lr so far, at every point
+        self.best = float(best[-1])
+        risk = _restart_risk(self.steps.view[i0:], d, peak, best, self.schedule)
+        self.d.extend(d)
+        self.risk.extend(risk)
+        self._settle(i0, w)
+        for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
+            mask = risk >= level  # NaN (no restart coming) compares False
+            if severity == CRITICAL:
+                mask &= np.arange(i0, self.steps.n) >= (self.settled if self.settled is not None else self.steps.n)
+            for k in self._first_per_cycle("risk", severity, mask, cycle_of):
+                self._risk_finding(severity, i0 + k, float(best[k]), int(cycle_of[k]))
+        self._runaway(i0, w, cycle_of)
+        for i in new_restarts:  # what happened at each restart
+            before = float(best[i - 1 - i0]) if i > i0 else best_before
+            ratio = dlr[i - i0] / before if before > 0 else np.nan
+            if np.isfinite(ratio) and ratio >= th.restart_spike:
+                self._spike_finding(i, ratio, before)
+
+    def _d_series(self, lr: np.ndarray, dlr: np.ndarray) -> np.ndarray:
+        """d = (d*lr)/lr where lr is usable, carried forward where it is not (lr zero or tiny:
+        both optimizers keep d there, and the ratio would only amplify float noise)."""
+        top = np.maximum(np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)), self.top_lr)
+        self.top_lr = float(top[-1])
+        usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > self.th.tiny_lr * top)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
+        idx = np.maximum.accumulate(np.where(np.isfinite(d), np.arange(len(d)), -1))
+        d = np.where(idx >= 0, d[np.maximum(idx, 0)], self.d_last)
+        self.d_last = float(d[-1])
+        return d
+
+    def _settle(self, i0: int, w: int) -> None:
+        """Where d's warm-up ended: d has climbed out of d0 (``settle_climb`` x its first
+        value) and then either grown less than ``settle_growth`` over a window, or met a
+        restart at least a window after the climb began. Growth before that is the warm-up
+        itself, however slow: Prodigy with safeguard_warmup, or an lr warmup, can hold d at
+        d0 for a cycle or more, and short cycles restart while it climbs. Searched in the new
+        points only: each condition holds from the first point where it holds."""
+        if self.settled is not None:
+            return
+        d, n = self.d.view, self.d.n
+        if self.d_first is None:
+            known = np.flatnonzero(np.isfinite(d[i0:]))
+            if not len(known):
+                return
+            self.d_first = float(d[i0 + int(known[0])])
+        if self.climb is None:
+            climbed = np.flatnonzero(np.isfinite(d[i0:]) & (d[i0:] >= self.th.settle_climb * self.d_first))
+            if not len(climbed):
+                return
+            self.climb = i0 + int(climbed[0])
+        start = self.climb
+        found = n
+        first_restart = next((r for r in self.restarts if r >= max(start + w + 1, i0)), None)
+        if first_restart is not None:
+            found = first_restart
+        lo = max(start + w, i0)
+        if n > lo:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                growth = d[lo:] / d[lo - w : n - w]
+            settled = np.flatnonzero(np.isfinite(growth) & (growth < self.th.settle_growth))
+            if len(settled):
+                found = min(found, lo + int(settled[0]))
+        if found < n:
+            self.settled = found
+
+    def _first_per_cycle(self, rule: str, severity: str, mask: np.ndarray, cycle_of: np.ndarray) -> list[int]:
+        """Index (in ``mask``) of the first True in each cycle that has had no such finding."""
+        hits = np.flatnonzero(mask)
+        if not len(hits):
+            return []
+        found = self.cycles_found.setdefault((rule, severity), set())
+        out = []
+        for i in hits[np.unique(cycle_of[hits], return_index=True)[1]].tolist():
+            cycle = int(cycle_of[i])
+            if cycle not in found:
+                found.add(cycle)
+                out.append(i)
+        return out
+
+    def _risk_finding(self, severity: str, i: int, best: float, cycle: int) -> None:
+        """A restart predicted to land far above the highest d*lr so far. Critical only once
+        d's warm-up is over: while d climbs out of d0 the highest d*lr so far means little,
+        and on the realistic corpus such predictions (DAdaptLion: 4-5x) preceded healthy
+        training."""
+        step, risk, d = int(self.steps.view[i]), self.risk.view[i], self.d.view[i]
+        restart = self.schedule.next_restart(step) if self.schedule else None
+        when = f"at the restart at step {restart}" if restart else "at the next restart"
+        self.findings.append(Finding(
+            "predicted_restart_blowup", severity, self.group.name, step,
+            f"d grew to {d:.3g}: {when} d*lr would be {risk:.1f}x the highest d*lr so far ({best:.3g})",
+            {"ratio": round(float(risk), 4), "d": float(d), "max_dlr": float(best),
+             "predicted_dlr": float(risk * best), "cycle": cycle, "restart_step": restart},
+        ))
+
+    def _runaway(self, i0: int, w: int, cycle_of: np.ndarray) -> None:
+        """d's growth over the trailing window (``w`` points: the window's steps). The window
+        never reaches back into d's warm-up: growth measured from d0 is the warm-up itself."""
+        if self.settled is None:
+            return
+        n = self.d.n
+        d, steps = self.d.view, self.steps.view
+        idx = np.arange(i0, n)
+        back = np.minimum(np.maximum(idx - w, self.settled), n - 1)
+        eligible = idx > np.maximum(idx - w, self.settled)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            growth = d[i0:] / d[back]
+        eligible &= np.isfinite(growth)
+        for severity, level in ((WARNING, self.th.runaway_warning), (CRITICAL, self.th.runaway_critical)):
+            for k in self._first_per_cycle("runaway", severity, eligible & (growth >= level), cycle_of):
+                i, b = i0 + k, int(back[k])
+                self.findings.append(Finding(
+                    "runaway_d", severity, self.group.name, int(steps[i]),
+                    f"d grew {growth[k]:.1f}x in {int(steps[i] - steps[b])} steps "
+                    f"({d[b]:.3g} -> {d[i]:.3g}) after it had settled",
+                    {"growth": round(float(growth[k]), 4), "d": float(d[i]), "d_before": float(d[b]),
+                     "window": int(steps[i] - steps[b]), "cycle": int(cycle_of[k])},
+                ))
+
+    def _spike_finding(self, i: int, ratio: float, before: float) -> None:
+        """What happened at a restart: d*lr far above everything before. A warning, not a fry:
+        on the realistic corpus, runs whose restarts landed at 4-5x trained on fine; the loss
+        rules confirm a real fry."""
+        step, dlr = int(self.steps.view[i]), float(self.dlr.view[i])  # type: ignore[union-attr]
+        self.findings.append(Finding(
+            "blowup", WARNING, self.group.name, step,
+            f"restart at step {step}: d*lr {dlr:.3g} is {ratio:.1f}x the highest before ({before:.3g})",
+            {"what": "restart_spike", "ratio": round(float(ratio), 4), "dlr": dlr,
+             "max_dlr_before": float(before), "cycle": self.restarts.index(i) + 1},
+        ))
+
+    def _cycles(self, i0: int, new_restarts: list[int]) -> None:
+        if self.lr is None:
+            return
+        n = self.steps.n
+        starts = set(new_restarts)
+        bounds = [i0, *(r for r in new_restarts if r > i0), n]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a in starts or self.open is None:
+                if self.open is not None:
+                    self.closed.append(self.open.cycle(self, complete=True))
+                self.open = _OpenCycle(len(self.closed), a)
+            self.open.add(self, a, b)
+
+    def result(self) -> GroupAnalysis:
+        steps = self.steps.view
+        n = len(steps)
+        lr = self.lr.view if self.lr is not None else None
+        dlr = self.dlr.view if self.dlr is not None else None
+        cycles = list(self.closed)
+        if self.open is not None:
+            complete = bool(self.schedule and self.schedule.max_steps and steps[-1] >= self.schedule.max_steps)
+            cycles.append(self.open.cycle(self, complete))
+        risk = self.risk.view
+        risk_now = None if lr is None or dlr is None or not n or not np.isfinite(risk[-1]) else float(risk[-1])
+        next_restart = self.schedule.next_restart(int(steps[-1])) if self.schedule and n else None
+        return GroupAnalysis(self.group.name, self.group.lr_tag, self.group.dlr_tag, steps, lr, dlr, self.d.view,
+                             self.peak.view, [int(steps[i]) for i in self.restarts], cycles, risk_now, next_restart,
+                             self.group.d_tag, risk)
+
+
+class _OpenCycle:
+    """The last cycle's summary, added to as its points come."""
+
+    def __init__(self, index: int, start: int) -> None:
+        self.index, self.start = index, start
+        self.end = start
+        self.peak_lr = math.nan
+        self.low, self.low_lr = start, math.inf  # where the lowest finite lr is (the first, on ties)
+        self.d_start: float | None = None
+        self.d_end: float | None = None
+        self.peak_dlr: float | None = None
+
+    def add(self, rules: _GroupRules, a: int, b: int) -> None:
+        self.end = b - 1
+        seg = rules.lr.view[a:b]  # type: ignore[union-attr]
+        finite = np.isfinite(seg)
+        if finite.any():
+            top = float(np.max(seg[finite]))
+            self.peak_lr = top if math.isnan(self.peak_lr) else max(self.peak_lr, top)
+            k = int(np.argmin(np.where(finite, seg, np.inf)))
+            if seg[k] < self.low_lr:
+                self.low, self.low_lr = a + k, float(seg[k])
+        dseg = rules.d.view[a:b]
+        dseg = dseg[np.isfinite(dseg)]
+        if len(dseg):
+            self.d_start = float(dseg[0]) if self.d_start is None else self.d_start
+            self.d_end = float(dseg[-1])
+        if rules.dlr is not None:
+            dlr = rules.dlr.view[a:b]
+            dlr = dlr[np.isfinite(dlr)]
+            if len(dlr):
+                top = float(dlr.max())
+                self.peak_dlr = top if self.peak_dlr is None else max(self.peak_dlr, top)
+
+    def cycle(self, rules: _GroupRules, complete: bool) -> Cycle:
+        steps, lr = rules.steps.view, rules.lr.view  # type: ignore[union-attr]
+        growth = (self.d_end / self.d_start) if self.d_start and self.d_end is not None else None
+        return Cycle(self.index, int(steps[self.start]), int(steps[self.end]), self.peak_lr, float(lr[self.low]),
+                     int(steps[self.low]), self.d_start, self.d_end, growth, self.peak_dlr, complete)
 
 
 def _running_max_finite(x: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf))
-
-
-def _cycle_peak_lr(lr: np.ndarray, cycle_of: np.ndarray) -> np.ndarray:
-    """Highest lr of the current cycle so far, at every index."""
-    out = np.empty(len(lr))
-    bounds = np.flatnonzero(np.diff(cycle_of)) + 1
-    for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(lr)]):
-        out[a:b] = _running_max_finite(lr[a:b])
-    return out
 
 
 def _restart_risk(steps, d, peak, best, schedule: KnownSchedule | None) -> np.ndarray:
@@ -368,35 +796,6 @@ def _restart_risk(steps, d, peak, best, schedule: KnownSchedule | None) -> np.nd
         last_restart = schedule.restarts[-1] if schedule.restarts else -1
         risk[steps >= last_restart] = np.nan
     return risk
-
-
-def _first_per_cycle(mask: np.ndarray, cycle_of: np.ndarray) -> list[int]:
-    """Index of the first True in each cycle."""
-    hits = np.flatnonzero(mask)
-    if not len(hits):
-        return []
-    _, first = np.unique(cycle_of[hits], return_index=True)
-    return hits[first].tolist()
-
-
-def _risk_findings(findings, group, steps, risk, d, best, cycle_of, schedule, th: Thresholds, settled: int) -> None:
-    """A restart predicted to land far above the highest d*lr so far. Critical only once d's
-    warm-up is over: while d climbs out of d0 the highest d*lr so far means little, and on
-    the realistic corpus such predictions (DAdaptLion: 4-5x) preceded healthy training."""
-    after_warm_up = np.arange(len(risk)) >= settled
-    for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
-        eligible = after_warm_up if severity == CRITICAL else True
-        for i in _first_per_cycle((risk >= level) & eligible, cycle_of):  # NaN (no restart coming) compares False
-            step = int(steps[i])
-            restart = schedule.next_restart(step) if schedule else None
-            when = f"at the restart at step {restart}" if restart else "at the next restart"
-            findings.append(Finding(
-                "predicted_restart_blowup", severity, group, step,
-                f"d grew to {d[i]:.3g}: {when} d*lr would be {risk[i]:.1f}x the highest d*lr so far "
-                f"({best[i]:.3g})",
-                {"ratio": round(float(risk[i]), 4), "d": float(d[i]), "max_dlr": float(best[i]),
-                 "predicted_dlr": float(risk[i] * best[i]), "cycle": int(cycle_of[i]), "restart_step": restart},
-            ))
 
 
 def spacing(steps: np.ndarray) -> float:
@@ -425,127 +824,144 @@ def samples(gap: float, span: int, per_update: int = 1) -> int:
     return max(points(gap, span), math.ceil(span / per_update))
 
 
-def _d_settled_index(d: np.ndarray, cycle_of: np.ndarray, th: Thresholds, w: int) -> int:
-    """First index after d's warm-up: d has climbed out of d0 (``settle_climb`` x its first
-    value) and then either grown less than ``settle_growth`` over a window, or met a restart
-    at least a window after the climb began. Growth before that is the warm-up itself,
-    however slow: Prodigy with safeguard_warmup, or an lr warmup, can hold d at d0 for a
-    cycle or more, and short cycles restart while it climbs."""
-    finite = np.flatnonzero(np.isfinite(d))
-    if not len(finite):
-        return len(d)
-    climbed = np.flatnonzero(np.isfinite(d) & (d >= th.settle_climb * d[finite[0]]))
-    if not len(climbed):
-        return len(d)
-    start = int(climbed[0])
-    restart = np.flatnonzero(np.diff(cycle_of[start + w :]) > 0)
-    out = start + w + 1 + int(restart[0]) if len(restart) else len(d)
-    if len(d) - start > w:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            growth = d[start + w :] / d[start:-w]
-        settled = np.flatnonzero(np.isfinite(growth) & (growth < th.settle_growth))
-        if len(settled):
-            out = min(out, start + int(settled[0]) + w)
-    return out
+class _LossRules:
+    """The loss's rules over its points, fed in step order: non-finite values, the loss far
+    above the base model's, and the smoothed loss far above its best so far."""
 
+    def __init__(self, tag: str, th: Thresholds, per_update: int) -> None:
+        self.tag, self.th, self.per_update = tag, th, per_update
+        self.steps, self.loss = np.zeros(0, np.int64), np.zeros(0)  # the series' own arrays (points are only appended)
+        self.findings: list[Finding] = []
+        self.finite_upto: int | None = None  # index of the first non-finite loss: the rules stop there
+        self.spacing = _Spacing()
+        self.finite_spacing: float | None = None  # spacing of the points before the first non-finite one
+        self.windows: tuple[int, int, int, int] | None = None
+        self.base: float | None = None
+        self.base_known = False
+        self.level_from = 0  # the first window end not checked yet (loss above base)
+        self.above_found = False
+        self.smooth_from = 0  # the first point not smoothed yet (divergence)
+        self.lowest = math.inf  # the smoothed loss's lowest after the grace period
+        self.diverged = False
 
-def _runaway_findings(findings, group, steps, d, cycle_of, th: Thresholds, settled: int, w: int) -> None:
-    if len(d) <= 1:
-        return
-    # Growth over the trailing window (``w`` points: the window's steps). The window never
-    # reaches back into d's warm-up: growth measured from d0 is the warm-up itself.
-    back = np.maximum(np.arange(len(d)) - w, settled)
-    eligible = np.arange(len(d)) > back
-    back = np.minimum(back, len(d) - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        growth = d / d[back]
-    eligible &= np.isfinite(growth)
-    for severity, level in ((WARNING, th.runaway_warning), (CRITICAL, th.runaway_critical)):
-        for i in _first_per_cycle(eligible & (growth >= level), cycle_of):
-            findings.append(Finding(
-                "runaway_d", severity, group, int(steps[i]),
-                f"d grew {growth[i]:.1f}x in {int(steps[i] - steps[back[i]])} steps "
-                f"({d[back[i]]:.3g} -> {d[i]:.3g}) after it had settled",
-                {"growth": round(float(growth[i]), 4), "d": float(d[i]), "d_before": float(d[back[i]]),
-                 "window": int(steps[i] - steps[back[i]]), "cycle": int(cycle_of[i])},
-            ))
+    def extend(self, series: Series) -> None:
+        i0 = len(self.steps)
+        if len(series.steps) <= i0:
+            return
+        self.steps, self.loss = series.steps, series.values
+        steps, loss = series.steps[i0:], series.values[i0:]
+        gap = self.spacing.add(self.steps, i0)
+        if self.finite_upto is None:
+            bad = np.flatnonzero(~np.isfinite(loss))
+            if len(bad):
+                i = int(bad[0])
+                self.finite_upto = i0 + i
+                self.finite_spacing = spacing(self.steps[: self.finite_upto])
+                self.findings.append(Finding(
+                    "blowup", CRITICAL, None, int(steps[i]), f"{self.tag} is {loss[i]} at step {int(steps[i])}",
+                    {"what": f"nonfinite_{self.tag}", "value": None if math.isnan(loss[i]) else float(loss[i])},
+                ))
+        n = len(self.steps) if self.finite_upto is None else self.finite_upto
+        gap_finite = gap if self.finite_spacing is None else self.finite_spacing
+        th, per = self.th, self.per_update
+        windows = (samples(gap_finite, th.loss_reference, per), samples(gap_finite, th.loss_base_window, per),
+                   samples(gap, th.loss_smoothing, per), points(gap, th.loss_grace))
+        if self.windows is not None and windows != self.windows and i0:
+            raise _Stale("the steps between logged losses changed")
+        self.windows = windows
+        self.gap = gap
+        ref_n, w, smooth_n, grace = windows
+        all_loss = self.loss
+        if not self.base_known and n >= ref_n:
+            self.base_known = True
+            self.base = _base_loss(all_loss[:n], ref_n)
+        if self.base is not None and not self.above_found:
+            self._above_base(all_loss, n, ref_n, w)
+        if not self.diverged:
+            self._divergence(all_loss, n, smooth_n, grace)
 
+    def notes(self) -> list[str]:
+        """How the loss could be judged."""
+        notes = []
+        ref_n = self.windows[0] if self.windows else 0
+        n = len(self.steps) if self.finite_upto is None else self.finite_upto
+        if self.base is None and self.base_known and n >= ref_n:
+            notes.append(f"{self.tag} is zero or negative in the run's first steps: it is not compared with the base "
+                         "model's (only its divergence and non-finite values are checked)")
+        if len(self.steps) and self.gap > self.per_update:  # fewer losses than optimizer updates
+            least = samples(self.gap, self.th.loss_reference, self.per_update)
+            notes.append(f"{self.tag} is logged every {self.gap / self.per_update:g} steps: the loss rules take at "
+                         f"least {least} losses per window ({least * self.gap / self.per_update:g} steps), so a fry "
+                         "shows there later than in a run that logs every step")
+        return notes
 
-def _spike_findings(findings, group, steps, dlr, best, restarts_idx, th: Thresholds) -> None:
-    """What happened at each restart: d*lr far above everything before. A warning, not a fry:
-    on the realistic corpus, runs whose restarts landed at 4-5x trained on fine; the loss
-    rules confirm a real fry."""
-    best_before = np.concatenate(([-np.inf], best[:-1]))
-    for cycle, i in enumerate(restarts_idx.tolist(), start=1):
-        ratio = dlr[i] / best_before[i] if best_before[i] > 0 else np.nan
-        if np.isfinite(ratio) and ratio >= th.restart_spike:
-            findings.append(Finding(
-                "blowup", WARNING, group, int(steps[i]),
-                f"restart at step {int(steps[i])}: d*lr {dlr[i]:.3g} is {ratio:.1f}x the highest before "
-                f"({best_before[i]:.3g})",
-                {"what": "restart_spike", "ratio": round(float(ratio), 4), "dlr": float(dlr[i]),
-                 "max_dlr_before": float(best_before[i]), "cycle": cycle},
-            ))
-
-
-def _nonfinite(findings, group, steps, named: dict[str, np.ndarray]) -> None:
-    for label, values in named.items():
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            i = int(bad[0])
-            findings.append(Finding(
-                "blowup", CRITICAL, group, int(steps[i]),
-                f"{label} is {values[i]} at step {int(steps[i])}",
-                {"what": f"nonfinite_{label}", "value": None if math.isnan(values[i]) else float(values[i])},
-            ))
-
-
-def loss_findings(run: RunLike, loss_tag: str, th: Thresholds, per_update: int = 1
-                  ) -> tuple[list[Finding], float | None, list[str]]:
-    """The loss's findings, the base model's loss (None where it cannot be known) and notes on
-    how the loss could be judged. ``th``'s windows are in logged steps, ``per_update`` of them
-    per optimizer update."""
-    series = run.series(loss_tag)
-    if series is None or not len(series.steps):
-        return [], None, []
-    out: list[Finding] = []
-    notes: list[str] = []
-    steps, loss = series.steps, series.values
-    _nonfinite(out, None, steps, {loss_tag: loss})
-    finite_upto = np.flatnonzero(~np.isfinite(loss))
-    n = int(finite_upto[0]) if len(finite_upto) else len(loss)
-    gap = spacing(steps)
-    gap_finite = gap if n == len(steps) else spacing(steps[:n])
-    ref_n = samples(gap_finite, th.loss_reference, per_update)
-    base = _base_loss(loss[:n], ref_n)
-    if base is not None:
-        out += _loss_above_base(steps[:n], loss[:n], base, loss_tag, th,
-                                samples(gap_finite, th.loss_base_window, per_update), ref_n)
-    elif n >= ref_n:
-        notes.append(f"{loss_tag} is zero or negative in the run's first steps: it is not compared with the base "
-                     "model's (only its divergence and non-finite values are checked)")
-    if gap > per_update:  # fewer losses than optimizer updates
-        least = samples(gap, th.loss_reference, per_update)
-        notes.append(f"{loss_tag} is logged every {gap / per_update:g} steps: the loss rules take at least {least} "
-                     f"losses per window ({least * gap / per_update:g} steps), so a fry shows there later than in a "
-                     "run that logs every step")
-    grace = points(gap, th.loss_grace)
-    if n <= grace:
-        return out, base, notes
-    smooth = trailing_mean(loss[:n], samples(gap, th.loss_smoothing, per_update))
-    baseline = np.minimum.accumulate(np.where(np.arange(n) >= grace, smooth, np.inf))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = smooth / baseline
-    hits = np.flatnonzero((np.arange(n) > grace) & (baseline > 0) & (ratio >= th.loss_divergence))
-    if len(hits):
-        i = int(hits[0])
-        out.append(Finding(
+    def _above_base(self, loss: np.ndarray, n: int, ref_n: int, w: int) -> None:
+        """The loss far above the base model's: the geometric mean of the last few steps over
+        the base's. This catches fries within the first cycle, which the best-so-far rule
+        cannot (its best is taken after d's warm-up). A single huge step still counts, as it
+        should. Values at or below zero count as a tiny loss. ``w`` and ``ref_n``: the losses
+        the level and the base take."""
+        base = self.base
+        first = max(self.level_from, w - 1, ref_n)  # window ends
+        self.level_from = max(self.level_from, n)
+        if first >= n:
+            return
+        logs = np.log(np.maximum(loss[first - w + 1 : n], base * TINY_LOSS))  # type: ignore[operator]
+        level = np.exp(_window_sums(logs, w, w - 1) / w)
+        hits = np.flatnonzero(level >= self.th.loss_above_base * base)  # type: ignore[operator]
+        if not len(hits):
+            return
+        self.above_found = True
+        k = int(hits[0])
+        i = first + k
+        steps = self.steps
+        self.findings.append(Finding(
             "blowup", CRITICAL, None, int(steps[i]),
-            f"{loss_tag} diverged: smoothed {smooth[i]:.3g} is {ratio[i]:.1f}x its best ({baseline[i]:.3g})",
-            {"what": "loss_diverged", "ratio": round(float(ratio[i]), 4), "loss": float(smooth[i]),
-             "baseline": float(baseline[i])},
+            f"{self.tag} far above the base model's: geometric mean of the last {w} losses (steps "
+            f"{int(steps[i - w + 1])}-{int(steps[i])}) {level[k]:.3g} is {level[k] / base:.1f}x the first {ref_n}'s "
+            f"(steps {int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g})",
+            {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
+             "baseline": base},
         ))
-    return out, base, notes
+
+    def _divergence(self, loss: np.ndarray, n: int, smooth_n: int, grace: int) -> None:
+        """The smoothed loss (a trailing mean of ``smooth_n`` losses) far above its lowest
+        after the grace period."""
+        first = self.smooth_from
+        self.smooth_from = max(first, n)
+        if first >= n:
+            return
+        back = min(first, smooth_n - 1)
+        smooth = _window_sums(loss[first - back : n], smooth_n, back) / np.minimum(np.arange(first, n) + 1, smooth_n)
+        idx = np.arange(first, n)
+        baseline = np.minimum(np.minimum.accumulate(np.where(idx >= grace, smooth, np.inf)), self.lowest)
+        self.lowest = float(baseline[-1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = smooth / baseline
+        hits = np.flatnonzero((idx > grace) & (baseline > 0) & (ratio >= self.th.loss_divergence))
+        if not len(hits):
+            return
+        self.diverged = True
+        k = int(hits[0])
+        self.findings.append(Finding(
+            "blowup", CRITICAL, None, int(self.steps[first + k]),
+            f"{self.tag} diverged: smoothed {smooth[k]:.3g} is {ratio[k]:.1f}x its best ({baseline[k]:.3g})",
+            {"what": "loss_diverged", "ratio": round(float(ratio[k]), 4), "loss": float(smooth[k]),
+             "baseline": float(baseline[k])},
+        ))
+
+
+def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
+    """Sums of the last ``span`` values (fewer at the array's start) ending at each index from
+    ``skip`` on, added in one order (newest first) wherever the window is cut from: a run
+    analysed in parts gives the very same floats as one analysed at once."""
+    total = x[skip:].copy()
+    for k in range(1, span):
+        lo = max(skip, k)  # window ends with a value k back
+        if lo >= len(x):
+            break
+        total[lo - skip :] += x[lo - k : len(x) - k]
+    return total
 
 
 def _base_loss(loss: np.ndarray, ref_n: int) -> float | None:
@@ -564,35 +980,9 @@ def geometric_mean(x: np.ndarray, floor: float = 0.0) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(x, floor)))))
 
 
-def _loss_above_base(steps: np.ndarray, loss: np.ndarray, base: float, loss_tag: str, th: Thresholds, w: int,
-                     ref_n: int) -> list[Finding]:
-    """The loss far above the base model's: the geometric mean of the last few steps over
-    ``base``. This catches fries within the first cycle, which the best-so-far rule cannot
-    (its best is taken after d's warm-up). A single huge step still counts, as it should.
-    ``loss`` is finite here; values at or below zero count as a tiny loss. ``w`` and ``ref_n``:
-    the losses the level and the base take."""
-    if len(loss) < max(w, ref_n + 1):
-        return []
-    level = np.exp(trailing_mean(np.log(np.maximum(loss, base * TINY_LOSS)), w)[w - 1:])  # level[k]: loss[k:k+w]
-    ends = np.arange(w - 1, len(loss))
-    hits = np.flatnonzero((ends >= ref_n) & (level >= th.loss_above_base * base))
-    if not len(hits):
-        return []
-    k = int(hits[0])
-    i = int(ends[k])
-    return [Finding(
-        "blowup", CRITICAL, None, int(steps[i]),
-        f"{loss_tag} far above the base model's: geometric mean of the last {w} losses (steps "
-        f"{int(steps[k])}-{int(steps[i])}) {level[k]:.3g} is {level[k] / base:.1f}x the first {ref_n}'s (steps "
-        f"{int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g})",
-        {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
-         "baseline": base},
-    )]
-
-
 def trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
     """Mean of the finite values among the last ``span`` points (fewer at the start; NaN where
-    there are none), vectorised. The analysis passes finite values; the plot, a raw loss."""
+    there are none), vectorised (for the plot, whose loss may hold NaN)."""
     finite = np.isfinite(x)
     csum = np.cumsum(np.concatenate(([0.0], np.where(finite, x, 0.0))))
     count = np.cumsum(np.concatenate(([0], finite)))
@@ -600,29 +990,3 @@ def trailing_mean(x: np.ndarray, span: int) -> np.ndarray:
     lo = np.maximum(idx - span, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (csum[idx] - csum[lo]) / (count[idx] - count[lo])
-
-
-def _cycles(steps, lr, dlr, d, restarts_idx, schedule: KnownSchedule | None) -> list[Cycle]:
-    if not len(steps) or lr is None:
-        return []
-    bounds = np.concatenate(([0], restarts_idx, [len(steps)]))
-    out = []
-    for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-        if b <= a:
-            continue
-        seg = lr[a:b]
-        finite = np.isfinite(seg)
-        lo = a + int(np.argmin(np.where(finite, seg, np.inf))) if finite.any() else a
-        dseg = d[a:b][np.isfinite(d[a:b])]
-        dlr_seg = dlr[a:b][np.isfinite(dlr[a:b])] if dlr is not None else dseg[:0]
-        d_start = float(dseg[0]) if len(dseg) else None
-        d_end = float(dseg[-1]) if len(dseg) else None
-        complete = b < len(steps) or bool(schedule and schedule.max_steps and steps[-1] >= schedule.max_steps)
-        out.append(Cycle(
-            k, int(steps[a]), int(steps[b - 1]),
-            float(np.max(seg[finite])) if finite.any() else math.nan,
-            float(lr[lo]), int(steps[lo]), d_start, d_end,
-            (d_end / d_start) if d_start and d_end is not None else None,
-            float(dlr_seg.max()) if len(dlr_seg) else None, complete,
-        ))
-    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrwatch.analysis import Analysis, Finding, Thresholds, analyze
+from lrwatch.analysis import Analyser, Analysis, Finding, Thresholds, analyze
 from lrwatch.resume import JoinedRun, find_continued, first_step, output_name, resumed_from
 from lrwatch.runs import Run, RunLike, discover
 from lrwatch.snapshots import SnapshotBook
@@ -59,6 +59,7 @@ class RunState:
     listed_at: float = -1e9  # time.monotonic() of the last listing of the run's folder
     resume_note: tuple[int, str | None] | None = None  # (runs known then, the note) for runs without a config
     rendered: str | None = None  # its JSON report entry, rendered where it was analysed (an audit's worker)
+    analyser: Analyser | None = None  # a watched run's analysis, updated with its new points only
 
     @property
     def series_source(self) -> RunLike:
@@ -188,7 +189,12 @@ class Monitor:
         state.stale, state.analysed_at, state.rendered = False, time.monotonic(), None
         reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
         state.view, resume_note, resume_step = self._joined_view(state.run)
-        state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
+        if self.live and state.view is state.run:  # (a joined run's history can change under it)
+            state.analyser = state.analyser or Analyser(self.thresholds)
+            state.analysis = state.analyser.update(state.view, reading)
+        else:
+            state.analyser = None
+            state.analysis = analyze(state.view, thresholds=self.thresholds, reading=reading)
         if resume_note:
             state.analysis.notes.insert(0, resume_note)
         if resume_step is not None:  # what came before the resume is the earlier run's to report

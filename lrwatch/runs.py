@@ -65,6 +65,7 @@ class Series:
     steps: np.ndarray
     values: np.ndarray
     wall_times: np.ndarray
+    replaced: int = 0  # points dropped so far because a later write took their step (nonzero: the past changed)
 
 
 class RunLike(Protocol):
@@ -86,7 +87,7 @@ class _TagChunks:
     """One tag's points as read: arrays from large reads, plain tuples from a watched step's
     few records (cheaper to append one by one); joined when the series is asked for."""
 
-    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded")
+    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded", "replaced")
 
     def __init__(self) -> None:
         self.steps: list[np.ndarray] = []
@@ -94,7 +95,8 @@ class _TagChunks:
         self.walls: list[np.ndarray] = []
         self.tail: list[tuple[int, float, float]] = []  # (step, value, wall time), after the arrays
         self.merged: Series | None = None
-        self.superseded = 0  # points replaced by a later write of the same or an earlier step
+        self.superseded = 0  # points replaced by a later write of an earlier step (a resume)
+        self.replaced = 0  # points replaced by a later write of the same or an earlier step
 
     def flush_tail(self) -> None:
         if self.tail:
@@ -288,9 +290,10 @@ class Run:
                 later_min = np.minimum.accumulate(steps[::-1])[::-1]
                 went_back = steps[dropped] > later_min[np.minimum(dropped + 1, len(steps) - 1)]
                 chunks.superseded += int(went_back.sum())
+                chunks.replaced += len(dropped)
                 steps, values, walls = steps[keep], values[keep], walls[keep]
             chunks.steps, chunks.values, chunks.walls = [steps], [values], [walls]
-            chunks.merged = Series(steps, values, walls)
+            chunks.merged = Series(steps, values, walls, chunks.replaced)
         return chunks.merged
 
     @property

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrwatch.runs import RunLike
+from lrwatch.runs import RunLike, Series
 from lrwatch.schedule_config import MAX_RESTARTS, KnownSchedule
 from lrwatch.schedules import cosine_restart_steps, cyclic_restart_steps
 from lrwatch.sources import version_key
@@ -452,17 +452,41 @@ def fold_duplicate_groups(run: RunLike, groups: list[Group]) -> list[Group]:
     return [g for g in groups if _twin_of(run, g, groups) is None]
 
 
-def _twin_of(run: RunLike, group: Group, groups: list[Group]) -> Group | None:
-    def same(a: str | None, b: str | None) -> bool:
-        sa, sb = (run.series(a) if a else None), (run.series(b) if b else None)
-        if sa is None or sb is None:
-            return sa is sb
-        return np.array_equal(sa.steps, sb.steps) and np.array_equal(sa.values, sb.values, equal_nan=True)
+SAME, DIFFERS, PENDING = "same", "differs", "pending"
 
+
+def series_match(a: Series | None, b: Series | None, start: int = 0) -> str:
+    """Whether two series are one: SAME (equal), DIFFERS (they differ where both have points, or
+    one is not logged: for good, as long as points are only appended) or PENDING (equal where
+    both have points, one has more: a flush can split twins). Points before ``start`` were
+    compared already."""
+    if a is None or b is None:
+        return SAME if a is b else DIFFERS
+    n = min(len(a.steps), len(b.steps))
+    if not (np.array_equal(a.steps[start:n], b.steps[start:n])
+            and np.array_equal(a.values[start:n], b.values[start:n], equal_nan=True)):
+        return DIFFERS
+    return SAME if len(a.steps) == len(b.steps) else PENDING
+
+
+def group_match(run: RunLike, group: Group, twin: Group, start: int = 0) -> str:
+    """``series_match`` over a group's lr, d*lr and d tags and a candidate twin's."""
+    found = [series_match(run.series(a) if a else None, run.series(b) if b else None, start)
+             for a, b in ((twin.lr_tag, group.lr_tag), (twin.dlr_tag, group.dlr_tag), (twin.d_tag, group.d_tag))]
+    return DIFFERS if DIFFERS in found else PENDING if PENDING in found else SAME
+
+
+def twin_candidates(groups: list[Group]) -> list[tuple[Group, list[Group]]]:
+    """Each ``group<i>`` with the groups it may be a twin of, in the order they are tried."""
+    named = [k for k in groups if not _GROUP_INDEX.fullmatch(k.name)]
+    return [(g, named) for g in groups if _GROUP_INDEX.fullmatch(g.name)]
+
+
+def _twin_of(run: RunLike, group: Group, groups: list[Group]) -> Group | None:
     if not _GROUP_INDEX.fullmatch(group.name):
         return None
-    return next((k for k in groups if not _GROUP_INDEX.fullmatch(k.name) and same(k.lr_tag, group.lr_tag)
-                 and same(k.dlr_tag, group.dlr_tag) and same(k.d_tag, group.d_tag)), None)
+    return next((k for k in groups if not _GROUP_INDEX.fullmatch(k.name) and group_match(run, group, k) == SAME),
+                None)
 
 
 def tag_roles(run: RunLike, reading: Reading) -> dict[str, str]:

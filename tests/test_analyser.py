@@ -1,0 +1,126 @@
+"""The watcher's analysis, updated with each run's new points only (``Analyser``), against a
+full analysis of the same points: real event files, grown a few bytes to a few kB at a
+time (records cut anywhere), read by a real ``Run``."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, write_scalars
+
+from lrwatch.analysis import Analyser, Analysis, analyze
+from lrwatch.runs import Run, discover, is_event_file
+from lrwatch.trainers import read_layout
+
+FIXTURES = ROOT / "fixtures"
+CORPUS_RUNS = ["prodigy_s0", "prodigy_dcoef20_s3", "prodigy_growth_s1", "dadapt_lion_lr10_s2", "dadapt_adan_lr3_s2",
+               "dadapt_adam_s3", "prodigy_safeguard_s2", "dadapt_adagrad_s1"]
+TREES = [*(p for p in sorted((FIXTURES / "runs").iterdir())), *(p for p in sorted((FIXTURES / "trainers").iterdir())
+                                                                  if p.is_dir()),
+         *(FIXTURES / "corpus" / "runs" / name for name in CORPUS_RUNS)]
+
+
+def same_analysis(got: Analysis, want: Analysis) -> None:
+    assert [f.to_dict() for f in got.findings] == [f.to_dict() for f in want.findings]
+    assert (got.notes, got.base_loss, got.last_step, got.loss_tag, got.unrecognised, got.trainer) == \
+        (want.notes, want.base_loss, want.last_step, want.loss_tag, want.unrecognised, want.trainer)
+    assert len(got.groups) == len(want.groups)
+    for g, w in zip(got.groups, want.groups):
+        assert (g.name, g.restarts, g.risk, g.next_restart, g.d_now) == (w.name, w.restarts, w.risk, w.next_restart,
+                                                                          w.d_now)
+        assert [asdict(c) for c in g.cycles] == [asdict(c) for c in w.cycles]
+        for name in ("steps", "lr", "dlr", "d", "cycle_peak", "risk_series"):
+            a, b = getattr(g, name), getattr(w, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def grown_in_parts(tree: Path, dest: Path, seed: int, parts: int = 25):
+    """Copy ``tree`` with its event files empty, then yield after each part of their bytes is
+    appended (file after file, in the order written), a part being anywhere from one byte to
+    twice the average."""
+    shutil.copytree(tree, dest)
+    files = sorted((p for p in dest.rglob("*") if is_event_file(p)), key=lambda p: (p.parent, p.name))
+    data = {p: p.read_bytes() for p in files}
+    for p in files:
+        p.write_bytes(b"")
+    rng = random.Random(seed)
+    mean = max(1, sum(map(len, data.values())) // parts)
+    for p in files:
+        done = 0
+        while done < len(data[p]):
+            step = rng.randint(1, 2 * mean)
+            with open(p, "ab") as fh:
+                fh.write(data[p][done : done + step])
+            done += step
+            yield
+
+
+@pytest.mark.parametrize("tree", TREES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_an_analysis_updated_with_new_points_only_equals_a_full_analysis_at_every_update(tree, tmp_path):
+    analysers: dict[Path, Analyser] = {}
+    runs: dict[Path, Run] = {}
+    updates = 0
+    for _ in grown_in_parts(tree, tmp_path / "copy", seed=len(tree.name)):
+        for path in discover(tmp_path / "copy"):
+            run = runs.setdefault(path, Run(path, tmp_path / "copy"))
+            run.refresh()
+            reading = read_layout(run)
+            same_analysis(analysers.setdefault(path, Analyser()).update(run, reading), analyze(run, reading=reading))
+            updates += 1
+    assert updates >= 20
+    # Most updates extended what was there: the run was not analysed again from its start
+    # (steps logged more than once, as when gradient accumulation logs each micro-batch, do).
+    for path, analyser in analysers.items():
+        relogged = any(s.replaced for t in runs[path].tags if (s := runs[path].series(t)) is not None)
+        if not relogged:
+            assert analyser.fresh_starts <= 4, (path, analyser.fresh_starts)
+
+
+def test_steps_that_go_back_are_analysed_again_from_the_start(tmp_path):
+    """A resume into the same folder rewrites steps already seen: what was carried is void."""
+    first = {"lr/unet": [(s, 1.0 - s / 200) for s in range(1, 101)],
+             "lr/d*lr/unet": [(s, 1e-4 * (1.0 - s / 200) * (1 + s / 10)) for s in range(1, 101)],
+             "loss/current": [(s, 0.1) for s in range(1, 101)]}
+    write_scalars(tmp_path / "run", first)
+    run = Run(tmp_path / "run")
+    run.refresh()
+    analyser = Analyser()
+    analyser.update(run, read_layout(run))
+    again = {tag: [(s, v * (3.0 if tag == "lr/d*lr/unet" else 1.0)) for s, v in pts if s > 60]
+             for tag, pts in first.items()}
+    write_scalars(tmp_path / "run", again)
+    run.refresh()
+    got = analyser.update(run, read_layout(run))
+    assert analyser.fresh_starts == 2
+    same_analysis(got, analyze(run, reading=read_layout(run)))
+
+
+def test_plateaus_and_a_tiny_lr_split_across_updates_give_the_full_analysis(tmp_path):
+    """Cycles that end on a long plateau of a tiny lr (below ``tiny_lr`` x the highest: d is
+    carried there, not divided out of float noise), whose lowest lr is reached many times
+    (the cycle's lowest is the first of them), read a few steps at a time."""
+    rng = np.random.default_rng(0)
+    lr, dlr, loss = [], [], []
+    for step in range(1, 301):
+        phase = (step - 1) % 100
+        value = 1.0 if phase < 20 else 1e-9 if phase >= 70 else 1.0 - (phase - 20) / 50 * 0.999
+        d = 1e-4 * (1 + step / 50)
+        lr.append((step, value))
+        dlr.append((step, d * value * (1 + 1e-3 * rng.standard_normal())))
+        loss.append((step, float(rng.lognormal(-2, 1))))
+    write_scalars(tmp_path / "source", {"lr/unet": lr, "lr/d*lr/unet": dlr, "loss/current": loss})
+    analyser, run = Analyser(), None
+    for _ in grown_in_parts(tmp_path / "source", tmp_path / "copy", seed=1, parts=120):
+        run = run or Run(tmp_path / "copy")
+        run.refresh()
+        reading = read_layout(run)
+        same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
+    assert analyser.fresh_starts <= 3
+    assert run is not None and [c.min_lr_step for c in analyze(run).groups[0].cycles] == [71, 171, 271]
