@@ -5,8 +5,9 @@ flushed as torch's writer does) for D seconds while lrwatch watches them; meanwh
 random moments, one run gets a non-finite d*lr and the time until lrwatch prints the
 finding is measured. Prints lrwatch's CPU (share of one core) and the finding latency.
 
-    python bench/bench_load.py [--runs 200] [--rate 5] [--seconds 20] [--poll 0.5] [--per-flush 1]
+    python bench/bench_load.py [--runs 200] [--rate 5] [--seconds 20] [--poll 0.5] [--per-flush 1] [--history 20]
     python bench/bench_load.py --runs 1 --rate 1667 --per-flush 4   # one run at 5,000 events/s
+    python bench/bench_load.py --history 10000   # 200 runs that are 10,000 steps long already
 """
 
 from __future__ import annotations
@@ -50,16 +51,17 @@ def step_bytes(step: int, dlr: float, steps: int = 1) -> bytes:
 
 
 def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None,
-             per_flush: int = 1) -> dict:
+             per_flush: int = 1, history: int = 20) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
     files = []
+    past = step_bytes(1, 0.01, history)  # the same past for every run
     for i in range(runs):
         folder = OUT / f"run{i:04d}" / "network_train"
         folder.mkdir(parents=True)
         path = folder / f"events.out.tfevents.1700000000.bench.{i + 10}.0"
         with open(path, "wb") as fh:
             RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-            fh.write(b"".join(step_bytes(s, 0.01) for s in range(1, 21)))
+            fh.write(past)
         files.append(path)
     args = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "lrwatch", str(OUT),
             "--until-idle", "3"] + (["--poll", str(poll)] if poll else [])
@@ -80,7 +82,7 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
     ready.wait(60)
     time.sleep(1.0)
     watcher = psutil.Process(proc.pid)
-    step = {i: 20 for i in range(runs)}
+    step = {i: history for i in range(runs)}
     injected: dict[int, float] = {}
     rng = random.Random(0)
     victims = rng.sample(range(runs), min(20, runs))
@@ -128,13 +130,14 @@ def main() -> None:
     ap.add_argument("--poll", type=float, nargs="*", default=[])
     ap.add_argument("--per-flush", type=int, default=1,
                     help="steps written at once (torch's SummaryWriter flushes every 10 events by default)")
+    ap.add_argument("--history", type=int, default=20, help="steps each run has before the watch starts")
     ap.add_argument("--profile", metavar="FILE", help="run the watcher under cProfile, stats to FILE")
     args = ap.parse_args()
     print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s, {args.per_flush} step(s) per flush)"
-          f" for {args.seconds:g} s")
+          f" for {args.seconds:g} s, after {args.history} steps each")
     print(f"{'mode':16s} {'CPU':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
-        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush)
+        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush, args.history)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
         print(f"{mode:16s} {r['cpu']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
     print("(CPU: lrwatch's share of one core while the runs are written, and of it the main thread's (the rest is "

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from lrwatch.runs import RunLike, Series
+from lrwatch.runs import GrowingArray, RunLike, Series
 from lrwatch.schedule_config import KnownSchedule, known_schedule
 from lrwatch.tags import Group, TagMap
 from lrwatch.trainers import (
@@ -300,33 +300,6 @@ class _Stale(Exception):
     """What was analysed before may have changed: analyse the run again from its start."""
 
 
-class _Growing:
-    """An array that grows at its end: an append costs what it adds (amortised), and ``view``
-    is the filled part without a copy (a view taken earlier keeps its length and values)."""
-
-    __slots__ = ("data", "n")
-
-    def __init__(self, dtype: type = np.float64) -> None:
-        self.data: np.ndarray = np.empty(0, dtype)
-        self.n = 0
-
-    def extend(self, x: np.ndarray) -> None:
-        need = self.n + len(x)
-        if need > len(self.data):
-            grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-        self.data[self.n : need] = x
-        self.n = need
-
-    @property
-    def view(self) -> np.ndarray:
-        """Read-only: the analyses handed out share these points."""
-        out = self.data[: self.n]
-        out.flags.writeable = False
-        return out
-
-
 class _Spacing:
     """``spacing`` of a growing run's steps, kept from the smallest and largest gap."""
 
@@ -481,13 +454,14 @@ class _GroupRules:
 
     def __init__(self, group: Group, schedule: KnownSchedule | None, th: Thresholds) -> None:
         self.group, self.schedule, self.th = group, schedule, th
-        self.steps = _Growing(np.int64)
+        self.steps = GrowingArray(np.int64)
         self.started = False
-        self.lr: _Growing | None = None  # None when not logged
-        self.dlr: _Growing | None = None
-        self.d, self.peak, self.risk = _Growing(), _Growing(), _Growing()
+        self.lr: GrowingArray | None = None  # None when not logged
+        self.dlr: GrowingArray | None = None
+        self.d, self.peak, self.risk = GrowingArray(), GrowingArray(), GrowingArray()
         self.best = -np.inf  # the highest finite d*lr so far
         self.restarts: list[int] = []  # indices
+        self.restart_steps: list[int] = []
         self.findings: list[Finding] = []
         self.nonfinite_seen: set[str] = set()
         self.cycles_found: dict[tuple[str, str], set[int]] = {}  # (rule, severity) -> cycles with a finding
@@ -508,8 +482,8 @@ class _GroupRules:
     def extend(self, steps: np.ndarray, lr: np.ndarray | None, dlr: np.ndarray | None) -> None:
         if not self.started:  # whether lr and d*lr are logged is known from the first call, points or none
             self.started = True
-            self.lr = None if lr is None else _Growing()
-            self.dlr = None if dlr is None else _Growing()
+            self.lr = None if lr is None else GrowingArray()
+            self.dlr = None if dlr is None else GrowingArray()
         if not len(steps):
             return
         i0 = self.steps.n
@@ -563,6 +537,7 @@ class _GroupRules:
         marks[hits - i0] = 1
         cycle_of = len(self.restarts) + np.cumsum(marks)
         self.restarts += new
+        self.restart_steps += self.steps.view[hits].tolist()
         peak = np.empty(m)
         bounds = [0, *(hits - i0).tolist(), m]
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -596,7 +571,7 @@ class _GroupRules:
             before = float(best[i - 1 - i0]) if i > i0 else best_before
             ratio = dlr[i - i0] / before if before > 0 else np.nan
             if np.isfinite(ratio) and ratio >= th.restart_spike:
-                self._spike_finding(i, ratio, before)
+                self._spike_finding(i, ratio, before, int(cycle_of[i - i0]))
 
     def _d_series(self, lr: np.ndarray, dlr: np.ndarray) -> np.ndarray:
         """d = (d*lr)/lr where lr is usable, carried forward where it is not (lr zero or tiny:
@@ -699,7 +674,7 @@ class _GroupRules:
                      "window": int(steps[i] - steps[b]), "cycle": int(cycle_of[k])},
                 ))
 
-    def _spike_finding(self, i: int, ratio: float, before: float) -> None:
+    def _spike_finding(self, i: int, ratio: float, before: float, cycle: int) -> None:
         """What happened at a restart: d*lr far above everything before. A warning, not a fry:
         on the realistic corpus, runs whose restarts landed at 4-5x trained on fine; the loss
         rules confirm a real fry."""
@@ -708,7 +683,7 @@ class _GroupRules:
             "blowup", WARNING, self.group.name, step,
             f"restart at step {step}: d*lr {dlr:.3g} is {ratio:.1f}x the highest before ({before:.3g})",
             {"what": "restart_spike", "ratio": round(float(ratio), 4), "dlr": dlr,
-             "max_dlr_before": float(before), "cycle": self.restarts.index(i) + 1},
+             "max_dlr_before": float(before), "cycle": cycle},
         ))
 
     def _cycles(self, i0: int, new_restarts: list[int]) -> None:
@@ -737,7 +712,7 @@ class _GroupRules:
         risk_now = None if lr is None or dlr is None or not n or not np.isfinite(risk[-1]) else float(risk[-1])
         next_restart = self.schedule.next_restart(int(steps[-1])) if self.schedule and n else None
         return GroupAnalysis(self.group.name, self.group.lr_tag, self.group.dlr_tag, steps, lr, dlr, self.d.view,
-                             self.peak.view, [int(steps[i]) for i in self.restarts], cycles, risk_now, next_restart,
+                             self.peak.view, list(self.restart_steps), cycles, risk_now, next_restart,
                              self.group.d_tag, risk)
 
 

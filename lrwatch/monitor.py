@@ -97,6 +97,7 @@ class Monitor:
         self.live = False  # set by the watcher once the runs already there have been read
         self.points_read = 0  # scalar points read so far, over all runs (the watcher's sign of new data)
         self.analysis_budget = 0.0  # share of one core for analyses (the watcher sets it; 0: analyse every change)
+        self.updates_analyses = False  # the watcher's: each run's analysis is kept and updated with its new points
         self._analysis_cost = 0.001  # seconds per analysis, a moving average
         self.root_errors: dict[Path, str] = {}  # roots that could not be listed, and why
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
@@ -189,7 +190,7 @@ class Monitor:
         state.stale, state.analysed_at, state.rendered = False, time.monotonic(), None
         reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
         state.view, resume_note, resume_step = self._joined_view(state.run)
-        if self.live and state.view is state.run:  # (a joined run's history can change under it)
+        if self.updates_analyses and state.view is state.run:  # (a joined run's history can change under it)
             state.analyser = state.analyser or Analyser(self.thresholds)
             state.analysis = state.analyser.update(state.view, reading)
         else:

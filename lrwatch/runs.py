@@ -83,13 +83,45 @@ class RunLike(Protocol):
     def series(self, tag: str) -> Series | None: ...
 
 
-class _TagChunks:
-    """One tag's points as read: arrays from large reads, plain tuples from a watched step's
-    few records (cheaper to append one by one); joined when the series is asked for."""
+class GrowingArray:
+    """An array that grows at its end: an append costs what it adds (amortised), and ``view``
+    is the filled part without a copy, read-only: what was handed out is shared, and a view
+    taken earlier keeps its length and values."""
 
-    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded", "replaced")
+    __slots__ = ("data", "n")
+
+    def __init__(self, dtype: type = np.float64) -> None:
+        self.data: np.ndarray = np.empty(0, dtype)
+        self.n = 0
+
+    def extend(self, x: np.ndarray) -> None:
+        need = self.n + len(x)
+        if need > len(self.data):
+            grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : need] = x
+        self.n = need
+
+    def clear(self) -> None:
+        self.data, self.n = self.data[:0], 0
+
+    @property
+    def view(self) -> np.ndarray:
+        out = self.data[: self.n]
+        out.flags.writeable = False
+        return out
+
+
+class _TagChunks:
+    """One tag's points as read: the series so far (merged, in step order), then arrays from
+    large reads and plain tuples from a watched step's few records (cheaper to append one by
+    one), merged in when the series is asked for."""
+
+    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded", "replaced", "series")
 
     def __init__(self) -> None:
+        self.series = (GrowingArray(np.int64), GrowingArray(), GrowingArray())  # steps, values, wall times
         self.steps: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.walls: list[np.ndarray] = []
@@ -278,9 +310,26 @@ class Run:
             return None
         if chunks.merged is None:
             chunks.flush_tail()
-            steps = np.concatenate(chunks.steps)
-            values = np.concatenate(chunks.values)
-            walls = np.concatenate(chunks.walls)
+            chunks.merged = self._merged(chunks)
+        return chunks.merged
+
+    @staticmethod
+    def _merged(chunks: _TagChunks) -> Series:
+        """The series with the points read since it was last asked for. Points that only go on
+        (steps rising past the last one) are appended, at the cost of what was added; steps
+        that go back or repeat are resolved over the whole series (``resolve_relogged``)."""
+        merged = chunks.series
+        steps = chunks.steps[0] if len(chunks.steps) == 1 else np.concatenate(chunks.steps)
+        values = chunks.values[0] if len(chunks.values) == 1 else np.concatenate(chunks.values)
+        walls = chunks.walls[0] if len(chunks.walls) == 1 else np.concatenate(chunks.walls)
+        chunks.steps, chunks.values, chunks.walls = [], [], []
+        rising = bool(np.all(steps[1:] > steps[:-1]))
+        if not (rising and (merged[0].n == 0 or steps[0] > merged[0].data[merged[0].n - 1])):
+            steps = np.concatenate((merged[0].view, steps))
+            values = np.concatenate((merged[1].view, values))
+            walls = np.concatenate((merged[2].view, walls))
+            for part in merged:
+                part.clear()
             keep = resolve_relogged(steps)  # what is kept is strictly increasing in step
             if not keep.all():
                 # Points at one step written in a row (kohya logs every micro-batch of a gradient
@@ -292,9 +341,9 @@ class Run:
                 chunks.superseded += int(went_back.sum())
                 chunks.replaced += len(dropped)
                 steps, values, walls = steps[keep], values[keep], walls[keep]
-            chunks.steps, chunks.values, chunks.walls = [steps], [values], [walls]
-            chunks.merged = Series(steps, values, walls, chunks.replaced)
-        return chunks.merged
+        for part, new in zip(merged, (steps, values, walls)):
+            part.extend(new)
+        return Series(merged[0].view, merged[1].view, merged[2].view, chunks.replaced)
 
     @property
     def superseded_points(self) -> int:

@@ -460,6 +460,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     for root in monitor.missing_roots():
         hooks.say(f"lrwatch: waiting for {monitor.as_given(root)} to appear")
     _announce(monitor, hooks, board)
+    monitor.updates_analyses = True
     _safely(monitor.poll, hooks)  # what is there before anything is launched: earlier runs
     monitor.start_live()
     monitor.analysis_budget = options.analysis_budget
