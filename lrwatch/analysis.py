@@ -251,7 +251,7 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
     if lr is None and dlr is None:
         return np.zeros(0, np.int64), None, None
     if dlr is None:
-        return lr  # type: ignore[return-value]
+        return lr[0], lr[1], None  # type: ignore[index]
     if lr is None:
         if schedule is not None and schedule.lr_at is not None:
             return dlr[0], schedule.lr_at(dlr[0]), dlr[1]
@@ -260,12 +260,12 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
     return steps, lr[1][i], dlr[1][j]
 
 
-def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndarray, None] | None:
-    """(steps, values, None) of the series' points after ``step`` (all, when None)."""
+def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, values) of the series' points after ``step`` (all, when None)."""
     if series is None:
         return None
     start = 0 if step is None else int(np.searchsorted(series.steps, step, side="right"))
-    return series.steps[start:], series.values[start:], None
+    return series.steps[start:], series.values[start:]
 
 
 _RESTART_CHUNK = 4096
@@ -276,7 +276,7 @@ def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.nda
     from below that peak. A warmup rises from its own peak, so it never qualifies; float
     noise is far below ``jump``. Searched chunk by chunk with the cycle's peak carried
     across chunks, so each restart costs only the distance to it. ``carry``: the cycle's
-    peak before ``lr[0]`` (a run read in parts)."""
+    peak up to ``lr[0]`` (a run read in parts)."""
     finite = np.where(np.isfinite(lr), lr, -np.inf)
     n = len(finite)
     out: list[int] = []
@@ -366,8 +366,7 @@ class _RunRules:
         self.schedule = reading.schedule or known_schedule(run.config)
         tags = set(run.tags)
         groups = reading.tag_map.groups(tags)
-        self.kept = fold_duplicate_groups(run, groups)
-        self.groups = [_GroupRules(g, self.schedule, th) for g in self.kept]
+        self.groups = [_GroupRules(g, self.schedule, th) for g in fold_duplicate_groups(run, groups)]
         self.twins = [_TwinPair(g, k) for g, named in twin_candidates(groups) for k in named]
         self.loss_tag = reading.tag_map.loss_tag(tags)
         self.loss = _LossRules(self.loss_tag, th, reading.steps_per_update) if self.loss_tag else None

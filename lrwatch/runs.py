@@ -88,11 +88,12 @@ class GrowingArray:
     is the filled part without a copy, read-only: what was handed out is shared, and a view
     taken earlier keeps its length and values."""
 
-    __slots__ = ("data", "n")
+    __slots__ = ("data", "n", "_view")
 
     def __init__(self, dtype: type = np.float64) -> None:
         self.data: np.ndarray = np.empty(0, dtype)
         self.n = 0
+        self._view: np.ndarray | None = None
 
     def extend(self, x: np.ndarray) -> None:
         need = self.n + len(x)
@@ -101,16 +102,17 @@ class GrowingArray:
             grown[: self.n] = self.data[: self.n]
             self.data = grown
         self.data[self.n : need] = x
-        self.n = need
+        self.n, self._view = need, None
 
     def clear(self) -> None:
-        self.data, self.n = self.data[:0], 0
+        self.data, self.n, self._view = self.data[:0], 0, None
 
     @property
     def view(self) -> np.ndarray:
-        out = self.data[: self.n]
-        out.flags.writeable = False
-        return out
+        if self._view is None:
+            self._view = self.data[: self.n]
+            self._view.flags.writeable = False
+        return self._view
 
 
 class _TagChunks:
