@@ -242,12 +242,10 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
     d = _after(run.series(group.d_tag) if group.d_tag else None, after)
     known = lr if dlr is None else dlr if lr is None else None  # exactly one of lr and d*lr logged
     if d is not None and known is not None:
-        steps, i, j = np.intersect1d(known[0], d[0], assume_unique=True, return_indices=True)
-        k, dv = known[1][i], d[1][j]
+        steps, k, dv = _paired(known, d)
         if lr is not None:
             return steps, k, k * dv
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return steps, np.where(dv != 0, k / dv, np.nan), k
+        return steps, np.where(dv != 0, k / dv, np.nan), k
     if lr is None and dlr is None:
         return np.zeros(0, np.int64), None, None
     if dlr is None:
@@ -256,8 +254,16 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
         if schedule is not None and schedule.lr_at is not None:
             return dlr[0], schedule.lr_at(dlr[0]), dlr[1]
         return dlr[0], None, dlr[1]
-    steps, i, j = np.intersect1d(lr[0], dlr[0], assume_unique=True, return_indices=True)
-    return steps, lr[1][i], dlr[1][j]
+    return _paired(lr, dlr)
+
+
+def _paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The steps both series have, with each one's values there (nearly always every step)."""
+    if len(a[0]) == len(b[0]) and np.array_equal(a[0], b[0]):
+        return a[0], a[1], b[1]
+    steps, i, j = np.intersect1d(a[0], b[0], assume_unique=True, return_indices=True)
+    return steps, a[1][i], b[1][j]
 
 
 def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -285,15 +291,20 @@ def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.nda
         seg = finite[pos : min(n, pos + _RESTART_CHUNK)]
         peak = np.maximum(np.maximum.accumulate(seg), carry)  # cycle peak up to and including each index
         prev_peak, prev, cur = peak[:-1], seg[:-1], seg[1:]
-        hits = np.flatnonzero((prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0))
-        if len(hits):
-            pos, carry = pos + 1 + int(hits[0]), -np.inf  # a new cycle starts at the restart
+        hit = _first((prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0))
+        if hit is not None:
+            pos, carry = pos + 1 + hit, -np.inf  # a new cycle starts at the restart
             out.append(pos)
         elif pos + len(seg) >= n:
             break
         else:  # overlap one point so the pair across the chunk boundary is checked too
             pos, carry = pos + len(seg) - 1, peak[-2]
     return np.asarray(out, dtype=np.int64)
+
+
+def _first(mask: np.ndarray) -> int | None:
+    """The index of the first True, or None."""
+    return int(mask.argmax()) if mask.any() else None
 
 
 class _Stale(Exception):
@@ -377,14 +388,15 @@ class _RunRules:
     def extend(self, run: RunLike) -> Analysis:
         self._check_appended(run)
         self._check_twins(run)
-        for rules in self.groups:
-            rules.extend(*_joined(run, rules.group, self.schedule, rules.last_step))
         loss_notes: list[str] = []
-        if self.loss is not None:
-            series = run.series(self.loss.tag)
-            if series is not None:
-                self.loss.extend(series)
-                loss_notes = self.loss.notes()
+        with np.errstate(divide="ignore", invalid="ignore"):  # the rules' NaN and inf mean "unknown"
+            for rules in self.groups:
+                rules.extend(*_joined(run, rules.group, self.schedule, rules.last_step))
+            if self.loss is not None:
+                series = run.series(self.loss.tag)
+                if series is not None:
+                    self.loss.extend(series)
+                    loss_notes = self.loss.notes()
         return self._analysis(run, loss_notes)
 
     def _check_appended(self, run: RunLike) -> None:
@@ -509,10 +521,9 @@ class _GroupRules:
         for label, values in named.items():
             if label in self.nonfinite_seen:
                 continue
-            bad = np.flatnonzero(~np.isfinite(values))
-            if len(bad):
+            i = _first(~np.isfinite(values))
+            if i is not None:
                 self.nonfinite_seen.add(label)
-                i = int(bad[0])
                 self.findings.append(Finding(
                     "blowup", CRITICAL, self.group.name, int(self.steps.view[i0 + i]),
                     f"{label} is {values[i]} at step {int(self.steps.view[i0 + i])}",
@@ -578,8 +589,7 @@ class _GroupRules:
         top = np.maximum(np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)), self.top_lr)
         self.top_lr = float(top[-1])
         usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > self.th.tiny_lr * top)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
+        d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
         idx = np.maximum.accumulate(np.where(np.isfinite(d), np.arange(len(d)), -1))
         d = np.where(idx >= 0, d[np.maximum(idx, 0)], self.d_last)
         self.d_last = float(d[-1])
@@ -596,15 +606,15 @@ class _GroupRules:
             return
         d, n = self.d.view, self.d.n
         if self.d_first is None:
-            known = np.flatnonzero(np.isfinite(d[i0:]))
-            if not len(known):
+            known = _first(np.isfinite(d[i0:]))
+            if known is None:
                 return
-            self.d_first = float(d[i0 + int(known[0])])
+            self.d_first = float(d[i0 + known])
         if self.climb is None:
-            climbed = np.flatnonzero(np.isfinite(d[i0:]) & (d[i0:] >= self.th.settle_climb * self.d_first))
-            if not len(climbed):
+            climbed = _first(np.isfinite(d[i0:]) & (d[i0:] >= self.th.settle_climb * self.d_first))
+            if climbed is None:
                 return
-            self.climb = i0 + int(climbed[0])
+            self.climb = i0 + climbed
         start = self.climb
         found = n
         first_restart = next((r for r in self.restarts if r >= max(start + w + 1, i0)), None)
@@ -612,19 +622,18 @@ class _GroupRules:
             found = first_restart
         lo = max(start + w, i0)
         if n > lo:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                growth = d[lo:] / d[lo - w : n - w]
-            settled = np.flatnonzero(np.isfinite(growth) & (growth < self.th.settle_growth))
-            if len(settled):
-                found = min(found, lo + int(settled[0]))
+            growth = d[lo:] / d[lo - w : n - w]
+            settled = _first(np.isfinite(growth) & (growth < self.th.settle_growth))
+            if settled is not None:
+                found = min(found, lo + settled)
         if found < n:
             self.settled = found
 
     def _first_per_cycle(self, rule: str, severity: str, mask: np.ndarray, cycle_of: np.ndarray) -> list[int]:
         """Index (in ``mask``) of the first True in each cycle that has had no such finding."""
-        hits = np.flatnonzero(mask)
-        if not len(hits):
+        if not mask.any():
             return []
+        hits = np.flatnonzero(mask)
         found = self.cycles_found.setdefault((rule, severity), set())
         out = []
         for i in hits[np.unique(cycle_of[hits], return_index=True)[1]].tolist():
@@ -659,8 +668,7 @@ class _GroupRules:
         idx = np.arange(i0, n)
         back = np.minimum(np.maximum(idx - w, self.settled), n - 1)
         eligible = idx > np.maximum(idx - w, self.settled)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            growth = d[i0:] / d[back]
+        growth = d[i0:] / d[back]
         eligible &= np.isfinite(growth)
         for severity, level in ((WARNING, self.th.runaway_warning), (CRITICAL, self.th.runaway_critical)):
             for k in self._first_per_cycle("runaway", severity, eligible & (growth >= level), cycle_of):
@@ -763,8 +771,7 @@ def _running_max_finite(x: np.ndarray) -> np.ndarray:
 def _restart_risk(steps, d, peak, best, schedule: KnownSchedule | None) -> np.ndarray:
     """At each step: d now x the peak lr the next cycle will start from, over the highest
     d*lr reached so far. NaN where no restart is coming (known from the config)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        risk = d * peak / best
+    risk = d * peak / best
     risk[~np.isfinite(risk) | (best <= 0)] = np.nan
     if schedule is not None and schedule.restarts is not None:
         last_restart = schedule.restarts[-1] if schedule.restarts else -1
@@ -826,9 +833,8 @@ class _LossRules:
         steps, loss = series.steps[i0:], series.values[i0:]
         gap = self.spacing.add(self.steps, i0)
         if self.finite_upto is None:
-            bad = np.flatnonzero(~np.isfinite(loss))
-            if len(bad):
-                i = int(bad[0])
+            i = _first(~np.isfinite(loss))
+            if i is not None:
                 self.finite_upto = i0 + i
                 self.finite_spacing = spacing(self.steps[: self.finite_upto])
                 self.findings.append(Finding(
@@ -882,11 +888,10 @@ class _LossRules:
             return
         logs = np.log(np.maximum(loss[first - w + 1 : n], base * TINY_LOSS))  # type: ignore[operator]
         level = np.exp(_window_sums(logs, w, w - 1) / w)
-        hits = np.flatnonzero(level >= self.th.loss_above_base * base)  # type: ignore[operator]
-        if not len(hits):
+        k = _first(level >= self.th.loss_above_base * base)  # type: ignore[operator]
+        if k is None:
             return
         self.above_found = True
-        k = int(hits[0])
         i = first + k
         steps = self.steps
         self.findings.append(Finding(
@@ -910,13 +915,11 @@ class _LossRules:
         idx = np.arange(first, n)
         baseline = np.minimum(np.minimum.accumulate(np.where(idx >= grace, smooth, np.inf)), self.lowest)
         self.lowest = float(baseline[-1])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = smooth / baseline
-        hits = np.flatnonzero((idx > grace) & (baseline > 0) & (ratio >= self.th.loss_divergence))
-        if not len(hits):
+        ratio = smooth / baseline
+        k = _first((idx > grace) & (baseline > 0) & (ratio >= self.th.loss_divergence))
+        if k is None:
             return
         self.diverged = True
-        k = int(hits[0])
         self.findings.append(Finding(
             "blowup", CRITICAL, None, int(self.steps[first + k]),
             f"{self.tag} diverged: smoothed {smooth[k]:.3g} is {ratio[k]:.1f}x its best ({baseline[k]:.3g})",
@@ -929,6 +932,15 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
     """Sums of the last ``span`` values (fewer at the array's start) ending at each index from
     ``skip`` on, added in one order (newest first) wherever the window is cut from: a run
     analysed in parts gives the very same floats as one analysed at once."""
+    if (len(x) - skip) * span <= 64:  # a watched step's few points: the same adds, in plain floats
+        values = x.tolist()
+        out = []
+        for end in range(skip, len(values)):
+            total = values[end]
+            for k in range(1, min(span, end + 1)):
+                total += values[end - k]
+            out.append(total)
+        return np.array(out)
     total = x[skip:].copy()
     for k in range(1, span):
         lo = max(skip, k)  # window ends with a value k back
