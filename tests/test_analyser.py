@@ -41,6 +41,20 @@ def same_analysis(got: Analysis, want: Analysis) -> None:
                 np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def same_series(run: Run, path: Path, root: Path) -> None:
+    """A run read part by part holds the series a run reading its files at once does."""
+    whole = Run(path, root)
+    whole.refresh()
+    assert run.tags == whole.tags
+    for tag in run.tags:
+        got, want = run.series(tag), whole.series(tag)
+        assert got is not None and want is not None
+        for name in ("steps", "values", "wall_times"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"{tag} {name}")
+        assert got.replaced == want.replaced, tag
+    assert run.superseded_points == whole.superseded_points  # (counted as the series are built)
+
+
 def grown_in_parts(tree: Path, dest: Path, seed: int, parts: int = 25):
     """Copy ``tree`` with its event files empty, then yield after each part of their bytes is
     appended (file after file, in the order written), a part being anywhere from one byte to
@@ -71,6 +85,7 @@ def test_an_analysis_updated_with_new_points_only_equals_a_full_analysis_at_ever
         for path in discover(tmp_path / "copy"):
             run = runs.setdefault(path, Run(path, tmp_path / "copy"))
             run.refresh()
+            same_series(run, path, tmp_path / "copy")
             reading = read_layout(run)
             same_analysis(analysers.setdefault(path, Analyser()).update(run, reading), analyze(run, reading=reading))
             updates += 1
@@ -124,3 +139,20 @@ def test_plateaus_and_a_tiny_lr_split_across_updates_give_the_full_analysis(tmp_
         same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
     assert analyser.fresh_starts <= 3
     assert run is not None and [c.min_lr_step for c in analyze(run).groups[0].cycles] == [71, 171, 271]
+
+
+def test_a_step_logged_again_across_reads_keeps_its_last_write(tmp_path):
+    """kohya logs every micro-batch of a gradient accumulation at the same global step: the
+    last write of a step wins, whether or not a read fell between the writes."""
+    rng = np.random.default_rng(1)
+    points = {tag: [(step, float(rng.lognormal(-2, 1))) for step in range(1, 121) for _ in range(3)]
+              for tag in ("loss/current", "lr/unet", "lr/d*lr/unet")}
+    write_scalars(tmp_path / "source", points)
+    analyser, run = Analyser(), None
+    for _ in grown_in_parts(tmp_path / "source", tmp_path / "copy", seed=2, parts=200):
+        run = run or Run(tmp_path / "copy")
+        run.refresh()
+        same_series(run, tmp_path / "copy", tmp_path / "copy")
+        reading = read_layout(run)
+        same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
+    assert run is not None and run.series("loss/current").replaced == 240  # type: ignore[union-attr]
