@@ -932,7 +932,7 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
     """Sums of the last ``span`` values (fewer at the array's start) ending at each index from
     ``skip`` on, added in one order (newest first) wherever the window is cut from: a run
     analysed in parts gives the very same floats as one analysed at once."""
-    if (len(x) - skip) * span <= 64:  # a watched step's few points: the same adds, in plain floats
+    if (len(x) - skip) * span <= 256:  # a watched step's few points: the same adds, in plain floats
         values = x.tolist()
         out = []
         for end in range(skip, len(values)):
