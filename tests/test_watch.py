@@ -271,8 +271,11 @@ def test_polling_mode_stops_the_trainer_too(tmp_path):
 @pytest.mark.skipif(not POSIX, reason="sends SIGINT to lrwatch")
 def test_ctrl_c_stops_lrwatch_cleanly_and_never_the_trainer(tmp_path):
     logs = tmp_path / "logs"
+    # Ctrl-C in a terminal reaches a foreground lrwatch; a suite run as a shell's background job
+    # would hand it SIGINT ignored, so its disposition is set back to the default here.
     watcher = lrwatch(str(logs), "--kill-on-spike", "--",
-                      *REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.05")
+                      *REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.05",
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while not list(logs.rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
         time.sleep(0.05)
