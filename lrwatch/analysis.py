@@ -25,7 +25,6 @@ from lrwatch.trainers import (
     PENDING,
     SAME,
     Reading,
-    fold_duplicate_groups,
     group_match,
     read_layout,
     twin_candidates,
@@ -377,8 +376,9 @@ class _RunRules:
         self.schedule = reading.schedule or known_schedule(run.config)
         tags = set(run.tags)
         groups = reading.tag_map.groups(tags)
-        self.groups = [_GroupRules(g, self.schedule, th) for g in fold_duplicate_groups(run, groups)]
         self.twins = [_TwinPair(g, k) for g, named in twin_candidates(groups) for k in named]
+        folded = self._compare_twins(run)  # kohya's twin groups: one group each
+        self.groups = [_GroupRules(g, self.schedule, th) for g in groups if g.name not in folded]
         self.loss_tag = reading.tag_map.loss_tag(tags)
         self.loss = _LossRules(self.loss_tag, th, reading.steps_per_update) if self.loss_tag else None
         used = {t for g in groups for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t}
@@ -406,14 +406,20 @@ class _RunRules:
                 raise _Stale(tag)
         self.seen = {t: (len(s.steps), s.replaced) for t in self.used if (s := run.series(t)) is not None}
 
-    def _check_twins(self, run: RunLike) -> None:
-        """Twins (``fold_duplicate_groups``) compared on their new points only; a fold that
-        changes changes the groups: analyse again."""
+    def _compare_twins(self, run: RunLike) -> set[str]:
+        """The ``group<i>`` groups that are twins of another group (kohya logs each group
+        twice), compared on their new points only."""
         for pair in self.twins:
             if pair.status != DIFFERS:  # (differing points stay: only appends are extended)
                 pair.status = group_match(run, pair.group, pair.twin, pair.compared)
                 pair.compared = min((len(s.steps) for t in pair.tags() if (s := run.series(t)) is not None), default=0)
-        folded = {pair.group.name for pair in self.twins if pair.status == SAME}
+        return {pair.group.name for pair in self.twins if pair.status == SAME}
+
+    def _check_twins(self, run: RunLike) -> None:
+        """A fold that changes changes the groups: analyse again."""
+        if not self.twins:
+            return
+        folded = self._compare_twins(run)
         kept = {r.group.name for r in self.groups}
         if folded & kept or any(pair.group.name not in folded | kept for pair in self.twins):
             raise _Stale("the groups folded as kohya's twins changed")

@@ -446,12 +446,6 @@ def read_layout(run: RunLike, trainer: str | None = None, tag_map: TagMap | None
 _GROUP_INDEX = re.compile(r"group\d+")
 
 
-def fold_duplicate_groups(run: RunLike, groups: list[Group]) -> list[Group]:
-    """kohya's current main logs every group twice (``lr/<desc>`` and, from a for-else,
-    ``lr/group<i>``): a ``group<i>`` whose series equal another group's is that group."""
-    return [g for g in groups if _twin_of(run, g, groups) is None]
-
-
 SAME, DIFFERS, PENDING = "same", "differs", "pending"
 
 
@@ -477,7 +471,9 @@ def group_match(run: RunLike, group: Group, twin: Group, start: int = 0) -> str:
 
 
 def twin_candidates(groups: list[Group]) -> list[tuple[Group, list[Group]]]:
-    """Each ``group<i>`` with the groups it may be a twin of, in the order they are tried."""
+    """Each ``group<i>`` with the groups it may be a twin of, in the order they are tried.
+    kohya's current main logs every group twice (``lr/<desc>`` and, from a for-else,
+    ``lr/group<i>``): a ``group<i>`` whose series equal another group's is that group."""
     named = [k for k in groups if not _GROUP_INDEX.fullmatch(k.name)]
     return [(g, named) for g in groups if _GROUP_INDEX.fullmatch(g.name)]
 
