@@ -821,6 +821,7 @@ class _LossRules:
         self.findings: list[Finding] = []
         self.finite_upto: int | None = None  # index of the first non-finite loss: the rules stop there
         self.spacing = _Spacing()
+        self.gap = 1.0  # spacing of all the points
         self.finite_spacing: float | None = None  # spacing of the points before the first non-finite one
         self.windows: tuple[int, int, int, int] | None = None
         self.base: float | None = None
@@ -874,7 +875,7 @@ class _LossRules:
         if self.base is None and self.base_known and n >= ref_n:
             notes.append(f"{self.tag} is zero or negative in the run's first steps: it is not compared with the base "
                          "model's (only its divergence and non-finite values are checked)")
-        if len(self.steps) and self.gap > self.per_update:  # fewer losses than optimizer updates
+        if self.gap > self.per_update:  # fewer losses than optimizer updates
             least = samples(self.gap, self.th.loss_reference, self.per_update)
             notes.append(f"{self.tag} is logged every {self.gap / self.per_update:g} steps: the loss rules take at "
                          f"least {least} losses per window ({least * self.gap / self.per_update:g} steps), so a fry "
