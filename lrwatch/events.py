@@ -24,15 +24,26 @@ _TENSOR_FIELDS = {DT_FLOAT: "float_val", DT_DOUBLE: "double_val", DT_HALF: "half
                   DT_INT64: "int64_val", DT_BFLOAT16: "half_val"}
 
 
+def _empty(dtype: type) -> np.ndarray:
+    a: np.ndarray = np.zeros(0, dtype)
+    a.flags.writeable = False
+    return a
+
+
+# An empty Scalars' columns are read-only views of these (the watcher makes one per flush
+# before filling it in: a view costs a fifth of a new empty array).
+_NO_IDS, _NO_STEPS, _NO_FLOATS = _empty(np.int32), _empty(np.int64), _empty(np.float64)
+
+
 @dataclass
 class Scalars:
     """Scalar points of one read, columnar. ``tag_ids`` index into ``tags``."""
 
     tags: list[str] = field(default_factory=list)
-    tag_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
-    wall_times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    tag_ids: np.ndarray = field(default_factory=_NO_IDS.view)
+    steps: np.ndarray = field(default_factory=_NO_STEPS.view)
+    values: np.ndarray = field(default_factory=_NO_FLOATS.view)
+    wall_times: np.ndarray = field(default_factory=_NO_FLOATS.view)
     hparams: dict[str, object] = field(default_factory=dict)
     undecodable: int = 0  # records that were not valid Event protos
 
@@ -72,7 +83,7 @@ def decode(buf: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> 
     tag_index: dict[str, int] = {}
     if len(starts) < VECTORISE_FROM:
         _, out.tag_ids, out.steps, out.values, out.wall_times = _decode_each(
-            buf, range(len(starts)), starts, lengths, out, tag_index)
+            buf, None, starts, lengths, out, tag_index)
         return out
     u8 = np.frombuffer(buf, dtype=np.uint8)
     chunks: list[tuple[np.ndarray, ...]] = []  # (record index, tag id, step, value, wall time)
@@ -260,12 +271,18 @@ def _event_proto() -> Any:
 
 
 def _decode_each(buf, records, starts, lengths, out: Scalars, index: dict[str, int]):
-    """Record by record: add_scalar's layout in plain Python, anything else with the proto."""
-    record_of, tag_ids, steps, values, walls = [], [], [], [], []
+    """Record by record: add_scalar's layout in plain Python, anything else with the proto.
+    ``records`` numbers the records for the caller that merges them in file order; None when
+    it does not (then the record numbers returned are None too)."""
+    record_of: list[int] = []
+    tag_ids: list[int] = []
+    steps: list[int] = []
+    values: list[float] = []
+    walls: list[float] = []
     data = bytes(buf)
     mv = memoryview(data)
     event_proto: Any = None
-    for r, s, n in zip(records, starts.tolist(), lengths.tolist()):
+    for r, s, n in zip(range(len(starts)) if records is None else records, starts.tolist(), lengths.tolist()):
         scalar = _torch_scalar(data, s, n)
         if scalar is _NOT_A_SCALAR:
             continue
@@ -305,8 +322,8 @@ def _decode_each(buf, records, starts, lengths, out: Scalars, index: dict[str, i
             steps.append(event.step)
             values.append(number)
             walls.append(event.wall_time)
-    return (np.asarray(record_of, np.int64), np.asarray(tag_ids, np.int32), np.asarray(steps, np.int64),
-            np.asarray(values, np.float64), np.asarray(walls, np.float64))
+    return (None if records is None else np.asarray(record_of, np.int64), np.asarray(tag_ids, np.int32),
+            np.asarray(steps, np.int64), np.asarray(values, np.float64), np.asarray(walls, np.float64))
 
 
 def _scalar_of(value) -> float | None:

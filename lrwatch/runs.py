@@ -7,6 +7,7 @@ Folders named by a unix timestamp inside a run (torch's ``add_hparams``) and an
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -216,27 +217,28 @@ class Run:
             self.damage += [(path, d) for d in batch.damage]
             self.config.update(batch.scalars.hparams)
             if len(batch.scalars):
-                self._add(batch.scalars)
+                self.new_nonfinite = self._add(batch.scalars) or self.new_nonfinite
                 new_points += len(batch.scalars)
-                self.new_nonfinite = self.new_nonfinite or not np.isfinite(batch.scalars.values).all()
         if not self.single_file and relist:
             self._read_hparams_yml()
         return new_points
 
-    def _add(self, scalars) -> None:
+    def _add(self, scalars) -> bool:
+        """Keep the points; True if any value is NaN or infinite."""
         # Files are read in creation order and each file in write order, so concatenation order
         # is write order, which is what resolve_relogged needs.
         self._step_range_known = False
         if len(scalars) <= SMALL_ADD:
             tags = scalars.tags
+            values = scalars.values.tolist()
             for tag_id, step, value, wall in zip(scalars.tag_ids.tolist(), scalars.steps.tolist(),
-                                                 scalars.values.tolist(), scalars.wall_times.tolist()):
+                                                 values, scalars.wall_times.tolist()):
                 chunks = self._chunks.get(tags[tag_id])
                 if chunks is None:
                     chunks = self._chunks[tags[tag_id]] = _TagChunks()
                 chunks.tail.append((step, value, wall))
                 chunks.merged = None
-            return
+            return not all(map(math.isfinite, values))
         for tag_id, tag in enumerate(scalars.tags):
             sel = scalars.tag_ids == tag_id
             if not sel.any():
@@ -247,6 +249,7 @@ class Run:
             chunks.values.append(scalars.values[sel])
             chunks.walls.append(scalars.wall_times[sel])
             chunks.merged = None
+        return not bool(np.isfinite(scalars.values).all())
 
     def writer_evidence(self) -> dict[Path, float | None]:
         """Each event file with the wall time of its first record (who wrote it, and when)."""

@@ -53,6 +53,23 @@ def test_a_single_event_file_is_a_run():
     assert run.series("lr/unet").steps[-1] == 600
 
 
+def test_a_read_that_brings_a_nonfinite_value_marks_the_run_whatever_its_size(tmp_path):
+    """The watcher analyses such a run at once (Monitor._throttled): a watched step's few points
+    and a long read take different paths, and both must say so."""
+    for n in (3, 100):  # one by one, and per tag with numpy
+        for bad in (float("nan"), float("inf"), None):
+            folder = tmp_path / f"{n}-{bad}"
+            values = [0.1] * n
+            if bad is not None:
+                values[n // 2] = bad
+            write_scalars(folder, {"loss/current": list(enumerate(values, 1))})
+            run = Run(folder)
+            assert run.refresh() == n
+            assert run.new_nonfinite is (bad is not None), (n, bad)
+            run.refresh()  # nothing new: nothing non-finite read
+            assert run.new_nonfinite is False
+
+
 def test_after_a_resume_the_newer_file_wins_for_overlapping_steps():
     label = LABELS["prodigy_resumed"]
     run = Run(fixture_run("prodigy_resumed"))
