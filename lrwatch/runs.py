@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,7 +97,7 @@ class GrowingArray:
         self.n = 0
         self._view: np.ndarray | None = None
 
-    def extend(self, x: np.ndarray) -> None:
+    def extend(self, x: np.ndarray | Sequence[float]) -> None:
         need = self.n + len(x)
         if need > len(self.data):
             grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
@@ -314,15 +315,31 @@ class Run:
         if chunks is None:
             return None
         if chunks.merged is None:
-            chunks.flush_tail()
-            chunks.merged = self._merged(chunks)
+            appended = self._appended(chunks)
+            chunks.merged = appended if appended is not None else self._merged(chunks)
         return chunks.merged
+
+    @staticmethod
+    def _appended(chunks: _TagChunks) -> Series | None:
+        """The watched case, in plain Python: only a step or a few read one by one, each past
+        the last; None (nothing done) for anything else, which ``_merged`` resolves."""
+        if chunks.steps or not chunks.tail:
+            return None
+        steps, values, walls = zip(*chunks.tail)
+        last = chunks.series[0]
+        if last.n and steps[0] <= last.data[last.n - 1] or any(a >= b for a, b in zip(steps, steps[1:])):
+            return None
+        chunks.tail = []
+        for part, new in zip(chunks.series, (steps, values, walls)):
+            part.extend(new)
+        return Series(chunks.series[0].view, chunks.series[1].view, chunks.series[2].view, chunks.replaced)
 
     @staticmethod
     def _merged(chunks: _TagChunks) -> Series:
         """The series with the points read since it was last asked for. Points that only go on
         (steps rising past the last one) are appended, at the cost of what was added; steps
         that go back or repeat are resolved over the whole series (``resolve_relogged``)."""
+        chunks.flush_tail()
         merged = chunks.series
         steps = chunks.steps[0] if len(chunks.steps) == 1 else np.concatenate(chunks.steps)
         values = chunks.values[0] if len(chunks.values) == 1 else np.concatenate(chunks.values)
