@@ -364,7 +364,7 @@ class Analyser:
 
 def _reading_key(run: RunLike, reading: Reading) -> tuple:
     return (reading.layout.name, reading.why, reading.tag_map, reading.schedule, tuple(reading.notes),
-            reading.steps_per_update, tuple(run.tags), repr(run.config))
+            reading.steps_per_update, tuple(run.tags), run.config_version)
 
 
 class _RunRules:

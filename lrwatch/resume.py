@@ -81,6 +81,10 @@ class JoinedRun:
         self.config, self.config_problems = later.config, later.config_problems
 
     @property
+    def config_version(self) -> int:
+        return self.later.config_version
+
+    @property
     def tags(self) -> list[str]:
         return sorted(set(self.earlier.tags if self.earlier else ()) | set(self.later.tags))
 

@@ -80,6 +80,10 @@ class RunLike(Protocol):
     config_problems: list[str]
 
     @property
+    def config_version(self) -> int:
+        """Changes whenever ``config`` does: cheaper to compare than the config itself."""
+
+    @property
     def tags(self) -> list[str]: ...
 
     def series(self, tag: str) -> Series | None: ...
@@ -167,6 +171,7 @@ class Run:
             self.name = str(self.path)
         self.files: dict[Path, EventFile] = {}
         self.config: dict[str, object] = {}
+        self.config_version = 0  # bumped at every change of ``config``
         self.damage: list[tuple[Path, Damage]] = []
         self.file_errors: dict[Path, str] = {}  # files that could not be read at the last attempt
         self.rewritten: set[Path] = set()  # files replaced by shorter or different ones, read again from the start
@@ -216,7 +221,9 @@ class Run:
                 self.rewritten.add(path)
             self.pending_bytes += batch.pending
             self.damage += [(path, d) for d in batch.damage]
-            self.config.update(batch.scalars.hparams)
+            if batch.scalars.hparams:
+                self.config.update(batch.scalars.hparams)
+                self.config_version += 1
             if len(batch.scalars):
                 self.new_nonfinite = self._add(batch.scalars) or self.new_nonfinite
                 new_points += len(batch.scalars)
@@ -277,6 +284,7 @@ class Run:
                 continue
             for key, value in loaded.items():
                 self.config.setdefault(str(key), value)
+            self.config_version += 1
 
     # -- series ------------------------------------------------------------------------------
     @property

@@ -156,3 +156,34 @@ def test_a_step_logged_again_across_reads_keeps_its_last_write(tmp_path):
         reading = read_layout(run)
         same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
     assert run is not None and run.series("loss/current").replaced == 240  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("how", ["hparams.yml", "add_hparams"])
+def test_a_config_that_arrives_after_the_points_is_used_at_the_next_update(tmp_path, how):
+    """accelerate logs the config (kohya's) whenever it gets to it, as add_hparams' event file in a
+    subfolder or as hparams.yml: the schedule it names (restarts known ahead) must replace the
+    one guessed from the lr, as a full analysis has it."""
+    steps = range(1, 251)
+    lr = [(s, 0.5 * (1 + np.cos(np.pi * ((s - 1) % 100) / 100))) for s in steps]
+    points = {"lr/unet": lr, "lr/d*lr/unet": [(s, 1e-4 * v * (1 + s / 100)) for s, v in lr],
+              "loss/current": [(s, 0.1) for s in steps]}
+    write_scalars(tmp_path / "run", points)
+    run = Run(tmp_path / "run")
+    run.refresh()
+    analyser = Analyser()
+    before = analyser.update(run, read_layout(run))
+    assert before.schedule is None
+    config = {"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 4, "max_train_steps": 400,
+              "lr_warmup_steps": 0}
+    if how == "hparams.yml":
+        (tmp_path / "run" / "hparams.yml").write_text("".join(f"{k}: {v}\n" for k, v in config.items()))
+    else:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(tmp_path / "run")) as writer:
+            writer.add_hparams(config, {})
+    run.refresh()
+    reading = read_layout(run)
+    got = analyser.update(run, reading)
+    assert got.schedule is not None and got.groups[0].next_restart == 300
+    same_analysis(got, analyze(run, reading=reading))
