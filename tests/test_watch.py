@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,6 +69,27 @@ def test_a_launched_trainer_is_stopped_before_the_recorded_blowup(tmp_path):
     assert "sent SIGINT" in err or not POSIX
     assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
     assert "verdict: CRITICAL" in out
+
+
+def test_a_launcher_whose_child_writes_the_run_is_stopped_as_the_trainer(tmp_path):
+    """`accelerate launch` (or a shell script) starts the process that writes the event file: the
+    file names the child's pid, and the child is lrwatch's to stop because it descends from the
+    command lrwatch launched (its process tree is looked at while it lives)."""
+    logs = tmp_path / "logs"
+    launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+                *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"]
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--grace-int", "5", "--", *launcher))
+    assert code == 1, err
+    assert "stopping the trainer after runaway_d at step 119" in err
+    assert "no trainer process provably writes" not in err
+    assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
+    (event_file,) = logs.rglob("events.out.tfevents.*")
+    parsed = parse_writer_name(event_file)
+    launched = re.search(r"stopping the trainer after \S+ at step \d+: pid (\d+)", err)
+    assert parsed is not None and launched is not None and parsed[2] != int(launched.group(1))  # the child wrote it
+    if POSIX:
+        signalled = re.search(r"sent SIGINT to pid\(s\) ([\d, ]+)", err)
+        assert signalled is not None and str(parsed[2]) in signalled.group(1).split(", ")
 
 
 def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights(tmp_path):
