@@ -8,6 +8,7 @@ finding is measured. Prints lrwatch's CPU (share of one core) and the finding la
     python bench/bench_load.py [--runs 200] [--rate 5] [--seconds 20] [--poll 0.5] [--per-flush 1] [--history 20]
     python bench/bench_load.py --runs 1 --rate 1667 --per-flush 4   # one run at 5,000 events/s
     python bench/bench_load.py --history 10000   # 200 runs that are 10,000 steps long already
+    python bench/bench_load.py --launched        # lrwatch launches a (sleeping) trainer and guards it
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def step_bytes(step: int, dlr: float, steps: int = 1) -> bytes:
 
 
 def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None,
-             per_flush: int = 1, history: int = 20) -> dict:
+             per_flush: int = 1, history: int = 20, launched: bool = False) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
     files = []
     past = step_bytes(1, 0.01, history)  # the same past for every run
@@ -65,6 +66,8 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
         files.append(path)
     args = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "lrwatch", str(OUT),
             "--until-idle", "3"] + (["--poll", str(poll)] if poll else [])
+    if launched:  # the design card's use: lrwatch starts the trainer, and follows its process tree
+        args += ["--", sys.executable, "-c", "import time; time.sleep(3600)"]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen: dict[int, float] = {}
     ready = threading.Event()
@@ -113,7 +116,10 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
     threads_after = {t.id: t.user_time + t.system_time for t in watcher.threads()}
     elapsed = time.monotonic() - t0
     main_cpu = (threads_after.get(proc.pid, 0.0) - threads_before.get(proc.pid, 0.0)) / elapsed
-    proc.wait(30)  # it ends 3 s after the last write (--until-idle)
+    trainer = watcher.children()
+    proc.wait(30)  # it ends 3 s after the last write (--until-idle), leaving a launched trainer running
+    for child in trainer:
+        child.kill()
     lat = [(seen[v] - injected[v]) * 1000 for v in injected if v in seen]
     ordered = sorted(lat)
     return {"cpu": cpu * 100, "main": main_cpu * 100, "n": len(lat), "lost": len(injected) - len(lat),
@@ -132,12 +138,14 @@ def main() -> None:
                     help="steps written at once (torch's SummaryWriter flushes every 10 events by default)")
     ap.add_argument("--history", type=int, default=20, help="steps each run has before the watch starts")
     ap.add_argument("--profile", metavar="FILE", help="run the watcher under cProfile, stats to FILE")
+    ap.add_argument("--launched", action="store_true", help="lrwatch launches a trainer (one that sleeps) and guards it")
     args = ap.parse_args()
     print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s, {args.per_flush} step(s) per flush)"
-          f" for {args.seconds:g} s, after {args.history} steps each")
+          f" for {args.seconds:g} s, after {args.history} steps each" + (", a launched trainer" if args.launched else ""))
     print(f"{'mode':16s} {'CPU':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
-        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush, args.history)
+        r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush, args.history,
+                     args.launched)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
         print(f"{mode:16s} {r['cpu']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
     print("(CPU: lrwatch's share of one core while the runs are written, and of it the main thread's (the rest is "

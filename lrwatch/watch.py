@@ -520,8 +520,6 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                         stopper.on_critical(state, finding)
                 if changed:
                     stopper.tick(monitor)  # every pass: a stop planned for a step must not wait
-                    if guarded is not None:
-                        guarded.refresh()  # its children, seen while they live (a writer may be one)
                 books_due = books_due or changed or snapshots_changed
                 if books_due and (new or time.monotonic() - last_books >= BOOKKEEPING):
                     # What looks at every run (verdicts, export, notes, status lines, writers) runs at
@@ -535,6 +533,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     board.draw(monitor.runs)
                     if guarded is None:
                         _track_writers(monitor, writers, tried_writers)
+                    else:  # its children, seen while they live (a writer may be one); a stop looks again
+                        guarded.refresh()  # (a scan of every process: not once per file event)
             except Exception as e:
                 survive(e, "watching")
 
