@@ -9,6 +9,7 @@ finding is measured. Prints lrwatch's CPU (share of one core) and the finding la
     python bench/bench_load.py --runs 1 --rate 1667 --per-flush 4   # one run at 5,000 events/s
     python bench/bench_load.py --history 10000   # 200 runs that are 10,000 steps long already
     python bench/bench_load.py --launched        # lrwatch launches a (sleeping) trainer and guards it
+    python bench/bench_load.py --files 3         # each run has 2 more event files (a resume, kohya's config)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def step_bytes(step: int, dlr: float, steps: int = 1) -> bytes:
 
 
 def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None,
-             per_flush: int = 1, history: int = 20, launched: bool = False) -> dict:
+             per_flush: int = 1, history: int = 20, launched: bool = False, files_per_run: int = 1) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
     files = []
     past = step_bytes(1, 0.01, history)  # the same past for every run
@@ -64,6 +65,11 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
             RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
             fh.write(past)
         files.append(path)
+        for k in range(1, files_per_run):  # finished files that stay: a resume's earlier one, add_hparams' folder
+            extra = folder / f"{1600000000 + k}.5" / f"events.out.tfevents.{1600000000 + k}.bench.{i + 10}.{k}"
+            extra.parent.mkdir()
+            with open(extra, "wb") as fh:
+                RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
     args = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "lrwatch", str(OUT),
             "--until-idle", "3"] + (["--poll", str(poll)] if poll else [])
     if launched:  # the design card's use: lrwatch starts the trainer, and follows its process tree
@@ -139,13 +145,15 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=20, help="steps each run has before the watch starts")
     ap.add_argument("--profile", metavar="FILE", help="run the watcher under cProfile, stats to FILE")
     ap.add_argument("--launched", action="store_true", help="lrwatch launches a trainer (one that sleeps) and guards it")
+    ap.add_argument("--files", type=int, default=1, help="event files per run (all but one finished, as after a resume)")
     args = ap.parse_args()
     print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s, {args.per_flush} step(s) per flush)"
-          f" for {args.seconds:g} s, after {args.history} steps each" + (", a launched trainer" if args.launched else ""))
+          f" for {args.seconds:g} s, after {args.history} steps each" + (", a launched trainer" if args.launched else "")
+          + (f", {args.files} event files per run" if args.files > 1 else ""))
     print(f"{'mode':16s} {'CPU':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
         r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush, args.history,
-                     args.launched)
+                     args.launched, args.files)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
         print(f"{mode:16s} {r['cpu']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
     print("(CPU: lrwatch's share of one core while the runs are written, and of it the main thread's (the rest is "

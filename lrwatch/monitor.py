@@ -153,8 +153,12 @@ class Monitor:
                     self._named = None
         return new
 
-    def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True) -> list[tuple[RunState, Finding]]:
-        """Read what is new (in the given runs, or all) and return findings not reported before."""
+    def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True,
+             written: dict[Path, set[Path]] | None = None) -> list[tuple[RunState, Finding]]:
+        """Read what is new (in the given runs, or all) and return findings not reported before.
+        ``written``: by run, the event files that file events said were written; a run's other
+        files are read only when its folder is listed again (every ``RELIST_INTERVAL`` s, or for
+        a file it does not know): a resumed run has a file per start, kohya's config its own."""
         if rediscover:
             self.discover()
         out: list[tuple[RunState, Finding]] = []
@@ -170,7 +174,8 @@ class Monitor:
                 relist = not self.live or now - state.listed_at >= RELIST_INTERVAL
                 if relist:
                     state.listed_at = now
-                new_points = state.run.refresh(relist)
+                only = None if written is None or relist else written.get(state.run.path, set())
+                new_points = state.run.refresh(relist, only)
                 self.points_read += new_points
                 if not new_points and state.analysis is not None and not state.stale:
                     continue

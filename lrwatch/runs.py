@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -177,7 +177,7 @@ class Run:
         self.rewritten: set[Path] = set()  # files replaced by shorter or different ones, read again from the start
         self.new_nonfinite = False  # the last refresh read a NaN or inf (a blow-up: analyse it at once)
         self._listed: list[Path] = []  # the event files found by the last listing
-        self.pending_bytes = 0
+        self._pending: dict[Path, int] = {}  # bytes of an unfinished record at each file's end
         self._chunks: dict[str, _TagChunks] = {}
         self._dropped: tuple[list[str], int] | None = None  # (tags, superseded points) once points are dropped
         self._step_range: tuple[int, int] | None = None  # (first, last) step over every tag
@@ -199,16 +199,19 @@ class Run:
                 found.append(entry)
         return sorted(found, key=_file_order)
 
-    def refresh(self, relist: bool = True) -> int:
+    def refresh(self, relist: bool = True, only: Collection[Path] | None = None) -> int:
         """Read what is new in every file of the run; return the number of new scalar points.
         ``relist=False`` reads the files already known without listing the folder again (the
-        watcher relists on its own schedule: a listing costs more than reading a new step)."""
+        watcher relists on its own schedule: a listing costs more than reading a new step);
+        ``only``, without a listing: just these of them (the files written, as file events tell)."""
         new_points = 0
-        self.pending_bytes = 0
         self.new_nonfinite = False
-        if relist or not self.files:
+        listed = relist or not self.files
+        if listed:
             self._listed = self.event_files()
         for path in self._listed:
+            if only is not None and not listed and path not in only:
+                continue
             loader = self.files.get(path)
             if loader is None:
                 loader = self.files[path] = EventFile(path)
@@ -219,7 +222,7 @@ class Run:
             self.file_errors.pop(path, None)
             if batch.restarted:
                 self.rewritten.add(path)
-            self.pending_bytes += batch.pending
+            self._pending[path] = batch.pending
             self.damage += [(path, d) for d in batch.damage]
             if batch.scalars.hparams:
                 self.config.update(batch.scalars.hparams)
@@ -258,6 +261,11 @@ class Run:
             chunks.walls.append(scalars.wall_times[sel])
             chunks.merged = None
         return not bool(np.isfinite(scalars.values).all())
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of unfinished records at the ends of the files (a trainer mid-write, or a cut file)."""
+        return sum(self._pending.get(path, 0) for path in self._listed)
 
     def writer_evidence(self) -> dict[Path, float | None]:
         """Each event file with the wall time of its first record (who wrote it, and when)."""

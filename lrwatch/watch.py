@@ -91,7 +91,7 @@ class Watcher:
         self.remote_every = poll or REMOTE_POLL
         self._last_remote = time.monotonic()
         self._last_take = 0.0
-        self._run_of: dict[str, Path] = {}  # an event file's path, as the observer spells it -> its run
+        self._run_of: dict[str, tuple[Path, Path]] = {}  # an event file as the observer spells it -> (run, file)
 
     def start(self) -> None:
         self.schedule_new_roots()
@@ -131,9 +131,9 @@ class Watcher:
         self._scheduled.clear()
         self.schedule_new_roots()
 
-    def wait(self, timeout: float) -> tuple[set[Path], bool, bool]:
-        """Block until something changes (or ``timeout``): (changed known runs, whether to
-        rediscover, whether a snapshot folder changed)."""
+    def wait(self, timeout: float) -> tuple[dict[Path, set[Path]], bool, bool]:
+        """Block until something changes (or ``timeout``): (changed known runs, each with the
+        event files written in it, whether to rediscover, whether a snapshot folder changed)."""
         if self.events.wait(timeout):
             time.sleep(max(0.0, COALESCE - (time.monotonic() - self._last_take)))
         self._last_take = time.monotonic()
@@ -150,23 +150,26 @@ class Watcher:
                 snapshots_changed = True
             else:
                 rediscover = True
-        runs: set[Path] = set()
+        runs: dict[Path, set[Path]] = {}
         for name in written:
-            run = self._run_of.get(name)
-            if run is None or run not in self.monitor.states:
+            known = self._run_of.get(name)
+            if known is not None and known[0] in self.monitor.states:
+                run, path = known
+            else:
                 path = Path(name)
                 if self._in_snapshot_folder(path):
                     snapshots_changed = True
                     continue
-                run = self.monitor.run_for(path)
-                if run is None:
+                found = self.monitor.run_for(path)
+                if found is None:
                     rediscover = True  # a new run folder or event file
                     continue
+                run = found
                 if path == run or path in self.monitor.states[run].run.files:
-                    self._run_of[name] = run
+                    self._run_of[name] = (run, path)
                 else:
                     self.monitor.states[run].listed_at = -1e9  # a file the run does not know yet: list its folder
-            runs.add(run)
+            runs.setdefault(run, set()).add(path)
         return runs, rediscover, snapshots_changed
 
     def _in_snapshot_folder(self, path: Path) -> bool:
@@ -498,7 +501,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
         time.sleep(min(2.0, 0.1 * failures))
 
     try:
-        runs: set[Path] = set()
+        runs: dict[Path, set[Path]] = {}  # run -> its event files written since the last pass
         rediscover, snapshots_changed = True, True
         books_due, last_books = True, 0.0
         while True:
@@ -508,7 +511,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     new = monitor.poll()
                     last_full = time.monotonic()
                 else:
-                    new = monitor.poll(runs, rediscover=False) if runs else []
+                    new = monitor.poll(set(runs), rediscover=False, written=runs) if runs else []
                 changed = bool(runs or new or rediscover)
                 if new or monitor.points_read != points_before or (runs and not watcher.remote):
                     last_data = time.monotonic()  # a remote pass that found nothing new is not data
@@ -555,8 +558,9 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     timeout=0.5 if options.poll is None else min(0.5, options.poll))
             except Exception as e:
                 survive(e, "waiting for changes")
-                runs, rediscover, snapshots_changed = set(), True, True  # then look at everything again
-            runs |= monitor.stale_runs()
+                runs, rediscover, snapshots_changed = {}, True, True  # then look at everything again
+            for path in monitor.stale_runs():  # points read, analysis put off: nothing to read
+                runs.setdefault(path, set())
     except KeyboardInterrupt:
         alive = launched_proc or writers or given
         reason = "interrupted (the trainer was left running)" if alive else "interrupted"

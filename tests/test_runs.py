@@ -70,6 +70,45 @@ def test_a_read_that_brings_a_nonfinite_value_marks_the_run_whatever_its_size(tm
             assert run.new_nonfinite is False
 
 
+def _scalar_record(step: int, tag: str, value: float) -> bytes:
+    """One record as torch's add_scalar frames it."""
+    import io
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    RecordWriter(buf).write(Event(wall_time=1.0, step=step, summary=Summary(
+        value=[Summary.Value(tag=tag, simple_value=value)])).SerializeToString())
+    return buf.getvalue()
+
+
+def test_a_refresh_told_which_files_were_written_reads_only_those_and_keeps_the_others_unfinished_records(tmp_path):
+    """The watcher names the files that file events named; a run's other files (a resumed
+    run's earlier ones, kohya's config file) are left alone until the folder is listed again."""
+    first = write_scalars(tmp_path, {"loss/current": [(s, 0.1) for s in range(1, 11)]})
+    second = write_scalars(tmp_path, {"lr/unet": [(s, 1.0) for s in range(1, 11)]})  # a second writer's file
+    assert first != second
+    run = Run(tmp_path)
+    assert run.refresh() == 20
+    half = _scalar_record(11, "lr/unet", 1.0)
+    with open(second, "ab") as fh:
+        fh.write(half[:10])  # a record the trainer is still writing
+    with open(first, "ab") as fh:
+        fh.write(_scalar_record(11, "loss/current", 0.2))
+    assert run.refresh(relist=False) == 1 and run.pending_bytes == 10
+    with open(second, "ab") as fh:
+        fh.write(half[10:])
+    with open(first, "ab") as fh:
+        fh.write(_scalar_record(12, "loss/current", 0.3))
+    assert run.refresh(relist=False, only={first}) == 1  # step 12 of the loss, not the lr's step 11
+    assert run.pending_bytes == 10  # the other file's unfinished record is still there, and still counted
+    assert run.series("lr/unet").steps[-1] == 10
+    assert run.refresh(relist=False) == 1 and run.pending_bytes == 0
+    assert run.series("lr/unet").steps[-1] == 11 and run.series("loss/current").steps[-1] == 12
+
+
 def test_after_a_resume_the_newer_file_wins_for_overlapping_steps():
     label = LABELS["prodigy_resumed"]
     run = Run(fixture_run("prodigy_resumed"))
