@@ -146,6 +146,13 @@ class _TagChunks:
             self.walls.append(np.asarray(walls, np.float64))
             self.tail = []
 
+    def extended(self, steps: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray,
+                 walls: Sequence[float] | np.ndarray) -> Series:
+        """The series with these points (steps past its last) appended: views, no copies."""
+        for part, new in zip(self.series, (steps, values, walls)):
+            part.extend(new)
+        return Series(self.series[0].view, self.series[1].view, self.series[2].view, self.replaced)
+
 
 def resolve_relogged(steps: np.ndarray) -> np.ndarray:
     """Mask of points to keep when steps go back (a resume): a point is superseded by any
@@ -346,9 +353,7 @@ class Run:
         if last.n and steps[0] <= last.data[last.n - 1] or any(a >= b for a, b in zip(steps, steps[1:])):
             return None
         chunks.tail = []
-        for part, new in zip(chunks.series, (steps, values, walls)):
-            part.extend(new)
-        return Series(chunks.series[0].view, chunks.series[1].view, chunks.series[2].view, chunks.replaced)
+        return chunks.extended(steps, values, walls)
 
     @staticmethod
     def _merged(chunks: _TagChunks) -> Series:
@@ -379,9 +384,7 @@ class Run:
                 chunks.superseded += int(went_back.sum())
                 chunks.replaced += len(dropped)
                 steps, values, walls = steps[keep], values[keep], walls[keep]
-        for part, new in zip(merged, (steps, values, walls)):
-            part.extend(new)
-        return Series(merged[0].view, merged[1].view, merged[2].view, chunks.replaced)
+        return chunks.extended(steps, values, walls)
 
     @property
     def superseded_points(self) -> int:
