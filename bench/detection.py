@@ -6,7 +6,7 @@ held-out eval loss, never by lrwatch).
                               [threshold options, e.g. --risk-critical 6]
 
 Prints, per split (thresholds are chosen on the train seeds and reported on the eval
-seeds): fried runs caught by a critical finding before their first fried eval step,
+seeds and on the held-out seeds, added later and never used for a choice): fried runs caught by a critical finding before their first fried eval step,
 healthy runs with a critical finding, the median lead time, and snapshot verdict
 accuracy (fried/at_risk exactly where the snapshot's own eval loss says fried).
 ``--every K`` judges the runs as a trainer that logs every K-th step would have written them
@@ -33,7 +33,10 @@ from lrwatch.analysis import CRITICAL, Thresholds  # noqa: E402
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS  # noqa: E402
 
 CORPUS = ROOT / "fixtures" / "corpus"
-SPLITS = {"train": (0, 1), "eval": (2, 3)}
+# train: thresholds are chosen on these; eval: reported on these (but seen while rules were
+# compared, README); later: added a pair at a time, each pair's first run through lrwatch led
+# to a change of the loss-level rule; fresh: added after the last change, run as they came.
+SPLITS = {"train": (0, 1), "eval": (2, 3), "later": (4, 5, 6, 7), "fresh": (8, 9)}
 
 
 def every_kth_step(name: str, k: int, dest: Path) -> Path:
@@ -115,7 +118,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--split", choices=["train", "eval", "all"], default="all")
+    ap.add_argument("--split", choices=[*SPLITS, "all"], default="all")
     ap.add_argument("--runs", action="store_true", help="one line per run")
     ap.add_argument("--every", type=int, default=1, help="keep every K-th step's points (a sparse logger)")
     ap.add_argument("--fried-loss", type=float, default=DEFAULT_FRIED_LOSS, help="as lrwatch's --fried-loss")

@@ -52,9 +52,11 @@ class Thresholds:
     loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
     # The loss against the base model's (a LoRA's B starts at zero, so the first steps are the
     # base model): chosen on the realistic corpus's train seeds (README).
-    loss_above_base: float = 3.2  # geometric mean of the last `loss_base_window` steps / the first steps'
+    loss_above_base: float = 2.1  # geometric mean of the last `loss_base_window` steps / the base's, ...
     loss_base_window: int = 10
     loss_reference: int = 10  # the first steps, whose geometric mean is the base model's loss
+    loss_noise_sigmas: float = 2.0  # ... over this many standard errors of that ratio, from the first losses'
+    # spread: at batch 1 the ratio of two 10-loss geometric means swings ~1.5x by chance alone
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
 
@@ -72,6 +74,8 @@ class Thresholds:
             raise ValueError("restart_jump must be in (0, 1]")
         if not 0 <= self.tiny_lr < 1:
             raise ValueError("tiny_lr must be in [0, 1)")
+        if not (math.isfinite(self.loss_noise_sigmas) and self.loss_noise_sigmas >= 0):
+            raise ValueError("loss_noise_sigmas must be finite and at least 0")
 
 
 @dataclass
@@ -825,6 +829,7 @@ class _LossRules:
         self.finite_spacing: float | None = None  # spacing of the points before the first non-finite one
         self.windows: tuple[int, int, int, int] | None = None
         self.base: float | None = None
+        self.noise = 1.0  # the factor the level-over-base ratio may reach by chance (Thresholds.loss_noise_sigmas)
         self.base_known = False
         self.level_from = 0  # the first window end not checked yet (loss above base)
         self.above_found = False
@@ -862,8 +867,10 @@ class _LossRules:
         if not self.base_known and n >= ref_n:
             self.base_known = True
             self.base = _base_loss(all_loss[:n], ref_n)
+            if self.base is not None:
+                self.noise = _ratio_noise(all_loss[:ref_n], w, th.loss_noise_sigmas)
         if self.base is not None and not self.above_found:
-            self._above_base(all_loss, n, ref_n, w)
+            self._above_base(all_loss, n, ref_n, w, self.base)
         if not self.diverged:
             self._divergence(all_loss, n, smooth_n, grace)
 
@@ -882,20 +889,20 @@ class _LossRules:
                          "shows there later than in a run that logs every step")
         return notes
 
-    def _above_base(self, loss: np.ndarray, n: int, ref_n: int, w: int) -> None:
+    def _above_base(self, loss: np.ndarray, n: int, ref_n: int, w: int, base: float) -> None:
         """The loss far above the base model's: the geometric mean of the last few steps over
-        the base's. This catches fries within the first cycle, which the best-so-far rule
-        cannot (its best is taken after d's warm-up). A single huge step still counts, as it
-        should. Values at or below zero count as a tiny loss. ``w`` and ``ref_n``: the losses
-        the level and the base take."""
-        base = self.base
+        the base's, beyond what chance gives (``self.noise``). This catches fries within the
+        first cycle, which the best-so-far rule cannot (its best is taken after d's warm-up).
+        A single huge step still counts, as it should. Values at or below zero count as a tiny
+        loss. ``w`` and ``ref_n``: the losses the level and the base take."""
+        bound = base * self.noise
         first = max(self.level_from, w - 1, ref_n)  # window ends
         self.level_from = max(self.level_from, n)
         if first >= n:
             return
-        logs = np.log(np.maximum(loss[first - w + 1 : n], base * TINY_LOSS))  # type: ignore[operator]
+        logs = np.log(np.maximum(loss[first - w + 1 : n], base * TINY_LOSS))
         level = np.exp(_window_sums(logs, w, w - 1) / w)
-        k = _first(level >= self.th.loss_above_base * base)  # type: ignore[operator]
+        k = _first(level >= self.th.loss_above_base * bound)
         if k is None:
             return
         self.above_found = True
@@ -905,9 +912,10 @@ class _LossRules:
             "blowup", CRITICAL, None, int(steps[i]),
             f"{self.tag} far above the base model's: geometric mean of the last {w} losses (steps "
             f"{int(steps[i - w + 1])}-{int(steps[i])}) {level[k]:.3g} is {level[k] / base:.1f}x the first {ref_n}'s "
-            f"(steps {int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g})",
-            {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
-             "baseline": base},
+            f"(steps {int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g}), {level[k] / bound:.1f}x beyond the "
+            f"{self.noise:.2f}x their spread allows by chance",
+            {"what": "loss_above_base", "ratio": round(float(level[k] / bound), 4), "loss": float(level[k]),
+             "baseline": base, "noise": round(self.noise, 4), "ratio_to_baseline": round(float(level[k] / base), 4)},
         ))
 
     def _divergence(self, loss: np.ndarray, n: int, smooth_n: int, grace: int) -> None:
@@ -966,6 +974,18 @@ def _base_loss(loss: np.ndarray, ref_n: int) -> float | None:
     if len(loss) < ref_n or not np.all(loss[:ref_n] > 0):
         return None
     return geometric_mean(loss[:ref_n])
+
+
+def _ratio_noise(first: np.ndarray, w: int, sigmas: float) -> float:
+    """How far, as a factor, the ratio of a ``w``-loss geometric mean to the base's (that of
+    ``first``) reaches by chance: ``sigmas`` standard errors, exp(sigmas * s * sqrt(1/n + 1/w))
+    with s the spread (sd) of the first losses' logs. A diffusion loss swings with the random
+    timestep (s ~0.9 at batch 1, ~0.4 at batch 4), so at batch 1 two 10-loss means differ by
+    ~1.5x at one standard error, at batch 4 by ~1.2x."""
+    if len(first) < 2:
+        return 1.0
+    spread = float(np.std(np.log(first), ddof=1))
+    return math.exp(sigmas * spread * math.sqrt(1 / len(first) + 1 / w))
 
 
 def geometric_mean(x: np.ndarray, floor: float = 0.0) -> float:

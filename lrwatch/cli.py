@@ -88,7 +88,9 @@ THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
     ("runaway_critical", float, "Critical at this growth factor."),
     ("loss_divergence", float, "Critical when the smoothed loss reaches this multiple of its best."),
     ("loss_above_base", float, "Critical when the geometric mean of the loss over the last 10 steps reaches this "
-                               "multiple of the first 10 steps' (the base model's)."),
+                               "multiple of the first 10 steps' (the base model's), beyond chance (next option)."),
+    ("loss_noise_sigmas", float, "Standard errors of that ratio allowed as chance, from the spread of the first "
+                                 "10 losses (0: none)."),
     ("restart_spike", float, "A warning when d*lr right after a restart is this multiple of the highest before."),
     ("restart_jump", float, "An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
 ]

@@ -121,8 +121,8 @@ def test_stop_cmd_runs_once_when_no_local_process_writes_the_run(tmp_path):
     _foreign_run_appears(logs, "dadapt_sgd_growth_blowup")  # several critical findings
     code, out, err = finish(watcher)
     assert code == 1, err
-    assert marker.read_text() == "dadapt_sgd_growth_blowup20261124090000/network_train blowup 514 critical\n"  # once
-    assert "running --stop-cmd after blowup at step 514" in err
+    assert marker.read_text() == "dadapt_sgd_growth_blowup20261124090000/network_train blowup 513 critical\n"  # once
+    assert "running --stop-cmd after blowup at step 513" in err
     assert "--stop-cmd exited with 3: scancel-said-ok" in err
     assert "stopping the trainer" not in err and "sent SIG" not in err  # no local process was touched
 
@@ -234,15 +234,15 @@ def test_kill_at_restart_waits_for_the_predicted_restart(tmp_path):
 
 def test_kill_at_confirm_stops_on_evidence_not_on_a_prediction(tmp_path):
     logs = tmp_path / "logs"
-    name = "dadapt_sgd_growth_blowup"  # critical predictions at 275 and 369; the loss diverges at 514
+    name = "dadapt_sgd_growth_blowup"  # critical predictions at 275 and 369; the loss is far above the base at 513
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--kill-at", "confirm",
                                     "--risk-warning", "1.5", "--risk-critical", "2", "--",
                                     *REPLAY, name, str(logs), "--delay", "0.005", "--output", str(tmp_path / "out")))
     assert code == 1, err
     assert err.count("--kill-at confirm: a prediction does not stop the trainer") == 1
     stop = next(line for line in err.splitlines() if "stopping" in line)
-    assert "after blowup at step 514" in stop, stop  # the loss's evidence, not the prediction at 275
-    assert 514 <= last_step_written(logs) < 600
+    assert "after blowup at step 513" in stop, stop  # the loss's evidence, not the prediction at 275
+    assert 513 <= last_step_written(logs) < 600
 
 
 # --- following ------------------------------------------------------------------------------------
