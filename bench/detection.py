@@ -2,13 +2,14 @@
 realistic corpus (``fixtures/corpus``: LoRA on a tiny diffusion model, labelled by a
 held-out eval loss, never by lrwatch).
 
-    python bench/detection.py [--split train|eval|all] [--runs] [--every K] [--fried-loss X]
+    python bench/detection.py [--split train|eval|later|fresh|all] [--runs] [--every K] [--fried-loss X]
                               [threshold options, e.g. --risk-critical 6]
 
-Prints, per split (thresholds are chosen on the train seeds and reported on the eval
-seeds and on the held-out seeds, added later and never used for a choice): fried runs caught by a critical finding before their first fried eval step,
-healthy runs with a critical finding, the median lead time, and snapshot verdict
-accuracy (fried/at_risk exactly where the snapshot's own eval loss says fried).
+Prints, per split of the seeds (thresholds are chosen on the train seeds and reported on
+the others: ``SPLITS`` says what each saw): fried runs caught by a critical finding before
+their first fried eval step, healthy runs with a critical finding, the median lead time,
+and snapshot verdict accuracy (fried/at_risk exactly where the snapshot's own eval loss
+says fried).
 ``--every K`` judges the runs as a trainer that logs every K-th step would have written them
 (ai-toolkit's ``log_every``): the same points, every K-th step kept, written again with
 tensorboard's RecordWriter into a temporary folder.

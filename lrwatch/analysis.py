@@ -56,7 +56,7 @@ class Thresholds:
     loss_base_window: int = 10
     loss_reference: int = 10  # the first steps, whose geometric mean is the base model's loss
     loss_noise_sigmas: float = 2.0  # ... over this many standard errors of that ratio, from the first losses'
-    # spread: at batch 1 the ratio of two 10-loss geometric means swings ~1.5x by chance alone
+    # spread: at batch 1 the ratio of two 10-loss geometric means is ~1.5x off at one standard error
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
 

@@ -298,7 +298,7 @@ def _losses(spread: float, factor: float) -> list[tuple[int, float]]:
 def test_a_loss_level_is_fried_only_beyond_what_the_first_losses_spread_gives_by_chance(tmp_path, spread, critical):
     """The loss three times the base from step 100 on: beyond chance when the first losses swing
     little (batch 4), but within it when they swing as at batch 1, where two 10-loss means are
-    ~2.5x apart at two standard errors (a held-out healthy batch-1 run reached 3.6x)."""
+    ~2.5x apart at two standard errors (a healthy batch-1 corpus run, prodigy_safeguard_s5, reached 3.6x)."""
     write_scalars(tmp_path, {"loss/current": _losses(spread, 3.0),
                              "lr/unet": [(s, 1.0) for s in range(1, 301)]})
     run = Run(tmp_path)
