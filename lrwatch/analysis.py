@@ -914,8 +914,8 @@ class _LossRules:
             f"{int(steps[i - w + 1])}-{int(steps[i])}) {level[k]:.3g} is {level[k] / base:.1f}x the first {ref_n}'s "
             f"(steps {int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g}), {level[k] / bound:.1f}x beyond the "
             f"{self.noise:.2f}x their spread allows by chance",
-            {"what": "loss_above_base", "ratio": round(float(level[k] / bound), 4), "loss": float(level[k]),
-             "baseline": base, "noise": round(self.noise, 4), "ratio_to_baseline": round(float(level[k] / base), 4)},
+            {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
+             "baseline": base, "noise": round(self.noise, 4), "ratio_beyond_chance": round(float(level[k] / bound), 4)},
         ))
 
     def _divergence(self, loss: np.ndarray, n: int, smooth_n: int, grace: int) -> None:

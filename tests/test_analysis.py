@@ -37,7 +37,7 @@ def test_a_loss_overshoot_to_six_times_the_start_is_critical_even_though_it_reco
     a = analysis_of("dadapt_adam_rex_healthy")
     (critical,) = [f for f in a.findings if f.severity == CRITICAL]
     assert critical.values["what"] == "loss_above_base" and 15 < critical.step < 35
-    assert critical.values["ratio"] >= Thresholds().loss_above_base
+    assert critical.values["ratio_beyond_chance"] >= Thresholds().loss_above_base
 
 
 @pytest.mark.parametrize("name", sorted(LABELS))
@@ -310,7 +310,8 @@ def test_a_loss_level_is_fried_only_beyond_what_the_first_losses_spread_gives_by
         assert f.values["baseline"] == pytest.approx(0.1) and f.step == 109  # 9 of the last 10 losses at 3x
         noise = math.exp(2.0 * spread * math.sqrt(0.2))
         assert f.values["noise"] == pytest.approx(noise, rel=1e-3)
-        assert f.values["ratio"] == pytest.approx(f.values["ratio_to_baseline"] / noise, rel=1e-3)
+        assert f.values["ratio_beyond_chance"] == pytest.approx(f.values["ratio"] / noise, rel=1e-3)
+        assert f.values["ratio_beyond_chance"] >= Thresholds().loss_above_base
         assert "their spread allows by chance" in f.message
 
 
