@@ -156,18 +156,20 @@ class Monitor:
     def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True,
              written: dict[Path, set[Path]] | None = None) -> list[tuple[RunState, Finding]]:
         """Read what is new (in the given runs, or all) and return findings not reported before.
-        ``written``: by run, the event files that file events said were written; a run's other
-        files are read only when its folder is listed again (every ``RELIST_INTERVAL`` s, or for
-        a file it does not know): a resumed run has a file per start, kohya's config its own."""
+        ``written``: by run, the event files that file events said were written (its runs are the
+        ones read, unless ``run_paths`` names them); a run's other files are read only when its
+        folder is listed again (every ``RELIST_INTERVAL`` s, or for a file it does not know): a
+        resumed run has a file per start, kohya's config its own."""
         if rediscover:
             self.discover()
         out: list[tuple[RunState, Finding]] = []
         delay = self._analysis_delay(time.monotonic()) if self.analysis_budget > 0 else 0.0  # once per pass
         spent = 0.0  # seconds of analyses in this pass
-        if run_paths is None:
+        paths = run_paths if run_paths is not None else written
+        if paths is None:
             targets = list(self.states.values())
         else:  # a look-up per changed run, not a pass over every run (an audit polls each run alone)
-            targets = [self.states[p] for p in sorted(run_paths, key=str) if p in self.states]
+            targets = [self.states[p] for p in sorted(paths, key=str) if p in self.states]
         for state in targets:
             try:
                 now = time.monotonic()

@@ -511,7 +511,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     new = monitor.poll()
                     last_full = time.monotonic()
                 else:
-                    new = monitor.poll(set(runs), rediscover=False, written=runs) if runs else []
+                    new = monitor.poll(rediscover=False, written=runs) if runs else []
                 changed = bool(runs or new or rediscover)
                 if new or monitor.points_read != points_before or (runs and not watcher.remote):
                     last_data = time.monotonic()  # a remote pass that found nothing new is not data
