@@ -4,6 +4,7 @@ held-out eval loss, never by lrwatch).
 
     python bench/detection.py [--split train|eval|later|fresh|all] [--runs] [--every K] [--fried-loss X]
                               [threshold options, e.g. --risk-critical 6]
+    python bench/detection.py --bound [--runs]
 
 Prints, per split of the seeds (thresholds are chosen on the train seeds and reported on
 the others: ``SPLITS`` says what each saw): fried runs caught by a critical finding before
@@ -13,6 +14,11 @@ says fried).
 ``--every K`` judges the runs as a trainer that logs every K-th step would have written them
 (ai-toolkit's ``log_every``): the same points, every K-th step kept, written again with
 tensorboard's RecordWriter into a temporary folder.
+``--bound`` asks how far the training loss can separate fried runs from healthy ones at all:
+the loss-level rule over a grid of windows and chance allowances, each with its threshold
+set just above the highest level any healthy run of any seed reaches (a cheat, tuned on
+every run with no margin: an upper bound on what that rule can catch), alone and together
+with lrwatch's other critical rules as they are.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lrwatch  # noqa: E402
-from lrwatch.analysis import CRITICAL, Thresholds  # noqa: E402
+from lrwatch.analysis import CRITICAL, Thresholds, base_loss, loss_levels, ratio_noise  # noqa: E402
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS  # noqa: E402
 
 CORPUS = ROOT / "fixtures" / "corpus"
@@ -40,18 +48,24 @@ CORPUS = ROOT / "fixtures" / "corpus"
 SPLITS = {"train": (0, 1), "eval": (2, 3), "later": (4, 5, 6, 7), "fresh": (8, 9)}
 
 
+def corpus_run(name: str):
+    """A corpus run's logs, read."""
+    from lrwatch.runs import Run
+
+    (tb,) = (CORPUS / "runs" / name / "logs").iterdir()
+    run = Run(tb / "network_train")
+    run.refresh()
+    return run
+
+
 def every_kth_step(name: str, k: int, dest: Path) -> Path:
     """The run's logs as a trainer logging every ``k``-th step would have written them."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    from lrwatch.runs import Run
-
-    (tb,) = (CORPUS / "runs" / name / "logs").iterdir()
-    full = Run(tb / "network_train")
-    full.refresh()
-    folder = dest / name / tb.name / "network_train"
+    full = corpus_run(name)
+    folder = dest / name / full.path.parent.name / "network_train"
     folder.mkdir(parents=True)
     rows = sorted((int(step), tag, float(value), float(wall)) for tag in full.tags
                   if (series := full.series(tag)) is not None
@@ -117,10 +131,77 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+BOUND_WINDOWS = (3, 5, 10, 20)
+BOUND_SIGMAS = (0.0, 1.0, 2.0, 3.0)
+
+
+def levels_beyond_chance(loss: np.ndarray, window: int, sigmas: float, reference: int = 10) -> np.ndarray:
+    """The loss-level rule's ratio at every step (one loss per step, as in the corpus): the
+    level of the last ``window`` losses over the base's, over what chance allows; -inf before
+    the rule can look, and from the first non-finite loss on (another rule's finding)."""
+    out = np.full(len(loss), -np.inf)
+    finite = int(np.argmin(np.isfinite(loss))) if not np.all(np.isfinite(loss)) else len(loss)
+    base = base_loss(loss[:finite], reference)
+    first = max(window - 1, reference)
+    if base is None or finite <= first:
+        return out
+    bound = base * ratio_noise(loss[:reference], window, sigmas)
+    out[first:finite] = loss_levels(loss[first - window + 1 : finite], base, window) / bound
+    return out
+
+
+def bound(labels: dict, show_runs: bool) -> None:
+    """``--bound``: the loss-level rule with thresholds tuned on every run (see the docstring)."""
+    runs = {name: corpus_run(name) for name in sorted(labels)}
+    healthy = [n for n in runs if labels[n]["fry"] == "healthy"]
+    fries = [n for n in runs if labels[n]["fry"] == "permanent"]
+    other = {}  # the first critical of lrwatch's other rules (not the loss level), as they are
+    for name in fries:
+        state = lrwatch.audit([CORPUS / "runs" / name / "logs"], manifest=False).runs[0]
+        found = [f.step for f in state.analysis.findings if f.severity == CRITICAL
+                 and f.values.get("what") != "loss_above_base"] if state.analysis else []
+        other[name] = min(found, default=None)
+    print(f"all seeds: {len(healthy)} healthy runs, {len(fries)} permanent fries. The loss-level rule with its "
+          "threshold just above the highest healthy level (tuned on every run: an upper bound)")
+    print("  window  sigmas  threshold  caught before the first fried eval   with the other rules")
+    best = None
+    for window in BOUND_WINDOWS:
+        for sigmas in BOUND_SIGMAS:
+            ratios = {n: levels_beyond_chance(np.asarray(runs[n].series("loss/current").values, float), window, sigmas)
+                      for n in healthy + fries}
+            top = max(float(ratios[n].max()) for n in healthy)
+            first = {}
+            for n in fries:
+                above = np.flatnonzero(ratios[n] > top)
+                first[n] = int(runs[n].series("loss/current").steps[above[0]]) if len(above) else None
+            caught = [n for n in fries if first[n] is not None and first[n] < labels[n]["first_fried_step"]]
+            either = [n for n in fries if min((s for s in (first[n], other[n]) if s is not None), default=1 << 60)
+                      < labels[n]["first_fried_step"]]
+            print(f"  {window:6d}  {sigmas:6g}  {top:9.2f}  {len(caught):3d}/{len(fries)}"
+                  f"{'':29s}{len(either):3d}/{len(fries)}")
+            if best is None or len(either) > len(best[2]):
+                best = (window, sigmas, either, first, {n: ratios[n] / top for n in fries})
+    assert best is not None
+    window, sigmas, either, first, of_top = best
+    print(f"  missed at the best ({window} losses, {sigmas:g} sigmas): {len(fries) - len(either)}")
+    if show_runs:
+        for n in fries:
+            if n in either:
+                continue
+            fried_at = labels[n]["first_fried_step"]
+            steps = np.asarray(runs[n].series("loss/current").steps)
+            before = of_top[n][steps < fried_at]
+            evals = [(s, round(v, 2)) for s, v in labels[n]["evals"] if s <= fried_at][-3:]
+            print(f"    {n:24s} batch {labels[n]['spec']['batch']} fried at {fried_at:4d}, loss level before it at "
+                  f"most {before.max():.2f} of the healthy top, rule fires at {first[n]}, other rules at {other[n]}; "
+                  f"eval {evals}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=[*SPLITS, "all"], default="all")
     ap.add_argument("--runs", action="store_true", help="one line per run")
+    ap.add_argument("--bound", action="store_true", help="what the loss level can separate at best (all seeds)")
     ap.add_argument("--every", type=int, default=1, help="keep every K-th step's points (a sparse logger)")
     ap.add_argument("--fried-loss", type=float, default=DEFAULT_FRIED_LOSS, help="as lrwatch's --fried-loss")
     defaults = Thresholds()
@@ -130,6 +211,9 @@ def main() -> int:
     args = ap.parse_args()
     thresholds = Thresholds(**{f.name: getattr(args, f.name) for f in fields(Thresholds)})
     labels = json.loads((CORPUS / "labels.json").read_text())
+    if args.bound:
+        bound(labels, args.runs)
+        return 0
     splits = list(SPLITS) if args.split == "all" else [args.split]
     sparse = tempfile.TemporaryDirectory(prefix="lrwatch-corpus-") if args.every > 1 else None
     for split in splits:

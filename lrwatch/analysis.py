@@ -866,9 +866,9 @@ class _LossRules:
         all_loss = self.loss
         if not self.base_known and n >= ref_n:
             self.base_known = True
-            self.base = _base_loss(all_loss[:n], ref_n)
+            self.base = base_loss(all_loss[:n], ref_n)
             if self.base is not None:
-                self.noise = _ratio_noise(all_loss[:ref_n], w, th.loss_noise_sigmas)
+                self.noise = ratio_noise(all_loss[:ref_n], w, th.loss_noise_sigmas)
         if self.base is not None and not self.above_found:
             self._above_base(all_loss, n, ref_n, w, self.base)
         if not self.diverged:
@@ -900,8 +900,7 @@ class _LossRules:
         self.level_from = max(self.level_from, n)
         if first >= n:
             return
-        logs = np.log(np.maximum(loss[first - w + 1 : n], base * TINY_LOSS))
-        level = np.exp(_window_sums(logs, w, w - 1) / w)
+        level = loss_levels(loss[first - w + 1 : n], base, w)
         k = _first(level >= self.th.loss_above_base * bound)
         if k is None:
             return
@@ -965,7 +964,14 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
     return total
 
 
-def _base_loss(loss: np.ndarray, ref_n: int) -> float | None:
+def loss_levels(loss: np.ndarray, base: float, window: int) -> np.ndarray:
+    """The loss's level: geometric means of the last ``window`` losses, ending at each index
+    from ``window - 1`` on (a loss at or below zero counts as a tiny fraction of ``base``)."""
+    logs = np.log(np.maximum(loss, base * TINY_LOSS))
+    return np.exp(_window_sums(logs, window, window - 1) / window)
+
+
+def base_loss(loss: np.ndarray, ref_n: int) -> float | None:
     """The base model's loss: the geometric mean of the run's first ``ref_n`` losses (its first
     ``loss_reference`` steps, and at least that many losses: a LoRA's B starts at zero, so they
     are the untouched model). Geometric, because a diffusion loss swings ~30x with the random
@@ -976,7 +982,7 @@ def _base_loss(loss: np.ndarray, ref_n: int) -> float | None:
     return geometric_mean(loss[:ref_n])
 
 
-def _ratio_noise(first: np.ndarray, w: int, sigmas: float) -> float:
+def ratio_noise(first: np.ndarray, w: int, sigmas: float) -> float:
     """How far, as a factor, the ratio of a ``w``-loss geometric mean to the base's (that of
     ``first``) reaches by chance: ``sigmas`` standard errors, exp(sigmas * s * sqrt(1/n + 1/w))
     with s the spread (sd) of the first losses' logs. A diffusion loss swings with the random

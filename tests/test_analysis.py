@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import LABELS, ROOT, fixture_run, write_scalars
 
+import lrwatch
 from lrwatch.analysis import CRITICAL, Thresholds, analyze, find_restarts
 from lrwatch.runs import Run
 from lrwatch.schedules import cosine_hard_restarts, cyclic_multiplier
@@ -283,6 +284,25 @@ def test_the_issues_targets_hold_on_the_seeds_never_used_to_choose_thresholds(sp
 def test_a_trainer_logging_every_tenth_step_never_gets_a_critical_on_a_healthy_corpus_run():
     got = detection("--every", "10")
     assert got["healthy runs with a critical finding"] == "0/11"
+
+
+def test_the_benchs_bound_measures_the_loss_level_as_the_rule_does():
+    """``detection.py --bound`` tunes the loss-level rule's threshold on every run: its levels
+    must be the rule's own, or its upper bound says nothing about lrwatch."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import detection
+
+    name = "dadapt_adam_s3"
+    th = Thresholds()
+    state = lrwatch.audit([detection.CORPUS / "runs" / name / "logs"], thresholds=th, manifest=False).runs[0]
+    (found,) = [f for f in state.analysis.findings if f.values.get("what") == "loss_above_base"]
+    loss = detection.corpus_run(name).series("loss/current")
+    levels = detection.levels_beyond_chance(np.asarray(loss.values, float), th.loss_base_window, th.loss_noise_sigmas)
+    fires = int(np.flatnonzero(levels >= th.loss_above_base)[0])
+    assert int(loss.steps[fires]) == found.step
+    assert levels[fires] == pytest.approx(found.values["ratio_beyond_chance"], abs=1e-4)
 
 
 def _losses(spread: float, factor: float) -> list[tuple[int, float]]:
