@@ -18,13 +18,15 @@ tensorboard's RecordWriter into a temporary folder.
 the loss-level rule over a grid of windows and chance allowances, each with its threshold
 set just above the highest level any healthy run of any seed reaches (a cheat, tuned on
 every run with no margin: an upper bound on what that rule can catch), alone and together
-with lrwatch's other critical rules as they are.
+with lrwatch's other critical rules as they are; then d's growth over a few steps and d*lr
+against its highest so far, tuned alike, and every one of them together.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -150,6 +152,30 @@ def levels_beyond_chance(loss: np.ndarray, window: int, sigmas: float, reference
     return out
 
 
+def d_signals(run) -> dict[str, np.ndarray]:
+    """Logs of d's growth over the last 5 and 10 steps (d = d*lr / lr of the unet group, its
+    highest so far) and of d*lr over its highest before, per logged step; -inf where unknown."""
+    lr = np.asarray(run.series("lr/unet").values, float)
+    dlr = np.asarray(run.series("lr/d*lr/unet").values, float)
+    with np.errstate(all="ignore"):
+        d = np.where(lr > 1e-6 * np.nanmax(lr), dlr / lr, np.nan)
+        d = np.fmax.accumulate(np.where(np.isfinite(d), d, 0.0))
+        out = {}
+        for w in (5, 10):
+            grew = np.full(len(d), -np.inf)
+            grew[w:] = np.log(d[w:] / np.maximum(d[:-w], 1e-30))
+            out[f"d's growth over {w} steps"] = grew
+        finite = np.where(np.isfinite(dlr), dlr, 0.0)
+        before = np.concatenate(([np.inf], np.maximum.accumulate(finite)[:-1]))
+        out["d*lr over its highest before"] = np.log(np.maximum(finite, 1e-30) / before)
+    return out
+
+
+def first_above(values: np.ndarray, top: float, steps: np.ndarray) -> int | None:
+    above = np.flatnonzero(values > top)
+    return int(steps[above[0]]) if len(above) else None
+
+
 def bound(labels: dict, show_runs: bool) -> None:
     """``--bound``: the loss-level rule with thresholds tuned on every run (see the docstring)."""
     runs = {name: corpus_run(name) for name in sorted(labels)}
@@ -184,7 +210,20 @@ def bound(labels: dict, show_runs: bool) -> None:
     assert best is not None
     window, sigmas, either, first, of_top = best
     print(f"  missed at the best ({window} losses, {sigmas:g} sigmas): {len(fries) - len(either)}")
+    signals = {n: d_signals(runs[n]) for n in healthy + fries}
+    earliest = {n: min((s for s in (first[n], other[n]) if s is not None), default=None) for n in fries}
+    for name in signals[fries[0]]:
+        top = max(float(signals[n][name].max()) for n in healthy)
+        found = {n: first_above(signals[n][name], top, np.asarray(runs[n].series("lr/unet").steps)) for n in fries}
+        caught = [n for n in fries if found[n] is not None and found[n] < labels[n]["first_fried_step"]]
+        print(f"  {name} above the healthy top ({math.exp(top):.3g}x): {len(caught)}/{len(fries)} caught in time")
+        for n in fries:
+            if found[n] is not None and (earliest[n] is None or found[n] < earliest[n]):
+                earliest[n] = found[n]
+    either = [n for n in fries if earliest[n] is not None and earliest[n] < labels[n]["first_fried_step"]]
+    print(f"  all of these together: {len(either)}/{len(fries)} caught before their first fried eval")
     if show_runs:
+        print(f"  missed by all of them (the loss level of {window} losses, {sigmas:g} sigmas):")
         for n in fries:
             if n in either:
                 continue
