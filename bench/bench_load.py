@@ -97,7 +97,7 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
     victims = rng.sample(range(runs), min(20, runs))
     inject_at = dict(zip(sorted(rng.uniform(2, seconds - 2) for _ in victims), victims))
     threads_before = {t.id: t.user_time + t.system_time for t in watcher.threads()}
-    cpu0, t0 = sum(watcher.cpu_times()[:2]), time.monotonic()
+    times0, t0 = watcher.cpu_times(), time.monotonic()
     tick = per_flush / rate
     next_tick = time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -118,7 +118,9 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
             step[i] += per_flush
         next_tick += tick
         time.sleep(max(0.0, next_tick - time.monotonic()))
-    cpu = (sum(watcher.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+    times1 = watcher.cpu_times()
+    cpu = (times1.user + times1.system - times0.user - times0.system) / (time.monotonic() - t0)
+    kernel = (times1.system - times0.system) / (time.monotonic() - t0)
     threads_after = {t.id: t.user_time + t.system_time for t in watcher.threads()}
     elapsed = time.monotonic() - t0
     main_cpu = (threads_after.get(proc.pid, 0.0) - threads_before.get(proc.pid, 0.0)) / elapsed
@@ -128,7 +130,7 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
         child.kill()
     lat = [(seen[v] - injected[v]) * 1000 for v in injected if v in seen]
     ordered = sorted(lat)
-    return {"cpu": cpu * 100, "main": main_cpu * 100, "n": len(lat), "lost": len(injected) - len(lat),
+    return {"cpu": cpu * 100, "sys": kernel * 100, "main": main_cpu * 100, "n": len(lat), "lost": len(injected) - len(lat),
             "p50": statistics.median(lat) if lat else float("nan"),
             "p95": ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] if lat else float("nan")}
 
@@ -150,14 +152,14 @@ def main() -> None:
     print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s, {args.per_flush} step(s) per flush)"
           f" for {args.seconds:g} s, after {args.history} steps each" + (", a launched trainer" if args.launched else "")
           + (f", {args.files} event files per run" if args.files > 1 else ""))
-    print(f"{'mode':16s} {'CPU':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
+    print(f"{'mode':16s} {'CPU':>7s} {'kernel':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
         r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush, args.history,
                      args.launched, args.files)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
-        print(f"{mode:16s} {r['cpu']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
-    print("(CPU: lrwatch's share of one core while the runs are written, and of it the main thread's (the rest is "
-          "the file observer's threads); latency: a non-finite d*lr "
+        print(f"{mode:16s} {r['cpu']:6.1f}% {r['sys']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
+    print("(CPU: lrwatch's share of one core while the runs are written, of it the kernel's (system time) and the "
+          "main thread's (the rest is the file observer's threads); latency: a non-finite d*lr "
           "flushed -> its finding line on lrwatch's stderr)")
 
 
