@@ -223,12 +223,12 @@ _F8 = struct.Struct("<d").unpack_from
 _F4 = struct.Struct("<f").unpack_from
 
 
-_NOT_A_SCALAR = ("", 0, 0.0, 0.0)  # a file_version record: nothing to decode
+NOT_A_SCALAR = ("", 0, 0.0, 0.0)  # a file_version record: nothing to decode
 
 
-def _torch_scalar(buf: bytes, s: int, n: int) -> tuple[str, int, float, float] | None:
+def torch_scalar(buf: bytes, s: int, n: int) -> tuple[str, int, float, float] | None:
     """(tag, step, value, wall time) of a record in add_scalar's layout (see
-    ``_fast_scalar_layout``), read with a few byte look-ups; ``_NOT_A_SCALAR`` for a file's
+    ``_fast_scalar_layout``), read with a few byte look-ups; ``NOT_A_SCALAR`` for a file's
     ``file_version`` record (09 <f8> 1a L <text>, then perhaps 52 L <writer>); None for anything else (the proto decides
     those). Cheaper than the proto for the few records of a watched step."""
     end = s + n
@@ -237,7 +237,7 @@ def _torch_scalar(buf: bytes, s: int, n: int) -> tuple[str, int, float, float] |
     if buf[s + 9] == 0x1A and buf[s + 10] < 0x80:  # file_version, perhaps then source_metadata (field 10)
         p = s + 11 + buf[s + 10]
         if p == end or (p + 2 <= end and buf[p] == 0x52 and buf[p + 1] < 0x80 and p + 2 + buf[p + 1] == end):
-            return _NOT_A_SCALAR
+            return NOT_A_SCALAR
     if n < 21 or buf[s + 9] != 0x10:
         return None
     p, step, shift = s + 10, 0, 0
@@ -283,8 +283,8 @@ def _decode_each(buf, records, starts, lengths, out: Scalars, index: dict[str, i
     mv = memoryview(data)
     event_proto: Any = None
     for r, s, n in zip(range(len(starts)) if records is None else records, starts.tolist(), lengths.tolist()):
-        scalar = _torch_scalar(data, s, n)
-        if scalar is _NOT_A_SCALAR:
+        scalar = torch_scalar(data, s, n)
+        if scalar is NOT_A_SCALAR:
             continue
         if scalar is not None:
             tag = scalar[0]

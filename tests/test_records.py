@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import event_file_of, write_scalars
@@ -340,6 +342,51 @@ def test_a_small_read_walked_in_plain_python_frames_exactly_like_the_full_walk(f
     assert (small.end, small.pending, small.in_garbage, small.need) == (full.end, full.pending, full.in_garbage,
                                                                         full.need)
     assert small.damage == full.damage
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.integers(0, 200), size=st.integers(0, 4096), shift=st.sampled_from([0, 0, 0, 1, 5]),
+       flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), max_size=2))
+def test_a_watched_flush_decoded_in_one_pass_reads_exactly_like_walking_then_decoding(first, size, shift, flips):
+    """The watcher reads a flush of whole add_scalar records in one plain-Python pass; whatever
+    the bytes (cut anywhere, bits flipped, not starting at a record, the file_version record
+    or not), what is read is what the walk and the decoder give."""
+    import tempfile
+
+    import lrwatch.loader as loader
+
+    start = _BOUNDARIES[first] + shift if first else 0
+    data = bytearray(_SMALL_SOURCE[start : start + size])
+    for at, bit in flips:
+        if at < len(data):
+            data[at] ^= bit
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.out.tfevents.1.h.1.0"
+        path.write_bytes(bytes(data))
+        fused = loader.EventFile(path)
+        got = fused.read_new()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loader, "whole_torch_step", lambda buf: None)
+            walked = loader.EventFile(path)
+            want = walked.read_new()
+    a, b = got.scalars, want.scalars  # (tags are numbered as met; numpy's decoder, from 64 records, may differ)
+    assert [a.tags[i] for i in a.tag_ids] == [b.tags[i] for i in b.tag_ids] and a.steps.tolist() == b.steps.tolist()
+    assert a.values.tobytes() == b.values.tobytes() and a.wall_times.tobytes() == b.wall_times.tobytes()
+    assert (got.damage, got.pending, a.undecodable, a.hparams) == (want.damage, want.pending, b.undecodable, b.hparams)
+    assert (fused.offset, fused.in_garbage, fused.records_read, fused._tail) == (
+        walked.offset, walked.in_garbage, walked.records_read, walked._tail)
+
+
+def test_a_trainers_flush_takes_the_one_pass_read():
+    """Not a fallback that never runs: a step of torch's writer, and a file's first bytes with
+    the file_version record, are read in one pass."""
+    from lrwatch.loader import whole_torch_step
+
+    step = _SMALL_SOURCE[_BOUNDARIES[100] : _BOUNDARIES[106]]
+    scalars, count = whole_torch_step(step)
+    assert count == 6 and len(scalars) == 6
+    scalars, count = whole_torch_step(_SMALL_SOURCE[: _BOUNDARIES[4]])
+    assert count == 4 and len(scalars) == 3  # the file_version record holds no point
 
 
 # --- records decoded one by one in plain Python ---------------------------------------------------
