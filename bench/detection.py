@@ -133,7 +133,7 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-BOUND_WINDOWS = (3, 5, 10, 20)
+BOUND_WINDOWS = (3, 5, 10, 20, 50, 100)
 BOUND_SIGMAS = (0.0, 1.0, 2.0, 3.0)
 
 
