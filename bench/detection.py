@@ -158,7 +158,7 @@ def d_signals(run) -> dict[str, np.ndarray]:
     lr = np.asarray(run.series("lr/unet").values, float)
     dlr = np.asarray(run.series("lr/d*lr/unet").values, float)
     with np.errstate(all="ignore"):
-        d = np.where(lr > 1e-6 * np.nanmax(lr), dlr / lr, np.nan)
+        d = np.where(lr > Thresholds().tiny_lr * np.nanmax(lr), dlr / lr, np.nan)
         d = np.fmax.accumulate(np.where(np.isfinite(d), d, 0.0))
         out = {}
         for w in (5, 10):
@@ -172,13 +172,23 @@ def d_signals(run) -> dict[str, np.ndarray]:
 
 
 def first_above(values: np.ndarray, top: float, steps: np.ndarray) -> int | None:
+    """The step of the first value above ``top``, or None."""
     above = np.flatnonzero(values > top)
     return int(steps[above[0]]) if len(above) else None
 
 
+def earliest(*steps: int | None) -> int | None:
+    known = [s for s in steps if s is not None]
+    return min(known) if known else None
+
+
 def bound(labels: dict, show_runs: bool) -> None:
-    """``--bound``: the loss-level rule with thresholds tuned on every run (see the docstring)."""
+    """``--bound``: each signal with its threshold tuned on every run (see the docstring)."""
     runs = {name: corpus_run(name) for name in sorted(labels)}
+
+    def in_time(name: str, step: int | None) -> bool:
+        return step is not None and step < labels[name]["first_fried_step"]
+
     healthy = [n for n in runs if labels[n]["fry"] == "healthy"]
     fries = [n for n in runs if labels[n]["fry"] == "permanent"]
     other = {}  # the first critical of lrwatch's other rules (not the loss level), as they are
@@ -196,13 +206,9 @@ def bound(labels: dict, show_runs: bool) -> None:
             ratios = {n: levels_beyond_chance(np.asarray(runs[n].series("loss/current").values, float), window, sigmas)
                       for n in healthy + fries}
             top = max(float(ratios[n].max()) for n in healthy)
-            first = {}
-            for n in fries:
-                above = np.flatnonzero(ratios[n] > top)
-                first[n] = int(runs[n].series("loss/current").steps[above[0]]) if len(above) else None
-            caught = [n for n in fries if first[n] is not None and first[n] < labels[n]["first_fried_step"]]
-            either = [n for n in fries if min((s for s in (first[n], other[n]) if s is not None), default=1 << 60)
-                      < labels[n]["first_fried_step"]]
+            first = {n: first_above(ratios[n], top, runs[n].series("loss/current").steps) for n in fries}
+            caught = [n for n in fries if in_time(n, first[n])]
+            either = [n for n in fries if in_time(n, earliest(first[n], other[n]))]
             print(f"  {window:6d}  {sigmas:6g}  {top:9.2f}  {len(caught):3d}/{len(fries)}"
                   f"{'':29s}{len(either):3d}/{len(fries)}")
             if best is None or len(either) > len(best[2]):
@@ -211,16 +217,14 @@ def bound(labels: dict, show_runs: bool) -> None:
     window, sigmas, either, first, of_top = best
     print(f"  missed at the best ({window} losses, {sigmas:g} sigmas): {len(fries) - len(either)}")
     signals = {n: d_signals(runs[n]) for n in healthy + fries}
-    earliest = {n: min((s for s in (first[n], other[n]) if s is not None), default=None) for n in fries}
+    any_signal = {n: earliest(first[n], other[n]) for n in fries}
     for name in signals[fries[0]]:
         top = max(float(signals[n][name].max()) for n in healthy)
-        found = {n: first_above(signals[n][name], top, np.asarray(runs[n].series("lr/unet").steps)) for n in fries}
-        caught = [n for n in fries if found[n] is not None and found[n] < labels[n]["first_fried_step"]]
+        found = {n: first_above(signals[n][name], top, runs[n].series("lr/unet").steps) for n in fries}
+        caught = [n for n in fries if in_time(n, found[n])]
         print(f"  {name} above the healthy top ({math.exp(top):.3g}x): {len(caught)}/{len(fries)} caught in time")
-        for n in fries:
-            if found[n] is not None and (earliest[n] is None or found[n] < earliest[n]):
-                earliest[n] = found[n]
-    either = [n for n in fries if earliest[n] is not None and earliest[n] < labels[n]["first_fried_step"]]
+        any_signal = {n: earliest(any_signal[n], found[n]) for n in fries}
+    either = [n for n in fries if in_time(n, any_signal[n])]
     print(f"  all of these together: {len(either)}/{len(fries)} caught before their first fried eval")
     if show_runs:
         print(f"  missed by all of them (the loss level of {window} losses, {sigmas:g} sigmas):")
@@ -240,7 +244,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=[*SPLITS, "all"], default="all")
     ap.add_argument("--runs", action="store_true", help="one line per run")
-    ap.add_argument("--bound", action="store_true", help="what the loss level can separate at best (all seeds)")
+    ap.add_argument("--bound", action="store_true", help="what the logs' signals can separate at best (all seeds)")
     ap.add_argument("--every", type=int, default=1, help="keep every K-th step's points (a sparse logger)")
     ap.add_argument("--fried-loss", type=float, default=DEFAULT_FRIED_LOSS, help="as lrwatch's --fried-loss")
     defaults = Thresholds()
