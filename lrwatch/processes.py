@@ -129,8 +129,13 @@ def writer_from_name(path: Path, first_wall_time: float | None = None) -> tuple[
 
 
 def newest_first(event_files: Iterable[Path]) -> list[Path]:
-    """Event files by the creation time in their names, newest first (unnamed ones last)."""
-    return sorted(event_files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True)
+    """Event files by the creation time in their names, newest first (unnamed ones last). Most
+    runs have one file: it is returned without parsing its name (the watcher asks for 200 runs
+    four times a second)."""
+    files = list(event_files)
+    if len(files) < 2:
+        return files
+    return sorted(files, key=lambda p: (parse_writer_name(p) or (0,))[0], reverse=True)
 
 
 def find_writer(event_files: dict[Path, float | None]) -> tuple[Target | None, list[str]]:

@@ -662,8 +662,7 @@ def _track_writers(monitor: Monitor, writers: dict[RunState, Identity], tried: s
     for state in monitor.runs:
         if state in writers or not state.grew or not state.run.files:
             continue
-        files = state.run.files  # (most runs have one file: no sort every pass for 200 runs)
-        path = next(iter(files)) if len(files) == 1 else newest_first(files)[0]
+        path = newest_first(state.run.files)[0]
         if path in tried or state.run.files[path].first_wall_time is None:
             continue
         tried.add(path)
