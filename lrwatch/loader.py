@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lrwatch.events import NOT_A_SCALAR, Scalars, concat, decode, torch_scalar
-from lrwatch.records import FOOTER, HEADER, MAX_RECORD_BYTES, SMALL_BUFFER, Damage, find_records, masked_crc
+from lrwatch.records import FOOTER, HEADER, MAX_RECORD_BYTES, SMALL_BUFFER, Damage, find_records, whole_record
 from lrwatch.sources import Reader, location
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for one larger record)
@@ -115,10 +114,6 @@ class EventFile:
         return bool(self._tail) and reader.read(start, self.offset) == self._tail
 
 
-_LENGTH = struct.Struct("<Q").unpack_from
-_CRC = struct.Struct("<I").unpack_from
-
-
 def whole_torch_step(buf: bytes) -> tuple[Scalars, int] | None:
     """A watched flush as torch's writer makes it (whole, valid records in ``add_scalar``'s
     layout, perhaps the file's ``file_version`` record), walked, checked and decoded in one
@@ -134,14 +129,10 @@ def whole_torch_step(buf: bytes) -> tuple[Scalars, int] | None:
     values: list[float] = []
     walls: list[float] = []
     while pos < n:
-        if n - pos < HEADER:
+        after = whole_record(buf, pos)
+        if after is None:
             return None
-        (length,) = _LENGTH(buf, pos)
-        end = pos + HEADER + length
-        if (length > MAX_RECORD_BYTES or end + FOOTER > n or masked_crc(buf[pos : pos + 8]) != _CRC(buf, pos + 8)[0]
-                or masked_crc(buf[pos + HEADER : end]) != _CRC(buf, end)[0]):
-            return None
-        scalar = torch_scalar(buf, pos + HEADER, length)
+        scalar = torch_scalar(buf, pos + HEADER, after - pos - HEADER - FOOTER)
         if scalar is None:
             return None
         if scalar is not NOT_A_SCALAR:
@@ -154,6 +145,6 @@ def whole_torch_step(buf: bytes) -> tuple[Scalars, int] | None:
             values.append(scalar[2])
             walls.append(scalar[3])
         count += 1
-        pos = end + FOOTER
+        pos = after
     return Scalars(tags, np.asarray(ids, np.int32), np.asarray(steps, np.int64), np.asarray(values, np.float64),
                    np.asarray(walls, np.float64)), count

@@ -248,6 +248,20 @@ class _Buffer:
 SMALL_BUFFER = 4096  # bytes: a watched run's latest step; walked in plain Python (numpy's setup costs more)
 
 
+def whole_record(buf: bytes | memoryview, pos: int) -> int | None:
+    """Where the record at ``pos`` ends (after its footer) if it is whole, with both checksums
+    valid; None otherwise. A record walk in plain Python, for a watched step's few records."""
+    n = len(buf)
+    if n - pos < HEADER:
+        return None
+    (length,) = _unpack_len(buf, pos)
+    end = pos + HEADER + length
+    if (length > MAX_RECORD_BYTES or end + FOOTER > n or masked_crc(buf[pos : pos + 8]) != _unpack_crc(buf, pos + 8)[0]
+            or masked_crc(buf[pos + HEADER : end]) != _unpack_crc(buf, end)[0]):
+        return None
+    return end + FOOTER
+
+
 def _find_small(buf: bytes | memoryview) -> Frames | None:
     """The records of a small, clean buffer, or None at the first thing that is not a whole
     valid record (the full walk then decides what it is: damage, or a record being written)."""
@@ -256,15 +270,12 @@ def _find_small(buf: bytes | memoryview) -> Frames | None:
     starts: list[int] = []
     lengths: list[int] = []
     while n - pos >= HEADER:
-        (length,) = _unpack_len(mv, pos)
-        end = pos + HEADER + length
-        if (length > MAX_RECORD_BYTES or end + FOOTER > n
-                or masked_crc(mv[pos : pos + 8]) != _unpack_crc(mv, pos + 8)[0]
-                or masked_crc(mv[pos + HEADER : end]) != _unpack_crc(mv, end)[0]):
+        after = whole_record(mv, pos)
+        if after is None:
             return None
         starts.append(pos + HEADER)
-        lengths.append(length)
-        pos = end + FOOTER
+        lengths.append(after - pos - HEADER - FOOTER)
+        pos = after
     return Frames(np.asarray(starts, np.int64), np.asarray(lengths, np.int64), pos, [], n - pos, False)
 
 
