@@ -278,6 +278,7 @@ def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndar
 
 
 _RESTART_CHUNK = 4096
+SMALL_UPDATE = 64  # points: a watched run's few new ones, where plain Python beats numpy's fixed cost per call
 
 
 def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.ndarray:
@@ -306,8 +307,12 @@ def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.nda
 
 
 def _first(mask: np.ndarray) -> int | None:
-    """The index of the first True, or None."""
-    return int(mask.argmax()) if mask.any() else None
+    """The index of the first True, or None (one argmax: a watched update calls this a dozen
+    times on a few points, where each numpy call's fixed cost is what counts)."""
+    if not len(mask):
+        return None
+    i = int(mask.argmax())
+    return i if mask[i] else None
 
 
 class _Stale(Exception):
@@ -322,11 +327,18 @@ class _Spacing:
 
     def add(self, steps: np.ndarray, start: int) -> float:
         """``spacing(steps)`` once ``steps[start:]`` were added."""
-        gaps = np.diff(steps[max(0, start - 1):])
-        if len(gaps):
+        new = steps[max(0, start - 1):]
+        if len(new) >= 2:
+            if len(new) <= SMALL_UPDATE:  # a watched update's few steps: plain ints cost less than numpy's calls
+                listed = new.tolist()
+                gaps = [b - a for a, b in zip(listed, listed[1:])]
+                low, high = min(gaps), max(gaps)
+            else:
+                diffs = new[1:] - new[:-1]
+                low, high = int(diffs.min()), int(diffs.max())
             fresh = start <= 1
-            self.low = int(gaps.min()) if fresh else min(self.low, int(gaps.min()))
-            self.high = int(gaps.max()) if fresh else max(self.high, int(gaps.max()))
+            self.low = low if fresh else min(self.low, low)
+            self.high = high if fresh else max(self.high, high)
         if len(steps) < 2:
             return 1.0
         return max(float(self.low), 1.0) if self.low == self.high else spacing(steps)
@@ -553,6 +565,8 @@ class _GroupRules:
         else:
             last_peak, hits = -np.inf, find_restarts(lr, self.th.restart_jump)
         new = hits.tolist()
+        if not new:  # the cycle goes on (nearly every watched update)
+            return np.full(m, len(self.restarts), np.int64), new, np.maximum(_running_max_finite(lr), last_peak)
         marks = np.zeros(m, np.int64)
         marks[hits - i0] = 1
         cycle_of = len(self.restarts) + np.cumsum(marks)
@@ -582,6 +596,8 @@ class _GroupRules:
         self._settle(i0, w)
         for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
             mask = risk >= level  # NaN (no restart coming) compares False
+            if not mask.any():
+                break  # below the warning level, below the critical one too (Thresholds checks the order)
             if severity == CRITICAL:
                 mask &= np.arange(i0, self.steps.n) >= (self.settled if self.settled is not None else self.steps.n)
             for k in self._first_per_cycle("risk", severity, mask, cycle_of):
@@ -599,6 +615,11 @@ class _GroupRules:
         top = np.maximum(np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)), self.top_lr)
         self.top_lr = float(top[-1])
         usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > self.th.tiny_lr * top)
+        if usable.all():  # nearly always: nothing to carry forward
+            d = dlr / lr
+            if np.isfinite(d).all():
+                self.d_last = float(d[-1])
+                return d
         d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
         idx = np.maximum.accumulate(np.where(np.isfinite(d), np.arange(len(d)), -1))
         d = np.where(idx >= 0, d[np.maximum(idx, 0)], self.d_last)
@@ -641,8 +662,6 @@ class _GroupRules:
 
     def _first_per_cycle(self, rule: str, severity: str, mask: np.ndarray, cycle_of: np.ndarray) -> list[int]:
         """Index (in ``mask``) of the first True in each cycle that has had no such finding."""
-        if not mask.any():
-            return []
         hits = np.flatnonzero(mask)
         found = self.cycles_found.setdefault((rule, severity), set())
         out = []
@@ -681,7 +700,10 @@ class _GroupRules:
         growth = d[i0:] / d[back]
         eligible &= np.isfinite(growth)
         for severity, level in ((WARNING, self.th.runaway_warning), (CRITICAL, self.th.runaway_critical)):
-            for k in self._first_per_cycle("runaway", severity, eligible & (growth >= level), cycle_of):
+            mask = eligible & (growth >= level)
+            if not mask.any():
+                break  # (as for the risk: no warning, no critical)
+            for k in self._first_per_cycle("runaway", severity, mask, cycle_of):
                 i, b = i0 + k, int(back[k])
                 self.findings.append(Finding(
                     "runaway_d", severity, self.group.name, int(steps[i]),
@@ -925,12 +947,19 @@ class _LossRules:
         if first >= n:
             return
         back = min(first, smooth_n - 1)
-        smooth = _window_sums(loss[first - back : n], smooth_n, back) / np.minimum(np.arange(first, n) + 1, smooth_n)
-        idx = np.arange(first, n)
-        baseline = np.minimum(np.minimum.accumulate(np.where(idx >= grace, smooth, np.inf)), self.lowest)
+        sums = _window_sums(loss[first - back : n], smooth_n, back)
+        if first > grace and first >= smooth_n - 1:  # nearly always: whole windows, past the grace period
+            smooth = sums / smooth_n
+            baseline = np.minimum(np.minimum.accumulate(smooth), self.lowest)
+            eligible = baseline > 0
+        else:
+            smooth = sums / np.minimum(np.arange(first, n) + 1, smooth_n)
+            idx = np.arange(first, n)
+            baseline = np.minimum(np.minimum.accumulate(np.where(idx >= grace, smooth, np.inf)), self.lowest)
+            eligible = (idx > grace) & (baseline > 0)
         self.lowest = float(baseline[-1])
         ratio = smooth / baseline
-        k = _first((idx > grace) & (baseline > 0) & (ratio >= self.th.loss_divergence))
+        k = _first(eligible & (ratio >= self.th.loss_divergence))
         if k is None:
             return
         self.diverged = True
