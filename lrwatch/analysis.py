@@ -560,13 +560,13 @@ class _GroupRules:
             return np.zeros(m, np.int64), [], np.full(m, np.nan)
         if i0:  # the pair across the boundary counts: start from the last point seen
             last_peak = float(self.peak.view[-1])
+            if m <= SMALL_UPDATE:
+                return self._restarts_small(i0, lr, float(self.lr.view[-1]), last_peak)  # type: ignore[union-attr]
             hits = find_restarts(np.concatenate(([self.lr.view[-1]], lr)), self.th.restart_jump,  # type: ignore
                                  last_peak) + (i0 - 1)
         else:
             last_peak, hits = -np.inf, find_restarts(lr, self.th.restart_jump)
         new = hits.tolist()
-        if not new:  # the cycle goes on (nearly every watched update)
-            return np.full(m, len(self.restarts), np.int64), new, np.maximum(_running_max_finite(lr), last_peak)
         marks = np.zeros(m, np.int64)
         marks[hits - i0] = 1
         cycle_of = len(self.restarts) + np.cumsum(marks)
@@ -580,6 +580,31 @@ class _GroupRules:
         if bounds[1] > 0:  # the first points continue the cycle seen so far
             peak[: bounds[1]] = np.maximum(peak[: bounds[1]], last_peak)
         return cycle_of, new, peak
+
+    def _restarts_small(self, i0: int, lr: np.ndarray, prev: float, peak: float
+                        ) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """``_restarts`` of a watched update's few points, in plain floats (numpy's fixed cost
+        per call is most of the work there): ``find_restarts``' test, point by point, from
+        the last point seen (``prev``) and its cycle's peak."""
+        jump, cycle = self.th.restart_jump, len(self.restarts)
+        prev = prev if math.isfinite(prev) else -math.inf
+        new: list[int] = []
+        cycles, peaks = [], []
+        for j, x in enumerate(lr.tolist()):
+            if not math.isfinite(x):
+                x = -math.inf
+            if prev < peak and x - prev >= jump * peak and peak > 0:
+                new.append(i0 + j)
+                cycle, peak = cycle + 1, -math.inf
+            if x > peak:
+                peak = x
+            cycles.append(cycle)
+            peaks.append(peak)
+            prev = x
+        if new:
+            self.restarts += new
+            self.restart_steps += self.steps.view[new].tolist()
+        return np.array(cycles, np.int64), new, np.array(peaks, np.float64)
 
     def _adaptive(self, i0: int, lr: np.ndarray, dlr: np.ndarray, peak: np.ndarray, cycle_of: np.ndarray,
                   new_restarts: list[int], w: int) -> None:
@@ -769,31 +794,52 @@ class _OpenCycle:
 
     def add(self, rules: _GroupRules, a: int, b: int) -> None:
         self.end = b - 1
-        seg = rules.lr.view[a:b]  # type: ignore[union-attr]
-        finite = np.isfinite(seg)
-        if finite.any():
-            top = float(np.max(seg[finite]))
+        small = b - a <= SMALL_UPDATE  # a watched update's few points: plain floats cost less than numpy's calls
+        lr = _lr_extremes(rules.lr.view[a:b], small)  # type: ignore[union-attr]
+        if lr is not None:
+            top, low, k = lr
             self.peak_lr = top if math.isnan(self.peak_lr) else max(self.peak_lr, top)
-            k = int(np.argmin(np.where(finite, seg, np.inf)))
-            if seg[k] < self.low_lr:
-                self.low, self.low_lr = a + k, float(seg[k])
-        dseg = rules.d.view[a:b]
-        dseg = dseg[np.isfinite(dseg)]
-        if len(dseg):
-            self.d_start = float(dseg[0]) if self.d_start is None else self.d_start
-            self.d_end = float(dseg[-1])
+            if low < self.low_lr:
+                self.low, self.low_lr = a + k, low
+        d = _finite_ends(rules.d.view[a:b], small)
+        if d is not None:
+            self.d_start = d[0] if self.d_start is None else self.d_start
+            self.d_end = d[1]
         if rules.dlr is not None:
-            dlr = rules.dlr.view[a:b]
-            dlr = dlr[np.isfinite(dlr)]
-            if len(dlr):
-                top = float(dlr.max())
-                self.peak_dlr = top if self.peak_dlr is None else max(self.peak_dlr, top)
+            dlr = _finite_ends(rules.dlr.view[a:b], small)
+            if dlr is not None:
+                self.peak_dlr = dlr[2] if self.peak_dlr is None else max(self.peak_dlr, dlr[2])
 
     def cycle(self, rules: _GroupRules, complete: bool) -> Cycle:
         steps, lr = rules.steps.view, rules.lr.view  # type: ignore[union-attr]
         growth = (self.d_end / self.d_start) if self.d_start and self.d_end is not None else None
         return Cycle(self.index, int(steps[self.start]), int(steps[self.end]), self.peak_lr, float(lr[self.low]),
                      int(steps[self.low]), self.d_start, self.d_end, growth, self.peak_dlr, complete)
+
+
+def _lr_extremes(lr: np.ndarray, small: bool) -> tuple[float, float, int] | None:
+    """(highest, lowest, index of the first lowest) of ``lr``'s finite values; None if none is.
+    ``small``: in plain floats (for a few points numpy's calls cost more than the loop)."""
+    if small:
+        finite = [(x, k) for k, x in enumerate(lr.tolist()) if math.isfinite(x)]
+        if not finite:
+            return None
+        low = min(finite)  # the lowest value, and of equal ones the first
+        return max(finite)[0], low[0], low[1]
+    mask = np.isfinite(lr)
+    if not mask.any():
+        return None
+    k = int(np.argmin(np.where(mask, lr, np.inf)))
+    return float(np.max(lr[mask])), float(lr[k]), k
+
+
+def _finite_ends(x: np.ndarray, small: bool) -> tuple[float, float, float] | None:
+    """(first, last, highest) of ``x``'s finite values; None if none is (``small``: as above)."""
+    if small:
+        values = [v for v in x.tolist() if math.isfinite(v)]
+        return (values[0], values[-1], max(values)) if values else None
+    finite = x[np.isfinite(x)]
+    return (float(finite[0]), float(finite[-1]), float(finite.max())) if len(finite) else None
 
 
 def _running_max_finite(x: np.ndarray) -> np.ndarray:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import ROOT, write_scalars
 
-from lrwatch.analysis import Analyser, Analysis, analyze
+from lrwatch.analysis import Analyser, Analysis, _finite_ends, _lr_extremes, analyze
 from lrwatch.runs import Run, discover, is_event_file
 from lrwatch.trainers import read_layout
 
@@ -139,6 +141,45 @@ def test_plateaus_and_a_tiny_lr_split_across_updates_give_the_full_analysis(tmp_
         same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
     assert analyser.fresh_starts <= 3
     assert run is not None and [c.min_lr_step for c in analyze(run).groups[0].cycles] == [71, 171, 271]
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_restarts_to_other_heights_warmups_and_non_finite_lrs_read_a_few_steps_at_a_time(tmp_path, seed):
+    """A watched update's few points take the plain-float path of the rules (``SMALL_UPDATE``),
+    a full analysis the vectorised one: cycles whose peaks differ (a restart is measured
+    against its own cycle's peak), warmups that rise from their own peak (no restart), and
+    NaN and inf lr (counted as unknown, also when an update's last point is one) must come
+    out the same either way."""
+    rng = np.random.default_rng(seed)
+    lr, dlr, loss = [], [], []
+    peaks = [1.0, 0.6, 1.3, 0.2, 0.9, 0.35, 1.1]
+    for step in range(1, 7 * 70 + 1):  # cycles longer than SMALL_UPDATE: a full analysis takes numpy's path
+        cycle, phase = divmod(step - 1, 70)
+        top = peaks[cycle]
+        value = top * (0.2 + 0.8 * phase / 5) if phase < 5 else top * 0.5 * (1 + np.cos(np.pi * (phase - 5) / 65))
+        value = {97: np.nan, 230: np.inf, 231: np.nan, 350: -np.inf}.get(step, value)
+        d = 1e-4 * (1 + step / 30) * (1 + 0.01 * rng.standard_normal())
+        lr.append((step, float(value)))
+        dlr.append((step, float(d * value)))
+        loss.append((step, float(rng.lognormal(-2, 1))))
+    write_scalars(tmp_path / "source", {"lr/unet": lr, "lr/d*lr/unet": dlr, "loss/current": loss})
+    analyser, run = Analyser(), None
+    for _ in grown_in_parts(tmp_path / "source", tmp_path / "copy", seed=seed, parts=250):
+        run = run or Run(tmp_path / "copy")
+        run.refresh()
+        reading = read_layout(run)
+        same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
+    assert run is not None and len(analyze(run).groups[0].restarts) == len(peaks) - 1
+    assert analyser.fresh_starts <= 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64)
+                | st.sampled_from([0.0, -0.0, 1.0, np.nan, np.inf, -np.inf]), max_size=80))
+def test_a_cycles_extremes_are_the_same_in_plain_floats_and_in_numpy(values):
+    x = np.asarray(values, np.float64)
+    assert _lr_extremes(x, small=True) == _lr_extremes(x, small=False)
+    assert _finite_ends(x, small=True) == _finite_ends(x, small=False)
 
 
 def test_a_step_logged_again_across_reads_keeps_its_last_write(tmp_path):
