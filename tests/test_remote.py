@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,13 +147,20 @@ def test_the_watcher_follows_an_s3_logdir_that_appears_and_grows(s3, s3_env, tmp
     watcher = subprocess.Popen([sys.executable, "-m", "lrwatch", "s3://lrwatch-test/live/logs", "--poll", "0.3",
                                 "--until-idle", "3"], cwd=ROOT, env={**os.environ, **s3_env},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(watcher.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + 60  # the logdir appears once lrwatch says it waits (a slow start must not race it)
+    while not any("waiting for s3://lrwatch-test/live/logs to appear" in line for line in lines):
+        assert time.monotonic() < deadline and watcher.poll() is None, "".join(lines)
+        time.sleep(0.05)
     for part in (4, 2, 1):
         s3.pipe(key, data[: len(data) // part])
         time.sleep(0.8)
-    out, err = watcher.communicate(timeout=60)
+    watcher.wait(timeout=60)
+    reader.join(10)
+    out, err = watcher.stdout.read(), "".join(lines)  # type: ignore[union-attr]
     assert watcher.returncode == 1, err
-    assert "waiting for s3://lrwatch-test/live/logs to appear" in err
     assert "CRITICAL run20261124083000/network_train step 119: runaway_d" in err
     assert "verdict: CRITICAL" in out
     assert "stopping" not in err  # the writer is not a process here: nothing to stop
