@@ -22,15 +22,32 @@ CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for 
 TAIL_BYTES = 64  # bytes before the read offset compared when a file was replaced
 
 
+Point = tuple[str, int, float, float]  # (tag, step, value, wall time)
+
+
 @dataclass
 class Batch:
-    """What one read of one file produced."""
+    """What one read of one file produced: ``scalars``, or for a watched flush read in one pass
+    its ``points`` (in file order; ``scalars`` then makes the columns from them on demand)."""
 
-    scalars: Scalars
+    points: list[Point] | None = None
     damage: list[Damage] = field(default_factory=list)
     pending: int = 0  # bytes of an unfinished record left for the next read
     restarted: bool = False  # the file shrank or was replaced, and was read again from the start
     error: str | None = None  # the file could not be read at all this time (permissions, gone)
+    columns: Scalars | None = None
+
+    @property
+    def scalars(self) -> Scalars:
+        if self.columns is None:
+            self.columns = Scalars()
+            if self.points:
+                tags: dict[str, int] = {}
+                ids = [tags.setdefault(tag, len(tags)) for tag, _, _, _ in self.points]
+                _, steps, values, walls = zip(*self.points)
+                self.columns = Scalars(list(tags), np.asarray(ids, np.int32), np.asarray(steps, np.int64),
+                                       np.asarray(values, np.float64), np.asarray(walls, np.float64))
+        return self.columns
 
 
 class EventFile:
@@ -51,10 +68,10 @@ class EventFile:
             with Reader(self.path) as reader:
                 return self._read(reader)
         except FileNotFoundError:
-            return Batch(Scalars(), error="file disappeared")
+            return Batch(error="file disappeared")
         except OSError as e:
             why = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else (e.strerror or str(e))
-            return Batch(Scalars(), error=f"cannot read: {why}")
+            return Batch(error=f"cannot read: {why}")
 
     def _read(self, reader: Reader) -> Batch:
         parts: list[Scalars] = []
@@ -73,12 +90,14 @@ class EventFile:
         while self.offset < size:
             data = reader.read(self.offset, self.offset + min(want, size - self.offset))
             step = whole_torch_step(data) if data and not self.in_garbage and len(data) <= SMALL_BUFFER else None
-            if step is not None:  # the watched case: a flush of whole records, read to the end
-                parts.append(step[0])
-                self.records_read += step[1]
+            if step is not None and not parts and not damage:  # the watched case: whole records, to the end
+                points, count = step
+                self.records_read += count
                 self._tail = data[-TAIL_BYTES:]
                 self.offset += len(data)
-                break
+                if self.first_wall_time is None and points:
+                    self.first_wall_time = min(p[3] for p in points)
+                return Batch(points, restarted=restarted)
             frames = find_records(data, self.offset, self.in_garbage)
             if len(frames.starts):
                 scalars = decode(data, frames.starts, frames.lengths)
@@ -105,7 +124,7 @@ class EventFile:
         scalars = concat(parts)
         if self.first_wall_time is None and len(scalars):
             self.first_wall_time = float(scalars.wall_times.min())
-        return Batch(scalars, damage, pending, restarted)
+        return Batch(None, damage, pending, restarted, columns=scalars)
 
     def _tail_still_there(self, reader: Reader) -> bool:
         if self.offset == 0:
@@ -114,20 +133,16 @@ class EventFile:
         return bool(self._tail) and reader.read(start, self.offset) == self._tail
 
 
-def whole_torch_step(buf: bytes) -> tuple[Scalars, int] | None:
+def whole_torch_step(buf: bytes) -> tuple[list[Point], int] | None:
     """A watched flush as torch's writer makes it (whole, valid records in ``add_scalar``'s
     layout, perhaps the file's ``file_version`` record), walked, checked and decoded in one
-    plain Python pass: (its scalars, its record count). None at anything else (a record cut
+    plain Python pass: (its points, its record count). None at anything else (a record cut
     or being written, damage, another layout), which ``find_records`` and ``decode`` then
     read. Either way the points are the same; this way a watched step's framing and
-    decoding cost half as much (``bench/bench_flush.py``)."""
+    decoding cost half as much (``bench/bench_flush.py``), and its points go to the run's
+    series as they are, without columns made and taken apart again."""
     n, pos, count = len(buf), 0, 0
-    tags: list[str] = []
-    index: dict[str, int] = {}
-    ids: list[int] = []
-    steps: list[int] = []
-    values: list[float] = []
-    walls: list[float] = []
+    points: list[Point] = []
     while pos < n:
         after = whole_record(buf, pos)
         if after is None:
@@ -136,15 +151,7 @@ def whole_torch_step(buf: bytes) -> tuple[Scalars, int] | None:
         if scalar is None:
             return None
         if scalar is not NOT_A_SCALAR:
-            tag = scalar[0]
-            if tag not in index:
-                index[tag] = len(tags)
-                tags.append(tag)
-            ids.append(index[tag])
-            steps.append(scalar[1])
-            values.append(scalar[2])
-            walls.append(scalar[3])
+            points.append(scalar)
         count += 1
         pos = after
-    return Scalars(tags, np.asarray(ids, np.int32), np.asarray(steps, np.int64), np.asarray(values, np.float64),
-                   np.asarray(walls, np.float64)), count
+    return points, count

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lrwatch.loader import EventFile
+from lrwatch.loader import EventFile, Point
 from lrwatch.records import Damage
 from lrwatch.sources import location, walk_files
 
@@ -231,6 +231,11 @@ class Run:
                 self.rewritten.add(path)
             self._pending[path] = batch.pending
             self.damage += [(path, d) for d in batch.damage]
+            if batch.points is not None:  # a watched flush: its points as they are
+                if batch.points:
+                    self.new_nonfinite = self._add_points(batch.points) or self.new_nonfinite
+                    new_points += len(batch.points)
+                continue
             if batch.scalars.hparams:
                 self.config.update(batch.scalars.hparams)
                 self.config_version += 1
@@ -245,18 +250,11 @@ class Run:
         """Keep the points; True if any value is NaN or infinite."""
         # Files are read in creation order and each file in write order, so concatenation order
         # is write order, which is what resolve_relogged needs.
-        self._step_range_known = False
         if len(scalars) <= SMALL_ADD:
             tags = scalars.tags
-            values = scalars.values.tolist()
-            for tag_id, step, value, wall in zip(scalars.tag_ids.tolist(), scalars.steps.tolist(),
-                                                 values, scalars.wall_times.tolist()):
-                chunks = self._chunks.get(tags[tag_id])
-                if chunks is None:
-                    chunks = self._chunks[tags[tag_id]] = _TagChunks()
-                chunks.tail.append((step, value, wall))
-                chunks.merged = None
-            return not all(map(math.isfinite, values))
+            return self._add_points(list(zip([tags[i] for i in scalars.tag_ids.tolist()], scalars.steps.tolist(),
+                                              scalars.values.tolist(), scalars.wall_times.tolist())))
+        self._step_range_known = False
         for tag_id, tag in enumerate(scalars.tags):
             sel = scalars.tag_ids == tag_id
             if not sel.any():
@@ -268,6 +266,19 @@ class Run:
             chunks.walls.append(scalars.wall_times[sel])
             chunks.merged = None
         return not bool(np.isfinite(scalars.values).all())
+
+    def _add_points(self, points: list[Point]) -> bool:
+        """A few points (a watched step's), kept one by one; True if any value is NaN or infinite."""
+        self._step_range_known = False
+        finite = True
+        for tag, step, value, wall in points:
+            chunks = self._chunks.get(tag)
+            if chunks is None:
+                chunks = self._chunks[tag] = _TagChunks()
+            chunks.tail.append((step, value, wall))
+            chunks.merged = None
+            finite = finite and math.isfinite(value)
+        return not finite
 
     @property
     def pending_bytes(self) -> int:

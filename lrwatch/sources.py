@@ -109,6 +109,7 @@ def read_range(path: Path, start: int, end: int) -> bytes:
 
 
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)  # O_BINARY: no newline translation on Windows
+_PREAD = getattr(os, "pread", None)  # a read at an offset in one call (POSIX); Windows seeks, then reads
 
 
 class Reader:
@@ -138,10 +139,11 @@ class Reader:
     def read(self, start: int, end: int) -> bytes:
         if self._fd is None:
             return read_range(self.path, start, end)
-        os.lseek(self._fd, start, os.SEEK_SET)
+        if _PREAD is None:
+            os.lseek(self._fd, start, os.SEEK_SET)
         parts = []
         while start < end:  # one read, unless the OS hands out less (Windows caps a read at 2 GiB)
-            got = os.read(self._fd, end - start)
+            got = os.read(self._fd, end - start) if _PREAD is None else _PREAD(self._fd, end - start, start)
             if not got:
                 break
             parts.append(got)

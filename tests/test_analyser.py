@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, write_scalars
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import ROOT, write_scalars
 
 from lrwatch.analysis import Analyser, Analysis, _finite_ends, _lr_extremes, analyze
 from lrwatch.runs import Run, discover, is_event_file

@@ -383,10 +383,10 @@ def test_a_trainers_flush_takes_the_one_pass_read():
     from lrwatch.loader import whole_torch_step
 
     step = _SMALL_SOURCE[_BOUNDARIES[100] : _BOUNDARIES[106]]
-    scalars, count = whole_torch_step(step)
-    assert count == 6 and len(scalars) == 6
-    scalars, count = whole_torch_step(_SMALL_SOURCE[: _BOUNDARIES[4]])
-    assert count == 4 and len(scalars) == 3  # the file_version record holds no point
+    points, count = whole_torch_step(step)
+    assert count == 6 and len(points) == 6
+    points, count = whole_torch_step(_SMALL_SOURCE[: _BOUNDARIES[4]])
+    assert count == 4 and len(points) == 3  # the file_version record holds no point
 
 
 # --- records decoded one by one in plain Python ---------------------------------------------------
