@@ -25,7 +25,7 @@ TAIL_BYTES = 64  # bytes before the read offset compared when a file was replace
 Point = tuple[str, int, float, float]  # (tag, step, value, wall time)
 
 
-@dataclass
+@dataclass(slots=True)
 class Batch:
     """What one read of one file produced: ``scalars``, or for a watched flush read in one pass
     its ``points`` (in file order; ``scalars`` then makes the columns from them on demand)."""

@@ -103,6 +103,7 @@ class Monitor:
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
         self._names: dict[Path, tuple[tuple, str]] = {}  # run -> its output name, by config
         self._named: dict[str, list[Path]] | None = None  # output name -> runs (None: to build again)
+        self._sorted: list[Path] | None = None  # the runs' paths in order (None: to sort again)
 
     def missing_roots(self) -> list[Path]:
         return [r for r in self.roots if self._exists(r) is False]
@@ -134,7 +135,7 @@ class Monitor:
         for path, state in list(self.states.items()):
             if _identity(path) != state.folder:
                 del self.states[path]
-                self._named = None
+                self._named = self._sorted = None
         new = []
         for root in self.roots:
             if not self._exists(root):
@@ -150,7 +151,7 @@ class Monitor:
                     run = Run(path, base)
                     self.states[path] = RunState(run, folder=_identity(path))
                     new.append(run)
-                    self._named = None
+                    self._named = self._sorted = None
         return new
 
     def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True,
@@ -227,6 +228,7 @@ class Monitor:
         like an earlier one gets its note."""
         for state in states:
             self.states[state.run.path] = state
+        self._sorted = None
         for state in states:
             if state.analysis is None or state.error:
                 continue
@@ -355,7 +357,9 @@ class Monitor:
 
     @property
     def runs(self) -> list[RunState]:
-        return [self.states[p] for p in sorted(self.states)]
+        if self._sorted is None or len(self._sorted) != len(self.states):  # sorted once per change, not per ask
+            self._sorted = sorted(self.states)
+        return [self.states[p] for p in self._sorted]
 
 
 def _reason(e: BaseException) -> str:

@@ -214,8 +214,9 @@ class Run:
         new_points = 0
         self.new_nonfinite = False
         listed = relist or not self.files
-        if listed:
-            self._listed = self.event_files()
+        if listed:  # the paths already known stay the same objects: dict look-ups by identity, not by comparison
+            known = {path: path for path in self.files}
+            self._listed = [known.get(path, path) for path in self.event_files()]
         for path in self._listed:
             if only is not None and not listed and path not in only:
                 continue

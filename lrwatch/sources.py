@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import unquote, urlparse
 
 
@@ -78,8 +77,7 @@ def walk_files(root: Path) -> Iterator[tuple[Path, list[str]]]:
         yield (root / rel if rel else root), files
 
 
-@dataclass(frozen=True)
-class FileInfo:
+class FileInfo(NamedTuple):  # (a tuple: made for every read of a watched file)
     size: int
     version: tuple  # changes when the file is replaced (inode locally; ETag/mtime remotely)
 

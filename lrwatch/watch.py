@@ -164,8 +164,10 @@ class Watcher:
                 if found is None:
                     rediscover = True  # a new run folder or event file
                     continue
-                run = found
-                if path == run or path in self.monitor.states[run].run.files:
+                state = self.monitor.states[found]
+                run = state.run.path  # the very object keying the monitor's runs (look-ups by identity)
+                if path == run or path in state.run.files:
+                    path = run if path == run else state.run.files[path].path  # ... and the run's files
                     self._run_of[name] = (run, path)
                 else:
                     self.monitor.states[run].listed_at = -1e9  # a file the run does not know yet: list its folder
