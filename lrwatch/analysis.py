@@ -613,7 +613,7 @@ class _GroupRules:
         th = self.th
         d = self._d_series(lr, dlr)
         best_before = self.best
-        best = np.maximum(_running_max_finite(dlr), best_before)  # the highest d*lr so far, at every point
+        best = _running_max_finite(dlr, best_before)  # the highest d*lr so far, at every point
         self.best = float(best[-1])
         risk = _restart_risk(self.steps.view[i0:], d, peak, best, self.schedule)
         self.d.extend(d)
@@ -637,6 +637,18 @@ class _GroupRules:
     def _d_series(self, lr: np.ndarray, dlr: np.ndarray) -> np.ndarray:
         """d = (d*lr)/lr where lr is usable, carried forward where it is not (lr zero or tiny:
         both optimizers keep d there, and the ratio would only amplify float noise)."""
+        if len(lr) <= SMALL_UPDATE:  # a watched update's few points: the same, in plain floats
+            top, tiny, d_last = self.top_lr, self.th.tiny_lr, self.d_last
+            out = []
+            for x, y in zip(lr.tolist(), dlr.tolist()):
+                finite = math.isfinite(x)
+                if finite and abs(x) > top:
+                    top = abs(x)
+                if finite and math.isfinite(y) and x > 0 and x > tiny * top and math.isfinite(y / x):
+                    d_last = y / x
+                out.append(d_last)
+            self.top_lr, self.d_last = top, d_last
+            return np.array(out, np.float64)
         top = np.maximum(np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)), self.top_lr)
         self.top_lr = float(top[-1])
         usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > self.th.tiny_lr * top)
@@ -842,17 +854,34 @@ def _finite_ends(x: np.ndarray, small: bool) -> tuple[float, float, float] | Non
     return (float(finite[0]), float(finite[-1]), float(finite.max())) if len(finite) else None
 
 
-def _running_max_finite(x: np.ndarray) -> np.ndarray:
-    return np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf))
+def _running_max_finite(x: np.ndarray, start: float = -math.inf) -> np.ndarray:
+    """The highest finite value up to each point (and ``start``; -inf before any)."""
+    if len(x) <= SMALL_UPDATE:  # a watched update's few points: plain floats
+        top, out = start, []
+        for v in x.tolist():
+            if top < v < math.inf:
+                top = v
+            out.append(top)
+        return np.array(out, np.float64)
+    top = np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf))
+    return top if start == -math.inf else np.maximum(top, start)
 
 
 def _restart_risk(steps, d, peak, best, schedule: KnownSchedule | None) -> np.ndarray:
     """At each step: d now x the peak lr the next cycle will start from, over the highest
     d*lr reached so far. NaN where no restart is coming (known from the config)."""
-    risk = d * peak / best
-    risk[~np.isfinite(risk) | (best <= 0)] = np.nan
+    last_restart = None
     if schedule is not None and schedule.restarts is not None:
         last_restart = schedule.restarts[-1] if schedule.restarts else -1
+    if len(d) <= SMALL_UPDATE:  # a watched update's few points: plain floats
+        out = []
+        for step, x, top, high in zip(steps.tolist(), d.tolist(), peak.tolist(), best.tolist()):
+            r = x * top / high if high > 0 else math.nan
+            out.append(r if math.isfinite(r) and (last_restart is None or step < last_restart) else math.nan)
+        return np.array(out, np.float64)
+    risk = d * peak / best
+    risk[~np.isfinite(risk) | (best <= 0)] = np.nan
+    if last_restart is not None:
         risk[steps >= last_restart] = np.nan
     return risk
 

@@ -148,8 +148,8 @@ def test_restarts_to_other_heights_warmups_and_non_finite_lrs_read_a_few_steps_a
     """A watched update's few points take the plain-float path of the rules (``SMALL_UPDATE``),
     a full analysis the vectorised one: cycles whose peaks differ (a restart is measured
     against its own cycle's peak), warmups that rise from their own peak (no restart), and
-    NaN and inf lr (counted as unknown, also when an update's last point is one) must come
-    out the same either way."""
+    NaN and inf lr (counted as unknown, also when an update's last point is one; the first
+    d*lr unknown too) must come out the same either way."""
     rng = np.random.default_rng(seed)
     lr, dlr, loss = [], [], []
     peaks = [1.0, 0.6, 1.3, 0.2, 0.9, 0.35, 1.1]
@@ -160,7 +160,7 @@ def test_restarts_to_other_heights_warmups_and_non_finite_lrs_read_a_few_steps_a
         value = {97: np.nan, 230: np.inf, 231: np.nan, 350: -np.inf}.get(step, value)
         d = 1e-4 * (1 + step / 30) * (1 + 0.01 * rng.standard_normal())
         lr.append((step, float(value)))
-        dlr.append((step, float(d * value)))
+        dlr.append((step, float(d * value) if step > 2 else np.nan))  # (no highest d*lr yet at first)
         loss.append((step, float(rng.lognormal(-2, 1))))
     write_scalars(tmp_path / "source", {"lr/unet": lr, "lr/d*lr/unet": dlr, "loss/current": loss})
     analyser, run = Analyser(), None
