@@ -12,8 +12,10 @@ run at once.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -263,7 +265,8 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
 def _paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The steps both series have, with each one's values there (nearly always every step)."""
-    if len(a[0]) == len(b[0]) and np.array_equal(a[0], b[0]):
+    if len(a[0]) == len(b[0]) and (a[0].tolist() == b[0].tolist() if len(a[0]) <= SMALL_UPDATE
+                                   else np.array_equal(a[0], b[0])):
         return a[0], a[1], b[1]
     steps, i, j = np.intersect1d(a[0], b[0], assume_unique=True, return_indices=True)
     return steps, a[1][i], b[1][j]
@@ -273,7 +276,7 @@ def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndar
     """(steps, values) of the series' points after ``step`` (all, when None)."""
     if series is None:
         return None
-    start = 0 if step is None else int(np.searchsorted(series.steps, step, side="right"))
+    start = 0 if step is None else int(series.steps.searchsorted(step, side="right"))
     return series.steps[start:], series.values[start:]
 
 
@@ -313,6 +316,13 @@ def _first(mask: np.ndarray) -> int | None:
         return None
     i = int(mask.argmax())
     return i if mask[i] else None
+
+
+def _first_nonfinite(x: np.ndarray) -> int | None:
+    """The index of the first NaN or inf, or None (a watched update's few points: plain floats)."""
+    if len(x) <= SMALL_UPDATE:
+        return next((i for i, v in enumerate(x.tolist()) if not math.isfinite(v)), None)
+    return _first(~np.isfinite(x))
 
 
 class _Stale(Exception):
@@ -416,11 +426,16 @@ class _RunRules:
         return self._analysis(run, loss_notes)
 
     def _check_appended(self, run: RunLike) -> None:
-        for tag, (n, replaced) in self.seen.items():
-            series = run.series(tag)  # (never None: the tags are part of the key)
-            if series is not None and (len(series.steps) < n or series.replaced != replaced):
+        seen = {}
+        for tag in self.used:
+            series = run.series(tag)
+            if series is None:
+                continue
+            before = self.seen.get(tag)
+            if before is not None and (len(series.steps) < before[0] or series.replaced != before[1]):
                 raise _Stale(tag)
-        self.seen = {t: (len(s.steps), s.replaced) for t in self.used if (s := run.series(t)) is not None}
+            seen[tag] = (len(series.steps), series.replaced)
+        self.seen = seen
 
     def _compare_twins(self, run: RunLike) -> set[str]:
         """The ``group<i>`` groups that are twins of another group (kohya logs each group
@@ -543,7 +558,7 @@ class _GroupRules:
         for label, values in named.items():
             if label in self.nonfinite_seen:
                 continue
-            i = _first(~np.isfinite(values))
+            i = _first_nonfinite(values)
             if i is not None:
                 self.nonfinite_seen.add(label)
                 self.findings.append(Finding(
@@ -638,16 +653,16 @@ class _GroupRules:
         """d = (d*lr)/lr where lr is usable, carried forward where it is not (lr zero or tiny:
         both optimizers keep d there, and the ratio would only amplify float noise)."""
         if len(lr) <= SMALL_UPDATE:  # a watched update's few points: the same, in plain floats
-            top, tiny, d_last = self.top_lr, self.th.tiny_lr, self.d_last
+            highest, tiny, d_last = self.top_lr, self.th.tiny_lr, self.d_last
             out = []
             for x, y in zip(lr.tolist(), dlr.tolist()):
                 finite = math.isfinite(x)
-                if finite and abs(x) > top:
-                    top = abs(x)
-                if finite and math.isfinite(y) and x > 0 and x > tiny * top and math.isfinite(y / x):
+                if finite and abs(x) > highest:
+                    highest = abs(x)
+                if finite and math.isfinite(y) and x > 0 and x > tiny * highest and math.isfinite(y / x):
                     d_last = y / x
                 out.append(d_last)
-            self.top_lr, self.d_last = top, d_last
+            self.top_lr, self.d_last = highest, d_last
             return np.array(out, np.float64)
         top = np.maximum(np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)), self.top_lr)
         self.top_lr = float(top[-1])
@@ -857,11 +872,11 @@ def _finite_ends(x: np.ndarray, small: bool) -> tuple[float, float, float] | Non
 def _running_max_finite(x: np.ndarray, start: float = -math.inf) -> np.ndarray:
     """The highest finite value up to each point (and ``start``; -inf before any)."""
     if len(x) <= SMALL_UPDATE:  # a watched update's few points: plain floats
-        top, out = start, []
+        highest, out = start, []
         for v in x.tolist():
-            if top < v < math.inf:
-                top = v
-            out.append(top)
+            if highest < v < math.inf:
+                highest = v
+            out.append(highest)
         return np.array(out, np.float64)
     top = np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf))
     return top if start == -math.inf else np.maximum(top, start)
@@ -942,7 +957,7 @@ class _LossRules:
         steps, loss = series.steps[i0:], series.values[i0:]
         gap = self.spacing.add(self.steps, i0)
         if self.finite_upto is None:
-            i = _first(~np.isfinite(loss))
+            i = _first_nonfinite(loss)
             if i is not None:
                 self.finite_upto = i0 + i
                 self.finite_spacing = spacing(self.steps[: self.finite_upto])
@@ -1021,27 +1036,29 @@ class _LossRules:
         self.smooth_from = max(first, n)
         if first >= n:
             return
-        back = min(first, smooth_n - 1)
-        sums = _window_sums(loss[first - back : n], smooth_n, back)
-        if first > grace and first >= smooth_n - 1:  # nearly always: whole windows, past the grace period
-            smooth = sums / smooth_n
-            baseline = np.minimum(np.minimum.accumulate(smooth), self.lowest)
-            eligible = baseline > 0
+        back, limit = min(first, smooth_n - 1), self.th.loss_divergence
+        smooth: Any  # (plain floats or an array, indexed alike)
+        baseline: Any
+        if first > grace and first >= smooth_n - 1 and n - first <= SMALL_UPDATE:
+            # a watched update's few points, past the grace period, in whole windows: plain floats
+            smooth = [total / smooth_n for total in _window_sums_list(loss[first - back : n].tolist(), smooth_n, back)]
+            baseline = list(itertools.accumulate(smooth, min, initial=self.lowest))[1:]
+            k = next((j for j, (x, low) in enumerate(zip(smooth, baseline)) if low > 0 and x / low >= limit), None)
         else:
-            smooth = sums / np.minimum(np.arange(first, n) + 1, smooth_n)
+            sums = _window_sums(loss[first - back : n], smooth_n, back)
             idx = np.arange(first, n)
+            smooth = sums / np.minimum(idx + 1, smooth_n)
             baseline = np.minimum(np.minimum.accumulate(np.where(idx >= grace, smooth, np.inf)), self.lowest)
-            eligible = (idx > grace) & (baseline > 0)
+            k = _first((idx > grace) & (baseline > 0) & (smooth / baseline >= limit))
         self.lowest = float(baseline[-1])
-        ratio = smooth / baseline
-        k = _first(eligible & (ratio >= self.th.loss_divergence))
         if k is None:
             return
         self.diverged = True
+        ratio = smooth[k] / baseline[k]
         self.findings.append(Finding(
             "blowup", CRITICAL, None, int(self.steps[first + k]),
-            f"{self.tag} diverged: smoothed {smooth[k]:.3g} is {ratio[k]:.1f}x its best ({baseline[k]:.3g})",
-            {"what": "loss_diverged", "ratio": round(float(ratio[k]), 4), "loss": float(smooth[k]),
+            f"{self.tag} diverged: smoothed {smooth[k]:.3g} is {ratio:.1f}x its best ({baseline[k]:.3g})",
+            {"what": "loss_diverged", "ratio": round(float(ratio), 4), "loss": float(smooth[k]),
              "baseline": float(baseline[k])},
         ))
 
@@ -1051,14 +1068,7 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
     ``skip`` on, added in one order (newest first) wherever the window is cut from: a run
     analysed in parts gives the very same floats as one analysed at once."""
     if (len(x) - skip) * span <= 256:  # a watched step's few points: the same adds, in plain floats
-        values = x.tolist()
-        out = []
-        for end in range(skip, len(values)):
-            total = values[end]
-            for k in range(1, min(span, end + 1)):
-                total += values[end - k]
-            out.append(total)
-        return np.array(out)
+        return np.array(_window_sums_list(x.tolist(), span, skip))
     total = x[skip:].copy()
     for k in range(1, span):
         lo = max(skip, k)  # window ends with a value k back
@@ -1066,6 +1076,17 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
             break
         total[lo - skip :] += x[lo - k : len(x) - k]
     return total
+
+
+def _window_sums_list(values: list[float], span: int, skip: int) -> list[float]:
+    """``_window_sums`` in plain floats, added in the same order."""
+    out = []
+    for end in range(skip, len(values)):
+        total = values[end]
+        for k in range(1, min(span, end + 1)):
+            total += values[end - k]
+        out.append(total)
+    return out
 
 
 def loss_levels(loss: np.ndarray, base: float, window: int) -> np.ndarray:

@@ -149,7 +149,7 @@ def test_restarts_to_other_heights_warmups_and_non_finite_lrs_read_a_few_steps_a
     a full analysis the vectorised one: cycles whose peaks differ (a restart is measured
     against its own cycle's peak), warmups that rise from their own peak (no restart), and
     NaN and inf lr (counted as unknown, also when an update's last point is one; the first
-    d*lr unknown too) must come out the same either way."""
+    d*lr unknown too), and a loss that then diverges, must come out the same either way."""
     rng = np.random.default_rng(seed)
     lr, dlr, loss = [], [], []
     peaks = [1.0, 0.6, 1.3, 0.2, 0.9, 0.35, 1.1]
@@ -161,7 +161,7 @@ def test_restarts_to_other_heights_warmups_and_non_finite_lrs_read_a_few_steps_a
         d = 1e-4 * (1 + step / 30) * (1 + 0.01 * rng.standard_normal())
         lr.append((step, float(value)))
         dlr.append((step, float(d * value) if step > 2 else np.nan))  # (no highest d*lr yet at first)
-        loss.append((step, float(rng.lognormal(-2, 1))))
+        loss.append((step, float(rng.lognormal(-2, 0.5)) * (30 if step > 420 else 1)))  # then it diverges
     write_scalars(tmp_path / "source", {"lr/unet": lr, "lr/d*lr/unet": dlr, "loss/current": loss})
     analyser, run = Analyser(), None
     for _ in grown_in_parts(tmp_path / "source", tmp_path / "copy", seed=seed, parts=250):
@@ -170,6 +170,7 @@ def test_restarts_to_other_heights_warmups_and_non_finite_lrs_read_a_few_steps_a
         reading = read_layout(run)
         same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
     assert run is not None and len(analyze(run).groups[0].restarts) == len(peaks) - 1
+    assert {f.values.get("what") for f in analyze(run).findings} >= {"loss_diverged", "loss_above_base"}
     assert analyser.fresh_starts <= 3
 
 
