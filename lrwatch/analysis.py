@@ -7,7 +7,9 @@ the findings a live watcher would have printed, and analysing a longer prefix of
 a run never moves or removes an earlier finding. That is what lets the watcher
 update a run's analysis with its new points only (``Analyser``): the rules carry
 what they keep of the earlier points, and an audit is the same code fed the whole
-run at once.
+run at once. The rules work on numpy arrays; a watched update's few new points
+(``SMALL_UPDATE``) take the same steps in plain floats, where numpy's fixed cost per
+call would be most of the work (tests hold the two to the same floats).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lrwatch.trainers import (
 
 WARNING = "warning"
 CRITICAL = "critical"
+SMALL_UPDATE = 64  # points: a watched run's few new ones, where plain Python beats numpy's fixed cost per call
 TINY_LOSS = 1e-9  # a loss at or below zero counts as this fraction of the base model's in a geometric mean
 
 
@@ -281,7 +284,6 @@ def _after(series: Series | None, step: int | None) -> tuple[np.ndarray, np.ndar
 
 
 _RESTART_CHUNK = 4096
-SMALL_UPDATE = 64  # points: a watched run's few new ones, where plain Python beats numpy's fixed cost per call
 
 
 def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.ndarray:
@@ -496,9 +498,9 @@ class _TwinPair:
 
 class _GroupRules:
     """A param group's rules over its joined points, fed in step order. Each is vectorised
-    over the new points, with what it needs of the earlier ones carried: the cycle's peak
-    lr, the highest d*lr and |lr|, the last known d, where d's warm-up ended, which cycles
-    have had their finding."""
+    over the new points (a plain-float loop for a watched update's few), with what it needs
+    of the earlier ones carried: the cycle's peak lr, the highest d*lr and |lr|, the last
+    known d, where d's warm-up ended, which cycles have had their finding."""
 
     def __init__(self, group: Group, schedule: KnownSchedule | None, th: Thresholds) -> None:
         self.group, self.schedule, self.th = group, schedule, th

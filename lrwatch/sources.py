@@ -111,8 +111,8 @@ _PREAD = getattr(os, "pread", None)  # a read at an offset in one call (POSIX); 
 
 
 class Reader:
-    """One file opened for a pass of reads: locally one file descriptor (``fstat``, then seeks
-    and reads; no Python file object, whose set-up costs more than a watched step's read),
+    """One file opened for a pass of reads: locally one file descriptor (``fstat``, then reads
+    at offsets; no Python file object, whose set-up costs more than a watched step's read),
     remotely ranged requests. Use as a context manager."""
 
     def __init__(self, path: Path) -> None:
