@@ -345,11 +345,12 @@ class Monitor:
 
     def run_for(self, file_path: Path) -> Path | None:
         """The run folder a changed file belongs to (known runs only): a look-up per folder above
-        the file, not a scan of every run (the watcher asks for every file event)."""
+        the file, not a scan of every run (the watcher asks for every file event). It is the run's
+        own ``path``, the object keying ``states``: the watcher's later look-ups match by identity."""
         path = file_path
         while True:  # the file's folder first: an event file sits directly in its run (or one below)
             if path in self.states:
-                return path
+                return self.states[path].run.path
             parent = path.parent
             if parent == path:
                 return None

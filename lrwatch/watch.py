@@ -164,13 +164,12 @@ class Watcher:
                 if found is None:
                     rediscover = True  # a new run folder or event file
                     continue
-                state = self.monitor.states[found]
-                run = state.run.path  # the very object keying the monitor's runs (look-ups by identity)
+                run, state = found, self.monitor.states[found]
                 if path == run or path in state.run.files:
-                    path = run if path == run else state.run.files[path].path  # ... and the run's files
+                    path = run if path == run else state.run.files[path].path  # the run's own object, as ``run``
                     self._run_of[name] = (run, path)
                 else:
-                    self.monitor.states[run].listed_at = -1e9  # a file the run does not know yet: list its folder
+                    state.listed_at = -1e9  # a file the run does not know yet: list its folder
             runs.setdefault(run, set()).add(path)
         return runs, rediscover, snapshots_changed
 
