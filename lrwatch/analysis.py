@@ -669,11 +669,6 @@ class _GroupRules:
         top = np.maximum(np.maximum.accumulate(np.where(np.isfinite(lr), np.abs(lr), 0.0)), self.top_lr)
         self.top_lr = float(top[-1])
         usable = np.isfinite(lr) & np.isfinite(dlr) & (lr > 0) & (lr > self.th.tiny_lr * top)
-        if usable.all():  # nearly always: nothing to carry forward
-            d = dlr / lr
-            if np.isfinite(d).all():
-                self.d_last = float(d[-1])
-                return d
         d = np.where(usable, dlr / np.where(usable, lr, 1.0), np.nan)
         idx = np.maximum.accumulate(np.where(np.isfinite(d), np.arange(len(d)), -1))
         d = np.where(idx >= 0, d[np.maximum(idx, 0)], self.d_last)
