@@ -16,7 +16,7 @@ import numpy as np
 
 from lrwatch.events import NOT_A_SCALAR, Scalars, concat, decode, torch_scalar
 from lrwatch.records import FOOTER, HEADER, MAX_RECORD_BYTES, SMALL_BUFFER, Damage, find_records, whole_record
-from lrwatch.sources import Reader, location
+from lrwatch.sources import Reader, location, read_appended
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for one larger record)
 TAIL_BYTES = 64  # bytes before the read offset compared when a file was replaced
@@ -65,6 +65,13 @@ class EventFile:
     def read_new(self) -> Batch:
         """Read and decode everything complete after the last read."""
         try:
+            if self._identity is not None and not self.in_garbage:  # a watched flush: one open and read
+                data = read_appended(self.path, self.offset, self._identity, SMALL_BUFFER)
+                if data == b"":
+                    return Batch([])  # nothing new
+                step = whole_torch_step(data) if data else None
+                if data and step is not None:
+                    return self._whole_step(data, *step, restarted=False)
             with Reader(self.path) as reader:
                 return self._read(reader)
         except FileNotFoundError:
@@ -91,13 +98,7 @@ class EventFile:
             data = reader.read(self.offset, self.offset + min(want, size - self.offset))
             step = whole_torch_step(data) if data and not self.in_garbage and len(data) <= SMALL_BUFFER else None
             if step is not None and not parts and not damage:  # the watched case: whole records, to the end
-                points, count = step
-                self.records_read += count
-                self._tail = data[-TAIL_BYTES:]
-                self.offset += len(data)
-                if self.first_wall_time is None and points:
-                    self.first_wall_time = min(p[3] for p in points)
-                return Batch(points, restarted=restarted)
+                return self._whole_step(data, *step, restarted=restarted)
             frames = find_records(data, self.offset, self.in_garbage)
             if len(frames.starts):
                 scalars = decode(data, frames.starts, frames.lengths)
@@ -125,6 +126,15 @@ class EventFile:
         if self.first_wall_time is None and len(scalars):
             self.first_wall_time = float(scalars.wall_times.min())
         return Batch(None, damage, pending, restarted, columns=scalars)
+
+    def _whole_step(self, data: bytes, points: list[Point], count: int, restarted: bool) -> Batch:
+        """Take ``data``, whole records to the file's end, read from the offset."""
+        self.records_read += count
+        self._tail = data[-TAIL_BYTES:]
+        self.offset += len(data)
+        if self.first_wall_time is None and points:
+            self.first_wall_time = min(p[3] for p in points)
+        return Batch(points, restarted=restarted)
 
     def _tail_still_there(self, reader: Reader) -> bool:
         if self.offset == 0:

@@ -227,11 +227,13 @@ class Run:
             if batch.error:
                 self.file_errors[path] = batch.error
                 continue
-            self.file_errors.pop(path, None)
+            if self.file_errors:
+                self.file_errors.pop(path, None)
             if batch.restarted:
                 self.rewritten.add(path)
             self._pending[path] = batch.pending
-            self.damage += [(path, d) for d in batch.damage]
+            if batch.damage:
+                self.damage += [(path, d) for d in batch.damage]
             if batch.points is not None:  # a watched flush: its points as they are
                 if batch.points:
                     self.new_nonfinite = self._add_points(batch.points) or self.new_nonfinite

@@ -110,6 +110,31 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)  # O_BINARY: no newline t
 _PREAD = getattr(os, "pread", None)  # a read at an offset in one call (POSIX); Windows seeks, then reads
 
 
+def read_appended(path: Path, offset: int, version: tuple, most: int) -> bytes | None:
+    """Locally, the bytes after ``offset`` of the file ``version`` names, when it grew by at most
+    ``most`` bytes: one open, ``fstat``, read and close, a watched flush's whole read. None for
+    anything else (a remote file, a replaced or shorter one, more new bytes), which a ``Reader``
+    then reads."""
+    if is_remote(path):
+        return None
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if not offset <= size <= offset + most or (st.st_dev, st.st_ino) != version:
+            return None
+        if size == offset:
+            return b""
+        if _PREAD is None:
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, size - offset)
+        else:
+            data = _PREAD(fd, size - offset, offset)
+        return data if len(data) == size - offset else None
+    finally:
+        os.close(fd)
+
+
 class Reader:
     """One file opened for a pass of reads: locally one file descriptor (``fstat``, then reads
     at offsets; no Python file object, whose set-up costs more than a watched step's read),

@@ -147,6 +147,44 @@ def test_a_replaced_file_is_read_again_from_the_start(tmp_path):
     assert batch.restarted and loader.offset <= 5000 and len(batch.scalars) > 0
 
 
+def test_a_watched_file_read_flush_by_flush_hands_replacements_and_cut_records_to_the_full_read(tmp_path):
+    """A flush is read with one open and read (``read_appended``) only while the file is the
+    one read before and grew by whole records; a rename over it, a longer copy that still holds
+    the bytes read (a sync tool's), and a record cut mid-write are the full read's to judge."""
+    src = event_file_of("dadapt_sgd_blowup").read_bytes()
+    cuts = find_records(src).starts.tolist()
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(src[: cuts[40] - HEADER])
+    loader = EventFile(path)
+    seen = loader.read_new().scalars.steps.tolist()
+    with open(path, "ab") as fh:  # whole records, then half of one, then the rest
+        fh.write(src[cuts[40] - HEADER : cuts[43] - HEADER + 7])
+    batch = loader.read_new()
+    assert batch.pending == 7 and not batch.restarted
+    seen += batch.scalars.steps.tolist()
+    with open(path, "ab") as fh:
+        fh.write(src[cuts[43] - HEADER + 7 : cuts[50] - HEADER])
+    seen += loader.read_new().scalars.steps.tolist()
+    longer = tmp_path / "synced"  # a sync tool's longer copy, renamed over it: read on from the offset
+    longer.write_bytes(src[: cuts[60] - HEADER])
+    longer.replace(path)
+    batch = loader.read_new()
+    assert not batch.restarted
+    seen += batch.scalars.steps.tolist()
+    assert seen == EventFile(path).read_new().scalars.steps.tolist()
+    other = tmp_path / "other"  # a different file of the same length and more: read from the start
+    other.write_bytes(src[cuts[1] - HEADER : cuts[70] - HEADER])
+    other.replace(path)
+    batch = loader.read_new()
+    assert batch.restarted
+    assert batch.scalars.steps.tolist() == EventFile(path).read_new().scalars.steps.tolist()
+    assert loader.read_new().points == []  # nothing new: nothing read, nothing lost
+    longer.write_bytes(path.read_bytes() + src[cuts[70] - HEADER : cuts[75] - HEADER])
+    longer.replace(path)
+    batch = loader.read_new()
+    assert not batch.restarted and len(batch.scalars) == 5
+
+
 def test_nan_inf_and_negative_steps_survive_the_fast_decoder(tmp_path):
     path = write_scalars(tmp_path, {"lr/unet": [(1, 0.5), (2, float("nan")), (3, float("inf")), (-4, 0.0),
                                                 (2**40, -1.5)]})
