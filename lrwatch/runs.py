@@ -94,31 +94,38 @@ class GrowingArray:
     is the filled part without a copy, read-only: what was handed out is shared, and a view
     taken earlier keeps its length and values."""
 
-    __slots__ = ("data", "n", "_view")
+    __slots__ = ("data", "n", "_view", "_read_only")
 
     def __init__(self, dtype: type = np.float64) -> None:
         self.data: np.ndarray = np.empty(0, dtype)
         self.n = 0
         self._view: np.ndarray | None = None
+        self._read_only = _read_only(self.data)  # all of ``data``, unwritable: its slices are too
 
     def extend(self, x: np.ndarray | Sequence[float]) -> None:
         need = self.n + len(x)
         if need > len(self.data):
             grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
             grown[: self.n] = self.data[: self.n]
-            self.data = grown
+            self.data, self._read_only = grown, _read_only(grown)
         self.data[self.n : need] = x
         self.n, self._view = need, None
 
     def clear(self) -> None:
         self.data, self.n, self._view = self.data[:0], 0, None
+        self._read_only = _read_only(self.data)
 
     @property
     def view(self) -> np.ndarray:
-        if self._view is None:
-            self._view = self.data[: self.n]
-            self._view.flags.writeable = False
+        if self._view is None:  # a slice of an unwritable array: a third of setting a view's flag
+            self._view = self._read_only[: self.n]
         return self._view
+
+
+def _read_only(data: np.ndarray) -> np.ndarray:
+    view = data[:]
+    view.flags.writeable = False
+    return view
 
 
 class _TagChunks:

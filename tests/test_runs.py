@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import FIXTURES, LABELS, fixture_run, write_scalars
 
 from lrwatch.monitor import Monitor
-from lrwatch.runs import Run, discover, resolve_relogged
+from lrwatch.runs import GrowingArray, Run, discover, resolve_relogged
 from lrwatch.schedule_config import known_schedule
 from lrwatch.tags import TagMap
 
@@ -181,3 +182,21 @@ def test_a_fork_that_logs_d_lr_under_lr_is_mapped_with_patterns():
     tm = TagMap(lr=("lr/base/{group}",), dlr=("lr/{group}",))
     (g,) = tm.groups({"lr/unet", "lr/base/unet"})
     assert (g.name, g.lr_tag, g.dlr_tag) == ("unet", "lr/base/unet", "lr/unet")
+
+
+def test_a_growing_arrays_views_are_unwritable_and_keep_what_they_showed_through_growth_and_clear():
+    grown = GrowingArray()
+    grown.extend([1.0, 2.0])
+    first = grown.view
+    with pytest.raises(ValueError):
+        first[0] = 9.0  # what was handed out is shared: nobody may change it
+    for k in range(3, 40):  # several reallocations
+        grown.extend([float(k)])
+        assert not grown.view.flags.writeable and grown.view.tolist() == [1.0, 2.0, *map(float, range(3, k + 1))]
+    grown.clear()
+    grown.extend([7.0])
+    assert first.tolist() == [1.0, 2.0] and grown.view.tolist() == [7.0]
+    with pytest.raises(ValueError):
+        grown.view[0] = 0.0
+    grown.data[0] = 8.0  # the owner still writes its own buffer
+    assert grown.view.tolist() == [8.0]
