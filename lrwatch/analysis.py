@@ -14,8 +14,10 @@ call would be most of the work (tests hold the two to the same floats).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -1066,6 +1068,11 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
     analysed in parts gives the very same floats as one analysed at once."""
     if (len(x) - skip) * span <= 256:  # a watched step's few points: the same adds, in plain floats
         return np.array(_window_sums_list(x.tolist(), span, skip))
+    return _window_sums_array(x, span, skip)
+
+
+def _window_sums_array(x: np.ndarray, span: int, skip: int) -> np.ndarray:
+    """``_window_sums`` in numpy: one vectorised add per place in the window, newest first."""
     total = x[skip:].copy()
     for k in range(1, span):
         lo = max(skip, k)  # window ends with a value k back
@@ -1076,14 +1083,11 @@ def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
 
 
 def _window_sums_list(values: list[float], span: int, skip: int) -> list[float]:
-    """``_window_sums`` in plain floats, added in the same order."""
-    out = []
-    for end in range(skip, len(values)):
-        total = values[end]
-        for k in range(1, min(span, end + 1)):
-            total += values[end - k]
-        out.append(total)
-    return out
+    """``_window_sums`` in plain floats, added in the same order: each window reversed (a
+    slice), then summed left to right by ``reduce`` (not ``sum``, whose float adds are
+    compensated from Python 3.12 on)."""
+    return [functools.reduce(operator.add, values[end : end - span if end >= span else None : -1])
+            for end in range(skip, len(values))]
 
 
 def loss_levels(loss: np.ndarray, base: float, window: int) -> np.ndarray:

@@ -15,7 +15,15 @@ from conftest import ROOT, write_scalars
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrwatch.analysis import Analyser, Analysis, _finite_ends, _lr_extremes, analyze
+from lrwatch.analysis import (
+    Analyser,
+    Analysis,
+    _finite_ends,
+    _lr_extremes,
+    _window_sums_array,
+    _window_sums_list,
+    analyze,
+)
 from lrwatch.runs import Run, discover, is_event_file
 from lrwatch.trainers import read_layout
 
@@ -181,6 +189,18 @@ def test_a_cycles_extremes_are_the_same_in_plain_floats_and_in_numpy(values):
     x = np.asarray(values, np.float64)
     assert _lr_extremes(x, small=True) == _lr_extremes(x, small=False)
     assert _finite_ends(x, small=True) == _finite_ends(x, small=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64) | st.sampled_from([0.1, 1e16, -1e16, 3.0]),
+                max_size=60), st.integers(1, 30), st.integers(0, 60))
+def test_a_loss_windows_sums_are_the_same_floats_in_plain_python_and_in_numpy(values, span, skip):
+    """A watched update sums its few windows in plain floats, a full analysis in numpy: the
+    same adds in the same order, so the loss rules see the same floats either way."""
+    x = np.asarray(values, np.float64)
+    skip = min(skip, len(values))
+    plain = np.asarray(_window_sums_list(values, span, skip), np.float64)
+    assert np.array_equal(plain, _window_sums_array(x, span, skip), equal_nan=True)
 
 
 def test_a_step_logged_again_across_reads_keeps_its_last_write(tmp_path):
