@@ -67,11 +67,12 @@ class EventFile:
         try:
             if self._identity is not None and not self.in_garbage:  # a watched flush: one open and read
                 data = read_appended(self.path, self.offset, self._identity, SMALL_BUFFER)
-                if data == b"":
-                    return Batch([])  # nothing new
-                step = whole_torch_step(data) if data else None
-                if data and step is not None:
-                    return self._whole_step(data, *step, restarted=False)
+                if data is not None:
+                    if not data:
+                        return Batch([])  # nothing new
+                    step = whole_torch_step(data)
+                    if step is not None:  # else (a record cut mid-write, damage) the Reader reads it again
+                        return self._whole_step(data, *step, restarted=False)
             with Reader(self.path) as reader:
                 return self._read(reader)
         except FileNotFoundError:

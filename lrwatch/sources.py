@@ -86,12 +86,16 @@ def file_info(path: Path) -> FileInfo:
     """Size and version of a file (raises FileNotFoundError / OSError like ``os.stat``)."""
     if not is_remote(path):
         st = os.stat(path)
-        return FileInfo(st.st_size, (st.st_dev, st.st_ino))
+        return FileInfo(st.st_size, _local_version(st))
     fs, name = _fs_path(path)
     fs.invalidate_cache(name)  # a synced file is replaced by a longer (or shorter) one: ask again
     info = fs.info(name)
     return FileInfo(int(info.get("size") or 0), (info.get("ETag") or info.get("etag") or info.get("mtime")
                                                   or info.get("LastModified") or "",))
+
+
+def _local_version(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino  # a file renamed over it, or made anew, is another inode
 
 
 def read_range(path: Path, start: int, end: int) -> bytes:
@@ -121,18 +125,27 @@ def read_appended(path: Path, offset: int, version: tuple, most: int) -> bytes |
     try:
         st = os.fstat(fd)
         size = st.st_size
-        if not offset <= size <= offset + most or (st.st_dev, st.st_ino) != version:
+        if not offset <= size <= offset + most or _local_version(st) != version:
             return None
-        if size == offset:
-            return b""
-        if _PREAD is None:
-            os.lseek(fd, offset, os.SEEK_SET)
-            data = os.read(fd, size - offset)
-        else:
-            data = _PREAD(fd, size - offset, offset)
+        data = _read_at(fd, offset, size)
         return data if len(data) == size - offset else None
     finally:
         os.close(fd)
+
+
+def _read_at(fd: int, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an open file (fewer at its end): one read, unless the OS hands out
+    less (Windows caps a read at 2 GiB)."""
+    if _PREAD is None:
+        os.lseek(fd, start, os.SEEK_SET)
+    parts = []
+    while start < end:
+        got = os.read(fd, end - start) if _PREAD is None else _PREAD(fd, end - start, start)
+        if not got:
+            break
+        parts.append(got)
+        start += len(got)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class Reader:
@@ -157,21 +170,12 @@ class Reader:
         if self._fd is None:
             return file_info(self.path)
         st = os.fstat(self._fd)
-        return FileInfo(st.st_size, (st.st_dev, st.st_ino))
+        return FileInfo(st.st_size, _local_version(st))
 
     def read(self, start: int, end: int) -> bytes:
         if self._fd is None:
             return read_range(self.path, start, end)
-        if _PREAD is None:
-            os.lseek(self._fd, start, os.SEEK_SET)
-        parts = []
-        while start < end:  # one read, unless the OS hands out less (Windows caps a read at 2 GiB)
-            got = os.read(self._fd, end - start) if _PREAD is None else _PREAD(self._fd, end - start, start)
-            if not got:
-                break
-            parts.append(got)
-            start += len(got)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return _read_at(self._fd, start, end)
 
 
 def version_key(path: Path) -> tuple:
