@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_load import step_bytes
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer.record_writer import RecordWriter
+from bench_load import new_event_file, step_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,11 +32,7 @@ def per_flush(flushes: int) -> float:
     """Microseconds per ``Run.refresh`` of one appended step."""
     with tempfile.TemporaryDirectory(prefix="lrwatch-bench-") as tmp:
         folder = Path(tmp) / "network_train"
-        folder.mkdir()
-        path = folder / "events.out.tfevents.1700000000.bench.10.0"
-        with open(path, "wb") as fh:
-            RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-            fh.write(step_bytes(1, 0.01, 20))
+        path = new_event_file(folder, 0, step_bytes(1, 0.01, 20))
         run = Run(folder)
         run.refresh()
         steps = [step_bytes(21 + i, 0.01) for i in range(flushes)]

@@ -52,6 +52,17 @@ def step_bytes(step: int, dlr: float, steps: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def new_event_file(folder: Path, index: int, past: bytes) -> Path:
+    """A kohya-style run's event file in ``folder`` (made), as torch's writer starts it (the
+    file_version record), holding ``past`` (steps written before the watch starts)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"events.out.tfevents.1700000000.bench.{index + 10}.0"
+    with open(path, "wb") as fh:
+        RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        fh.write(past)
+    return path
+
+
 def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None,
              per_flush: int = 1, history: int = 20, launched: bool = False, files_per_run: int = 1) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
@@ -59,12 +70,7 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
     past = step_bytes(1, 0.01, history)  # the same past for every run
     for i in range(runs):
         folder = OUT / f"run{i:04d}" / "network_train"
-        folder.mkdir(parents=True)
-        path = folder / f"events.out.tfevents.1700000000.bench.{i + 10}.0"
-        with open(path, "wb") as fh:
-            RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-            fh.write(past)
-        files.append(path)
+        files.append(new_event_file(folder, i, past))
         for k in range(1, files_per_run):  # finished files that stay: a resume's earlier one, add_hparams' folder
             extra = folder / f"{1600000000 + k}.5" / f"events.out.tfevents.{1600000000 + k}.bench.{i + 10}.{k}"
             extra.parent.mkdir()

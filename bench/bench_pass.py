@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_load import step_bytes
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer.record_writer import RecordWriter
+from bench_load import new_event_file, step_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,15 +41,8 @@ def main() -> None:
     args = ap.parse_args()
     monitor_module.MAX_ANALYSIS_DELAY = 1e9  # analyses put off: only the first one runs
     with tempfile.TemporaryDirectory(prefix="lrwatch-bench-") as tmp:
-        files = []
-        for i in range(args.runs):
-            folder = Path(tmp) / f"run{i:04d}" / "network_train"
-            folder.mkdir(parents=True)
-            path = folder / f"events.out.tfevents.1700000000.bench.{i + 10}.0"
-            with open(path, "wb") as fh:
-                RecordWriter(fh).write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-                fh.write(step_bytes(1, 0.01, 20))
-            files.append(path)
+        past = step_bytes(1, 0.01, 20)
+        files = [new_event_file(Path(tmp) / f"run{i:04d}" / "network_train", i, past) for i in range(args.runs)]
         monitor = Monitor([tmp])
         monitor.analysis_budget, monitor.updates_analyses = 1e-9, True
         watcher = Watcher(monitor)
