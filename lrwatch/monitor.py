@@ -57,7 +57,7 @@ class RunState:
     grew_at: float = -1e9  # time.monotonic() of the last new points
     urgent: bool = False  # a stop waits on this run's steps: analyse every change
     listed_at: float = -1e9  # time.monotonic() of the last listing of the run's folder
-    resume_note: tuple[int, str | None] | None = None  # (runs known then, the note) for runs without a config
+    resume_note: tuple[tuple, str | None] | None = None  # (what it depends on, the note) for runs without a config
     rendered: str | None = None  # its JSON report entry, rendered where it was analysed (an audit's worker)
     analyser: Analyser | None = None  # a watched run's analysis, updated with its new points only
 
@@ -251,8 +251,10 @@ class Monitor:
         if state is None:
             known = self.states.get(run.path)
             cached = known.resume_note if known else None
-            if cached is None or cached[0] != len(self.states):  # only a new run can change the note
-                cached = (len(self.states), self._maybe_resumed_note(run))
+            # What can change the note: a new run, the run's config (its name), its first points
+            key = (len(self.states), run.config_version, bool(run.tags))
+            if cached is None or cached[0] != key:
+                cached = (key, self._maybe_resumed_note(run))
                 if known is not None:
                     known.resume_note = cached
             return run, cached[1], None

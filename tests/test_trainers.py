@@ -280,6 +280,25 @@ def test_an_earlier_runs_output_name_logged_late_still_names_a_later_run_as_a_po
     assert any("named like the earlier run first20260101000000" in n for n in later.analysis.notes)
 
 
+def test_a_run_found_before_its_first_points_is_still_named_as_a_possible_resume_once_they_come(tmp_path):
+    """The watcher finds a run as soon as its event file appears, often before any point: the
+    note, which needs the run's first step, is made again when its points arrive (it was kept
+    from that first, empty look until another run appeared)."""
+    from lrwatch.monitor import Monitor
+
+    logs = tmp_path / "logs"
+    points = {"lr/unet": [(s, 1.0) for s in range(1, 30)], "lr/d*lr/unet": [(s, 1e-4) for s in range(1, 30)]}
+    write_scalars(logs / "lora20260101000000" / "network_train", points)
+    write_scalars(logs / "lora20260102000000" / "network_train", {})  # the writer's first record only
+    monitor = Monitor([logs])
+    monitor.poll()
+    later = monitor.states[logs / "lora20260102000000" / "network_train"]
+    assert not any("named like" in n for n in later.analysis.notes)
+    write_scalars(logs / "lora20260102000000" / "network_train", points)
+    monitor.poll()
+    assert any("named like the earlier run lora20260101000000" in n for n in later.analysis.notes)
+
+
 def test_onetrainer_counts_batches_and_windows_still_count_optimizer_steps():
     # gradient accumulation 2: the same run logged at every second batch; findings at the same
     # optimizer steps (batch 2k-1 is update k), restarts where the config puts them
