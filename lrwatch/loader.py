@@ -16,7 +16,7 @@ import numpy as np
 
 from lrwatch.events import NOT_A_SCALAR, Scalars, concat, decode, torch_scalar
 from lrwatch.records import FOOTER, HEADER, MAX_RECORD_BYTES, SMALL_BUFFER, Damage, find_records, whole_record
-from lrwatch.sources import Reader, location, read_appended
+from lrwatch.sources import GrowingFile, Reader, is_remote, location
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read at most this much at once (more only for one larger record)
 TAIL_BYTES = 64  # bytes before the read offset compared when a file was replaced
@@ -61,12 +61,13 @@ class EventFile:
         self._tail = b""  # the last bytes before ``offset``: a replaced file that still starts with them grew
         self.records_read = 0
         self.first_wall_time: float | None = None  # of the first scalar record: who wrote the file, and when
+        self._growing = None if is_remote(self.path) else GrowingFile(self.path)  # a watched flush's read
 
     def read_new(self) -> Batch:
         """Read and decode everything complete after the last read."""
         try:
-            if self._identity is not None and not self.in_garbage:  # a watched flush: one open and read
-                data = read_appended(self.path, self.offset, self._identity, SMALL_BUFFER)
+            if self._growing is not None and self._identity is not None and not self.in_garbage:  # a watched flush
+                data = self._growing.appended(self.offset, self._identity, SMALL_BUFFER)
                 if data is not None:
                     if not data:
                         return Batch([])  # nothing new
@@ -80,6 +81,11 @@ class EventFile:
         except OSError as e:
             why = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else (e.strerror or str(e))
             return Batch(error=f"cannot read: {why}")
+
+    def check_name(self) -> None:
+        """The run's folder was listed: let go of the file if its path names another now."""
+        if self._growing is not None:
+            self._growing.check_name()
 
     def _read(self, reader: Reader) -> Batch:
         parts: list[Scalars] = []

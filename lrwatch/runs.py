@@ -223,6 +223,8 @@ class Run:
         listed = relist or not self.files
         if listed:  # the paths already known stay the same objects: dict look-ups by identity, not by comparison
             known = {path: path for path in self.files}
+            for known_file in self.files.values():  # (a file kept open whose path names another now is let go)
+                known_file.check_name()
             self._listed = [known.get(path, path) for path in self.event_files()]
         for path in self._listed:
             if only is not None and not listed and path not in only:

@@ -12,6 +12,7 @@ endpoints come the standard way (``AWS_ENDPOINT_URL``, profiles, ...) plus
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -114,23 +115,91 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)  # O_BINARY: no newline t
 _PREAD = getattr(os, "pread", None)  # a read at an offset in one call (POSIX); Windows seeks, then reads
 
 
-def read_appended(path: Path, offset: int, version: tuple, most: int) -> bytes | None:
-    """Locally, the bytes after ``offset`` of the file ``version`` names, when it grew by at most
-    ``most`` bytes: one open, ``fstat``, read and close, a watched flush's whole read. None for
-    anything else (a remote file, a replaced or shorter one, more new bytes), which a ``Reader``
-    then reads."""
-    if is_remote(path):
-        return None
-    fd = os.open(path, _READ_FLAGS)
+def _most_kept_open() -> int:
+    """How many watched files to hold open at once: a quarter of the process's file limit, at
+    most 1,024 (the rest is for the trainer, TensorBoard, the audit). None at all on Windows, where
+    a file held open cannot be renamed or deleted by the trainer or a sync tool."""
+    if os.name != "posix":
+        return 0
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(0, min(1024, soft // 4))
+
+
+def _close_kept(fd: int) -> None:
+    GrowingFile.kept -= 1
     try:
-        st = os.fstat(fd)
-        size = st.st_size
-        if not offset <= size <= offset + most or _local_version(st) != version:
-            return None
-        data = _read_at(fd, offset, size)
-        return data if len(data) == size - offset else None
-    finally:
         os.close(fd)
+    except OSError:
+        pass
+
+
+class GrowingFile:
+    """What a local file a watch follows gained since the last read, when that is a flush: the
+    file is the one ``version`` names and grew by at most ``most`` bytes (anything else, a
+    ``Reader`` reads). A file that is being written is kept open between reads (POSIX, up to
+    ``most_kept``), so a flush costs an ``fstat`` and a read; an open and a close besides, with
+    the path's look-up, cost ~1 point of a core at 1,000 flushes/s (``bench/bench_load.py``).
+    A file kept open is read only while it still has a name (a file renamed over or deleted
+    has none left); ``check_name``, at each listing of the run, closes it if its path now
+    names another file (renamed away, and made again)."""
+
+    kept = 0  # files held open, all instances together
+    most_kept = _most_kept_open()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._close: weakref.finalize | None = None  # closes the file when this object goes
+
+    def appended(self, offset: int, version: tuple, most: int) -> bytes | None:
+        """The bytes after ``offset``, or None (replaced, shorter, or more than ``most`` new)."""
+        if self._fd is not None:
+            st = os.fstat(self._fd)
+            if st.st_nlink and _local_version(st) == version:
+                return _grown_by(self._fd, st.st_size, offset, most)
+            self.close()
+        fd = os.open(self.path, _READ_FLAGS)
+        try:
+            st = os.fstat(fd)
+            if _local_version(st) != version:
+                return None
+            data = _grown_by(fd, st.st_size, offset, most)
+            if data and GrowingFile.kept < self.most_kept:  # new bytes: a file being written
+                GrowingFile.kept += 1
+                self._fd, fd = fd, -1
+                self._close = weakref.finalize(self, _close_kept, self._fd)
+            return data
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_fd": None, "_close": None}  # (an open file stays in its process)
+
+    def check_name(self) -> None:
+        """Close the file kept open unless its path still names it."""
+        if self._fd is None:
+            return
+        try:
+            same = _local_version(os.stat(self.path)) == _local_version(os.fstat(self._fd))
+        except OSError:
+            same = False
+        if not same:
+            self.close()
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+        self._fd = self._close = None
+
+
+def _grown_by(fd: int, size: int, offset: int, most: int) -> bytes | None:
+    if not offset <= size <= offset + most:
+        return None
+    data = _read_at(fd, offset, size)
+    return data if len(data) == size - offset else None
 
 
 def _read_at(fd: int, start: int, end: int) -> bytes:

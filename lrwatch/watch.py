@@ -148,8 +148,11 @@ class Watcher:
         for name in moved:  # a run folder deleted (and perhaps made again), a new folder in a run
             if self._in_snapshot_folder(Path(name)):
                 snapshots_changed = True
-            else:
-                rediscover = True
+                continue
+            rediscover = True
+            known = self._run_of.get(name)
+            if known is not None and known[0] in self.monitor.states:  # an event file renamed or deleted:
+                self.monitor.states[known[0]].listed_at = -1e9  # list its run (its path may name another file)
         runs: dict[Path, set[Path]] = {}
         for name in written:
             known = self._run_of.get(name)

@@ -183,3 +183,59 @@ def test_a_watcher_out_of_inotify_watches_says_so_and_polls_instead(tmp_path, mo
         assert str(tmp_path / "new" / "events.out.tfevents.1") in written
     finally:
         watcher.stop()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="event files are kept open on POSIX only")
+@pytest.mark.parametrize("poll", [pytest.param(None, id="native"), pytest.param(0.2, id="polling")])
+def test_an_event_file_renamed_away_and_made_again_is_read_anew_without_waiting_for_a_listing(tmp_path, poll):
+    """A watched file is kept open between reads; renamed away it keeps its name elsewhere, so
+    only the move's event can tell the watch that its path names another file now."""
+    from conftest import event_file_of
+
+    from lrwatch.loader import EventFile
+    from lrwatch.monitor import Monitor
+    from lrwatch.records import HEADER, find_records
+    from lrwatch.runs import Run
+    from lrwatch.watch import Watcher
+
+    src = event_file_of("dadapt_sgd_blowup").read_bytes()
+    cuts = [c - HEADER for c in find_records(src).starts.tolist()]
+    run = tmp_path / "logs" / "run"
+    run.mkdir(parents=True)
+    path = run / "events.out.tfevents.1700000000.h.1.0"
+    path.write_bytes(src[: cuts[40]])
+    monitor = Monitor([tmp_path / "logs"])
+    watcher = Watcher(monitor, poll)
+    watcher.start()
+    monitor.poll()
+    monitor.start_live()
+    state = monitor.states[run]
+
+    def last_points(of: Run | EventFile) -> dict[str, tuple[int, float]]:
+        """Each tag's last (step, value): a file read again from its start ends the run's series."""
+        if isinstance(of, EventFile):
+            s = of.read_new().scalars
+            return {tag: (int(s.steps[k]), float(s.values[k])) for k, tag in enumerate(s.tags[i] for i in s.tag_ids)}
+        return {t: (int(x.steps[-1]), float(x.values[-1])) for t in of.tags if (x := of.series(t)) is not None}
+
+    def watch_until(expected: dict[str, tuple[int, float]], seconds: float = 5.0) -> bool:
+        """The watch loop's reading (lrwatch.watch.watch) until the run ends with ``expected``."""
+        deadline = time.monotonic() + seconds  # under RELIST_INTERVAL: no listing on the clock
+        while time.monotonic() < deadline:
+            runs, rediscover, _ = watcher.wait(0.1)
+            monitor.poll() if rediscover else monitor.poll(rediscover=False, written=runs)
+            got = last_points(state.run)
+            if all(got.get(tag) == point for tag, point in expected.items()):
+                return True
+        return False
+
+    try:
+        append(path, src[cuts[40] : cuts[42]])
+        assert watch_until(last_points(EventFile(path)))
+        path.rename(tmp_path / "kept.bak")  # out of the watched tree: no event names it
+        path.write_bytes(src[: cuts[2]] + src[cuts[30] : cuts[35]])
+        expected = last_points(EventFile(path))
+        assert watch_until(expected), (last_points(state.run), expected)
+        assert path in state.run.rewritten
+    finally:
+        watcher.stop()

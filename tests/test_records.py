@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,82 @@ def test_a_watched_file_read_flush_by_flush_hands_replacements_and_cut_records_t
     longer.replace(path)
     batch = loader.read_new()
     assert not batch.restarted and len(batch.scalars) == 5
+
+
+def _held_open(path: Path) -> bool:
+    """Whether this process holds ``path`` open (a deleted file shows as "<path> (deleted)")."""
+    import psutil
+
+    return any(f.path.startswith(str(path)) for f in psutil.Process().open_files())
+
+
+def _growing_copy(path: Path, records: int) -> tuple[bytes, list[int]]:
+    """A fixture's first ``records`` records at ``path``: (the fixture's bytes, its record starts)."""
+    src = event_file_of("dadapt_sgd_blowup").read_bytes()
+    cuts = [c - HEADER for c in find_records(src).starts.tolist()]
+    path.write_bytes(src[: cuts[records]])
+    return src, cuts
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kept open on POSIX only (Windows would block renames)")
+def test_a_file_being_written_is_held_open_between_reads_and_a_finished_one_or_a_dropped_reader_is_not(tmp_path):
+    growing, finished = tmp_path / "events.out.tfevents.1.h.1.0", tmp_path / "events.out.tfevents.2.h.1.0"
+    src, cuts = _growing_copy(growing, 40)
+    _growing_copy(finished, 40)
+    loaders = [EventFile(growing), EventFile(finished)]
+    for loader in loaders:
+        loader.read_new()
+    with open(growing, "ab") as fh:
+        fh.write(src[cuts[40] : cuts[44]])
+    assert len(loaders[0].read_new().scalars) == 4 and loaders[1].read_new().points == []
+    assert _held_open(growing) and not _held_open(finished)
+    with open(growing, "ab") as fh:
+        fh.write(src[cuts[44] : cuts[48]])
+    assert loaders[0].read_new().scalars.steps.tolist() == EventFile(growing).read_new().scalars.steps[44 - 1 : 48 - 1].tolist()
+    del loaders
+    assert not _held_open(growing)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kept open on POSIX only")
+def test_a_file_held_open_is_let_go_when_deleted_or_when_its_path_names_another_file(tmp_path):
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    src, cuts = _growing_copy(path, 40)
+    loader = EventFile(path)
+    loader.read_new()
+    with open(path, "ab") as fh:
+        fh.write(src[cuts[40] : cuts[41]])
+    loader.read_new()
+    assert _held_open(path)
+    path.rename(tmp_path / "kept.bak")  # renamed away (it keeps a name), and the path made again
+    path.write_bytes(src[: cuts[2]] + src[cuts[30] : cuts[35]])
+    loader.check_name()  # what a listing of the run does
+    assert not _held_open(path)
+    batch = loader.read_new()
+    assert batch.restarted and batch.scalars.steps.tolist() == EventFile(path).read_new().scalars.steps.tolist()
+    with open(path, "ab") as fh:
+        fh.write(src[cuts[35] : cuts[36]])
+    assert len(loader.read_new().scalars) == 1 and _held_open(path)
+    path.unlink()  # deleted: its space is not held, and the read says so
+    assert loader.read_new().error == "file disappeared" and not _held_open(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kept open on POSIX only")
+def test_files_past_the_open_file_allowance_are_read_the_same_without_being_held(tmp_path, monkeypatch):
+    from lrwatch.sources import GrowingFile
+
+    monkeypatch.setattr(GrowingFile, "most_kept", GrowingFile.kept + 1)
+    paths = [tmp_path / f"events.out.tfevents.{i}.h.1.0" for i in (1, 2)]
+    loaders, src, cuts = [], b"", []
+    for path in paths:
+        src, cuts = _growing_copy(path, 40)
+        loaders.append(EventFile(path))
+        loaders[-1].read_new()
+    for end in (41, 42, 43):
+        for path, loader in zip(paths, loaders):
+            with open(path, "ab") as fh:
+                fh.write(src[cuts[end - 1] : cuts[end]])
+            assert len(loader.read_new().scalars) == 1
+    assert [_held_open(p) for p in paths] == [True, False]
 
 
 def test_nan_inf_and_negative_steps_survive_the_fast_decoder(tmp_path):
