@@ -3,8 +3,8 @@
 Appends one step at a time (3 add_scalar records, as bench_load's runs and torch's writer
 flush them) to a run's event file and times ``Run.refresh`` of just that file after each,
 the way the watcher reads a run a file event named. Times it with the one-pass read of a
-flush (one open and read, ``lrwatch.sources.read_appended``, and the records walked and
-decoded at once, ``lrwatch.loader.whole_torch_step``) and without it (through a ``Reader``,
+flush (an fstat and a read of the file kept open, ``lrwatch.sources.GrowingFile``, and the
+records walked and decoded at once, ``lrwatch.loader.whole_torch_step``) and without it (through a ``Reader``,
 the records framed, then decoded), alternately in one process, and prints the medians and
 their ratio.
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lrwatch.loader as loader  # noqa: E402
 from lrwatch.runs import Run  # noqa: E402
+from lrwatch.sources import GrowingFile  # noqa: E402
 
 
 def per_flush(flushes: int) -> float:
@@ -54,14 +55,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     one_pass, walked = [], []
-    fused, appended = loader.whole_torch_step, loader.read_appended
+    fused, appended = loader.whole_torch_step, GrowingFile.appended
     for _ in range(args.rounds):
-        loader.whole_torch_step, loader.read_appended = fused, appended
+        loader.whole_torch_step, GrowingFile.appended = fused, appended
         one_pass.append(per_flush(args.flushes))
-        # every flush framed, then decoded (through the Reader: no one-open read before it)
-        loader.whole_torch_step, loader.read_appended = (lambda buf: None), (lambda *args: None)
+        # every flush framed, then decoded (through the Reader: no fstat and read before it)
+        loader.whole_torch_step, GrowingFile.appended = (lambda buf: None), (lambda *args: None)
         walked.append(per_flush(args.flushes))
-    loader.whole_torch_step, loader.read_appended = fused, appended
+    loader.whole_torch_step, GrowingFile.appended = fused, appended
     a, b = statistics.median(one_pass), statistics.median(walked)
     print(f"one flush (3 records) read, median of {args.rounds} rounds of {args.flushes}:")
     print(f"  one pass (this release)      {a:6.1f} us   (rounds {min(one_pass):.1f}-{max(one_pass):.1f})")

@@ -149,7 +149,7 @@ def test_a_replaced_file_is_read_again_from_the_start(tmp_path):
 
 
 def test_a_watched_file_read_flush_by_flush_hands_replacements_and_cut_records_to_the_full_read(tmp_path):
-    """A flush is read with one open and read (``read_appended``) only while the file is the
+    """A flush is read without a ``Reader`` (``GrowingFile.appended``) only while the file is the
     one read before and grew by whole records; a rename over it, a longer copy that still holds
     the bytes read (a sync tool's), and a record cut mid-write are the full read's to judge."""
     src = event_file_of("dadapt_sgd_blowup").read_bytes()
