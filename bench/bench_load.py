@@ -10,6 +10,7 @@ finding is measured. Prints lrwatch's CPU (share of one core) and the finding la
     python bench/bench_load.py --history 10000   # 200 runs that are 10,000 steps long already
     python bench/bench_load.py --launched        # lrwatch launches a (sleeping) trainer and guards it
     python bench/bench_load.py --files 3         # each run has 2 more event files (a resume, kohya's config)
+    python bench/bench_load.py --finite          # the injected finding is a finite restart spike: it waits its turn
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ def step_bytes(step: int, dlr: float, steps: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def restart_spike_bytes(step: int) -> bytes:
+    """Two steps as one flush: the lr at its low, then a restart whose d*lr is 10,000x the
+    highest before: a finite finding (a warning), which waits for the run's analysis turn."""
+    import io
+
+    buf = io.BytesIO()
+    w = RecordWriter(buf)
+    for s, lr, dlr in ((step, 0.01, 0.0001), (step + 1, 1.0, 100.0)):
+        for tag, value in (("loss/current", 0.1), ("lr/unet", lr), ("lr/d*lr/unet", dlr)):
+            w.write(record(s, tag, value))
+    return buf.getvalue()
+
+
 def new_event_file(folder: Path, index: int, past: bytes) -> Path:
     """A kohya-style run's event file in ``folder`` (made), as torch's writer starts it (the
     file_version record), holding ``past`` (steps written before the watch starts)."""
@@ -64,7 +78,8 @@ def new_event_file(folder: Path, index: int, past: bytes) -> Path:
 
 
 def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile: str | None = None,
-             per_flush: int = 1, history: int = 20, launched: bool = False, files_per_run: int = 1) -> dict:
+             per_flush: int = 1, history: int = 20, launched: bool = False, files_per_run: int = 1,
+             finite: bool = False) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
     files = []
     past = step_bytes(1, 0.01, history)  # the same past for every run
@@ -112,8 +127,8 @@ def run_load(runs: int, rate: float, seconds: float, poll: float | None, profile
         for at in [a for a in inject_at if a <= now]:
             v = inject_at.pop(at)
             with open(files[v], "ab") as fh:
-                fh.write(step_bytes(step[v] + 1, float("nan"), per_flush))
-            step[v] += per_flush
+                fh.write(restart_spike_bytes(step[v] + 1) if finite else step_bytes(step[v] + 1, float("nan"), per_flush))
+            step[v] += 2 if finite else per_flush
             injected[v] = time.time()
             just_injected.add(v)
         for i, path in enumerate(files):
@@ -154,19 +169,22 @@ def main() -> None:
     ap.add_argument("--profile", metavar="FILE", help="run the watcher under cProfile, stats to FILE")
     ap.add_argument("--launched", action="store_true", help="lrwatch launches a trainer (one that sleeps) and guards it")
     ap.add_argument("--files", type=int, default=1, help="event files per run (all but one finished, as after a resume)")
+    ap.add_argument("--finite", action="store_true",
+                    help="inject a finite restart spike (a finding that waits its turn), not a non-finite d*lr")
     args = ap.parse_args()
     print(f"{args.runs} runs x {args.rate:g} steps/s ({3 * args.rate:g} events/s, {args.per_flush} step(s) per flush)"
           f" for {args.seconds:g} s, after {args.history} steps each" + (", a launched trainer" if args.launched else "")
-          + (f", {args.files} event files per run" if args.files > 1 else ""))
+          + (f", {args.files} event files per run" if args.files > 1 else "")
+          + (", finite restart spikes injected" if args.finite else ""))
     print(f"{'mode':16s} {'CPU':>7s} {'kernel':>7s} {'main':>7s} {'findings':>9s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode, poll in [("native observer", None)] + [(f"polling {p:g} s", p) for p in args.poll]:
         r = run_load(args.runs, args.rate, args.seconds, poll, args.profile, args.per_flush, args.history,
-                     args.launched, args.files)
+                     args.launched, args.files, args.finite)
         lost = f" ({r['lost']} not seen)" if r["lost"] else ""
         print(f"{mode:16s} {r['cpu']:6.1f}% {r['sys']:6.1f}% {r['main']:6.1f}% {r['n']:9d} {r['p50']:8.1f} {r['p95']:8.1f}{lost}")
     print("(CPU: lrwatch's share of one core while the runs are written, of it the kernel's (system time) and the "
-          "main thread's (the rest is the file observer's threads); latency: a non-finite d*lr "
-          "flushed -> its finding line on lrwatch's stderr)")
+          "main thread's (the rest is the file observer's threads); latency: " + ("a restart spike" if args.finite
+          else "a non-finite d*lr") + " flushed -> its finding line on lrwatch's stderr)")
 
 
 if __name__ == "__main__":
