@@ -27,7 +27,10 @@ from lrwatch.trainers import ScheduleOptions, read_layout
 # about a file the run does not know yet lists it at once.
 RELIST_INTERVAL = 10.0
 ACTIVE_WINDOW = 2.0  # seconds: a run that got points this recently counts as growing
-MAX_ANALYSIS_DELAY = 2.0  # seconds: the longest a growing run's analysis waits for its turn
+# Seconds: the longest a growing run's analysis waits for its turn (a non-finite value, a stop
+# waiting on a step and a first analysis never wait). With 200 runs written at once each waits
+# ~active runs x an update's cost / the budget: 200 x ~0.3 ms / 2 % = 3 s.
+MAX_ANALYSIS_DELAY = 3.0
 ANALYSIS_SLICE = 0.01  # seconds of put-off analyses per pass, at most (Monitor._throttled)
 
 

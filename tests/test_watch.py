@@ -439,7 +439,7 @@ def test_the_watchers_findings_are_the_audits(tmp_path):
 
 
 def test_analyses_put_off_under_load_find_exactly_what_a_full_audit_finds(tmp_path):
-    """A growing run whose analysis waits its turn (a tiny analysis budget: up to 2 s) is read
+    """A growing run whose analysis waits its turn (a tiny analysis budget: up to 3 s) is read
     on every change and analysed now and then; the analysis is causal, so the findings, their
     steps and values are those of one audit of the finished file."""
     import lrwatch
