@@ -3,8 +3,8 @@
 Each round appends one step (3 add_scalar records, one write) to each of 200 runs' event
 files, as bench_load's writer does, takes the file events (inotify; ``Watcher.wait``), then
 reads the flushes through one layer, the layers taken in turn round by round so a slow spell
-of the machine falls on all of them: ``floor`` (open, fstat, pread, close and the one-pass
-decode, nothing else), ``read_new`` (``EventFile.read_new``), ``refresh`` (``Run.refresh``: the
+of the machine falls on all of them: ``floor`` (fstat and pread of the file kept open, and the
+one-pass decode, nothing else), ``read_new`` (``EventFile.read_new``), ``refresh`` (``Run.refresh``: the
 run's series too) and ``poll`` (``Monitor.poll``, with analyses put off: what the watch loop
 does per file event besides analysing). Prints the median thread CPU time per flush of each,
 and of taking the events. Linux (inotify).
@@ -51,14 +51,17 @@ def main() -> None:
         monitor.start_live()
         watcher.wait(0.01)
 
+        held: dict[Path, int] = {}  # each file opened once and kept open, as lrwatch.sources.GrowingFile does
+
         def floor(written: Written) -> None:
             for run, paths in written.items():
                 for path in paths:
                     loader = monitor.states[run].run.files[path]
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = held.get(path)
+                    if fd is None:
+                        fd = held[path] = os.open(path, os.O_RDONLY)
                     size = os.fstat(fd).st_size
                     data = os.pread(fd, size - loader.offset, loader.offset)
-                    os.close(fd)
                     loader.offset = size
                     whole_torch_step(data)
 
@@ -92,6 +95,8 @@ def main() -> None:
             spent["events"].append((t1 - t0) / len(files) * 1e6)
             spent[layer.__name__].append((t2 - t1) / len(files) * 1e6)
         watcher.stop()
+        for fd in held.values():
+            os.close(fd)
     print(f"per flush, {args.runs} runs, medians of {args.rounds // len(layers)} rounds each (thread CPU time):")
     for name, values in spent.items():
         print(f"  {name:10s} {statistics.median(values):6.1f} us")
