@@ -47,8 +47,8 @@ from lrwatch.trainers import LAYOUTS
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
 
 
-# Of one core, for analyses; one growing run is analysed on every change. 2 %: with 200 runs written
-# at once, reading them takes ~6-7 % here, and the target for the watcher is under 10 %.
+# Of one core, for analyses; one growing run is analysed on every change. 2 %: reading 200 runs
+# written at once takes ~6-7 % (bench/bench_load.py), and the whole watcher is meant to stay under 10 %.
 ANALYSIS_BUDGET = 0.02
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,8 @@ def _growing_copy(path: Path, records: int) -> tuple[bytes, list[int]]:
 
 @pytest.mark.skipif(os.name != "posix", reason="kept open on POSIX only (Windows would block renames)")
 def test_a_file_being_written_is_held_open_between_reads_and_a_finished_one_or_a_dropped_reader_is_not(tmp_path):
+    """A reader keeps open only a file that grew, closes it when it goes, and a pickled copy of
+    it (a run sent to or from a worker process) opens its own rather than share a descriptor."""
     growing, finished = tmp_path / "events.out.tfevents.1.h.1.0", tmp_path / "events.out.tfevents.2.h.1.0"
     src, cuts = _growing_copy(growing, 40)
     _growing_copy(finished, 40)
@@ -216,7 +219,13 @@ def test_a_file_being_written_is_held_open_between_reads_and_a_finished_one_or_a
     with open(growing, "ab") as fh:
         fh.write(src[cuts[44] : cuts[48]])
     assert loaders[0].read_new().scalars.steps.tolist() == EventFile(growing).read_new().scalars.steps[44 - 1 : 48 - 1].tolist()
-    del loaders
+    copy = pickle.loads(pickle.dumps(loaders[0]))  # (runs go to and from the audit's worker processes)
+    del loaders  # the original goes, and closes its file: the copy opens its own
+    assert not _held_open(growing)
+    with open(growing, "ab") as fh:
+        fh.write(src[cuts[48] : cuts[49]])
+    assert len(copy.read_new().scalars) == 1 and _held_open(growing)
+    del copy
     assert not _held_open(growing)
 
 
