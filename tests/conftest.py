@@ -23,6 +23,15 @@ def event_file_of(name: str) -> Path:
     return sorted(fixture_run(name).glob("events.out.tfevents.*"))[0]
 
 
+def records_of(name: str) -> tuple[bytes, list[int]]:
+    """A fixture's event file: its bytes and where each of its records starts (header included),
+    to write it out a record or a few at a time, as a trainer's flushes."""
+    from lrwatch.records import HEADER, find_records
+
+    src = event_file_of(name).read_bytes()
+    return src, [c - HEADER for c in find_records(src).starts.tolist()]
+
+
 @pytest.fixture
 def copy_run(tmp_path):
     """A private copy of a recorded run, to damage or grow without touching the fixtures."""

@@ -190,16 +190,14 @@ def test_a_watcher_out_of_inotify_watches_says_so_and_polls_instead(tmp_path, mo
 def test_an_event_file_renamed_away_and_made_again_is_read_anew_without_waiting_for_a_listing(tmp_path, poll):
     """A watched file is kept open between reads; renamed away it keeps its name elsewhere, so
     only the move's event can tell the watch that its path names another file now."""
-    from conftest import event_file_of
+    from conftest import records_of
 
     from lrwatch.loader import EventFile
     from lrwatch.monitor import Monitor
-    from lrwatch.records import HEADER, find_records
     from lrwatch.runs import Run
     from lrwatch.watch import Watcher
 
-    src = event_file_of("dadapt_sgd_blowup").read_bytes()
-    cuts = [c - HEADER for c in find_records(src).starts.tolist()]
+    src, cuts = records_of("dadapt_sgd_blowup")
     run = tmp_path / "logs" / "run"
     run.mkdir(parents=True)
     path = run / "events.out.tfevents.1700000000.h.1.0"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import event_file_of, write_scalars
+from conftest import event_file_of, records_of, write_scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -196,8 +196,7 @@ def _held_open(path: Path) -> bool:
 
 def _growing_copy(path: Path, records: int) -> tuple[bytes, list[int]]:
     """A fixture's first ``records`` records at ``path``: (the fixture's bytes, its record starts)."""
-    src = event_file_of("dadapt_sgd_blowup").read_bytes()
-    cuts = [c - HEADER for c in find_records(src).starts.tolist()]
+    src, cuts = records_of("dadapt_sgd_blowup")
     path.write_bytes(src[: cuts[records]])
     return src, cuts
 
