@@ -152,13 +152,13 @@ class Watcher:
                 snapshots_changed = True
                 continue
             rediscover = True
-            known = self._run_of.get(name)
-            if known is not None and known[0] in self.monitor.states:  # an event file renamed or deleted:
-                self.monitor.states[known[0]].listed_at = -1e9  # list its run (its path may name another file)
+            known = self._known_file(name)
+            if known is not None:  # an event file renamed or deleted: list its run (its path may name another file)
+                self.monitor.states[known[0]].listed_at = -1e9
         runs: dict[Path, set[Path]] = {}
         for name in written:
-            known = self._run_of.get(name)
-            if known is not None and known[0] in self.monitor.states:
+            known = self._known_file(name)
+            if known is not None:
                 run, path = known
             else:
                 path = Path(name)
@@ -177,6 +177,11 @@ class Watcher:
                     state.listed_at = -1e9  # a file the run does not know yet: list its folder
             runs.setdefault(run, set()).add(path)
         return runs, rediscover, snapshots_changed
+
+    def _known_file(self, name: str) -> tuple[Path, Path] | None:
+        """(run, event file) of a file as the observer spells it, once seen, while its run is watched."""
+        known = self._run_of.get(name)
+        return known if known is not None and known[0] in self.monitor.states else None
 
     def _in_snapshot_folder(self, path: Path) -> bool:
         return any(path == f or path.parent == f for f in self.snapshot_folders)
