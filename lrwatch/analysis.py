@@ -14,15 +14,26 @@ call would be most of the work (tests hold the two to the same floats).
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-import operator
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from lrwatch.rules.core import (
+    CRITICAL,
+    SMALL_UPDATE,
+    WARNING,
+    Finding,
+    Spacing,
+    Stale,
+    first_nonfinite,
+    first_true,
+    points,
+    samples,
+    spacing,
+)
+from lrwatch.rules.kinds import Basis, Kind
+from lrwatch.rules.loss import TrainingLossRule, ValidationRule
 from lrwatch.runs import GrowingArray, RunLike, Series
 from lrwatch.schedule_config import KnownSchedule, known_schedule
 from lrwatch.tags import Group, TagMap
@@ -36,69 +47,48 @@ from lrwatch.trainers import (
     twin_candidates,
 )
 
-WARNING = "warning"
-CRITICAL = "critical"
-SMALL_UPDATE = 64  # points: a watched run's few new ones, where plain Python beats numpy's fixed cost per call
-TINY_LOSS = 1e-9  # a loss at or below zero counts as this fraction of the base model's in a geometric mean
+__all__ = ["CRITICAL", "WARNING", "Analyser", "Analysis", "Basis", "Finding", "Kind", "Thresholds", "analyze",
+           "points", "samples", "spacing"]
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a finding fires. The README explains each default against the recorded runs."""
+    """When a finding fires. docs/findings.md explains each default and how it was chosen
+    (leave-one-task-out over the tasks of ``fixtures/tasks.py``: ``bench/detection.py --tasks``)."""
 
     restart_jump: float = 0.25  # lr rising by this fraction of the cycle's peak, from below it, is a restart
-    risk_warning: float = 2.0  # predicted d*lr at the next restart / highest d*lr so far
-    risk_critical: float = 4.0
+    risk_warning: float = 2.0  # predicted d*lr at the next restart / highest d*lr so far: a warning
+    # A prediction at this ratio after d's warm-up is a strong one: still a warning (healthy runs'
+    # restarts landed at 13-49x, frying ones at 1-3x), the one `--kill-at predict` acts on.
+    risk_stop: float = 4.0
     runaway_window: int = 50  # steps over which d's growth is measured
     runaway_warning: float = 3.0  # d grew by this factor within the window (after d's warm-up)
-    runaway_critical: float = 10.0
+    runaway_critical: float = 100.0  # chosen leave-one-task-out: at 10, healthy DAdaptAdaGrad runs were critical
     settle_growth: float = 1.1  # d's warm-up is over once it grows less than this over a window ...
     settle_climb: float = 10.0  # ... after it has climbed this far above its first value (out of d0)
-    loss_divergence: float = 20.0  # smoothed loss / its best so far (10 false-alarmed a healthy diffusion run)
-    loss_smoothing: int = 10  # steps averaged (trailing mean) before the loss is compared
-    loss_grace: int = 50  # steps before the loss baseline counts (d's warm-up overshoots)
-    # The loss against the base model's (a LoRA's B starts at zero, so the first steps are the
-    # base model): chosen on the realistic corpus's train seeds (README).
-    loss_above_base: float = 2.1  # geometric mean of the last `loss_base_window` steps / the base's, ...
-    loss_base_window: int = 10
-    loss_reference: int = 10  # the first steps, whose geometric mean is the base model's loss
-    loss_noise_sigmas: float = 2.0  # ... over this many standard errors of that ratio, from the first losses'
-    # spread: at batch 1 the ratio of two 10-loss geometric means is ~1.5x off at one standard error
+    # The training loss against the run's own best level (lrwatch.rules.loss.TrainingLossRule):
+    loss_window: int = 25  # steps (and at least as many losses) whose geometric mean is the loss's level
+    loss_over_best: float = 1.5  # critical when the level reaches this multiple of its best so far, ...
+    loss_noise_sigmas: float = 4.0  # ... times the chance factor of this many standard errors of the run's spread
+    validation_over_best: float = 2.0  # a validation loss at this multiple of its best so far: critical
     restart_spike: float = 4.0  # d*lr right after a restart / highest d*lr before it
     tiny_lr: float = 1e-6  # lr below this fraction of its highest is treated as zero (d unknown)
 
     def __post_init__(self) -> None:
-        if self.risk_critical < self.risk_warning or self.runaway_critical < self.runaway_warning:
-            raise ValueError("a critical threshold must not be below its warning threshold")
-        ratios = (self.risk_warning, self.runaway_warning, self.loss_divergence, self.restart_spike,
-                  self.settle_growth, self.settle_climb, self.loss_above_base)
+        if self.risk_stop < self.risk_warning or self.runaway_critical < self.runaway_warning:
+            raise ValueError("a critical threshold (or risk_stop) must not be below its warning threshold")
+        ratios = (self.risk_warning, self.runaway_warning, self.restart_spike, self.settle_growth, self.settle_climb,
+                  self.loss_over_best, self.validation_over_best)
         if not all(math.isfinite(r) and r > 1 for r in ratios):
             raise ValueError("ratios must be finite and above 1")
-        if min(self.runaway_window, self.loss_smoothing, self.loss_base_window, self.loss_reference) < 1 \
-                or self.loss_grace < 0:
-            raise ValueError("windows must be at least 1 step (the loss grace at least 0)")
+        if min(self.runaway_window, self.loss_window) < 1:
+            raise ValueError("windows must be at least 1 step")
         if not 0 < self.restart_jump <= 1:
             raise ValueError("restart_jump must be in (0, 1]")
         if not 0 <= self.tiny_lr < 1:
             raise ValueError("tiny_lr must be in [0, 1)")
         if not (math.isfinite(self.loss_noise_sigmas) and self.loss_noise_sigmas >= 0):
             raise ValueError("loss_noise_sigmas must be finite and at least 0")
-
-
-@dataclass
-class Finding:
-    kind: str  # predicted_restart_blowup | runaway_d | blowup
-    severity: str  # warning | critical
-    group: str | None
-    step: int
-    message: str
-    values: dict[str, float | int | str | None] = field(default_factory=dict)
-
-    def key(self) -> tuple:
-        return (self.kind, self.severity, self.group, self.values.get("cycle"), self.values.get("what"))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -164,7 +154,7 @@ class Analysis:
     schedule: KnownSchedule | None
     notes: list[str]
     unrecognised: dict[str, int] = field(default_factory=dict)  # scalar tag -> points, when nothing was checked
-    base_loss: float | None = None  # geometric-mean loss of the run's first steps: the base model's (LoRA B is 0)
+    validation_tag: str | None = None  # a validation loss: it decides criticals, snapshot verdicts and the best one
     trainer: str | None = None  # the layout the tags were read as (lrwatch.trainers)
     trainer_why: str | None = None
 
@@ -190,9 +180,7 @@ def _in_logged_steps(th: Thresholds, scale: int) -> Thresholds:
     with gradient accumulation) logs ``scale`` steps per update."""
     if scale == 1:
         return th
-    return replace(th, runaway_window=th.runaway_window * scale, loss_smoothing=th.loss_smoothing * scale,
-                   loss_grace=th.loss_grace * scale, loss_base_window=th.loss_base_window * scale,
-                   loss_reference=th.loss_reference * scale)
+    return replace(th, runaway_window=th.runaway_window * scale, loss_window=th.loss_window * scale)
 
 
 def adaptive_optimizer_hint(optimizer: str, source: str) -> str | None:
@@ -234,11 +222,26 @@ def _coverage_notes(groups: list[GroupAnalysis], loss_tag: str | None, config: d
     return notes
 
 
+def validation_hint(layout: str) -> str:
+    """Said once per run that logs a loss but no validation loss: how to log one."""
+    how = {
+        "kohya": "kohya sd-scripts: --validation_split 0.1 --validate_every_n_steps N (N: your save interval; "
+                 "kohya_ss GUI: the validation fields of the dataset/advanced settings)",
+        "kohya-base-lr": "sd-scripts: --validation_split 0.1 --validate_every_n_steps N",
+        "onetrainer": "OneTrainer: turn validation on and mark a concept as a validation concept",
+    }.get(layout, "kohya sd-scripts (--validation_split) and OneTrainer (validation concepts) log one that "
+                  "lrwatch reads; this trainer's is not read yet")
+    return (f"no validation loss logged: the noisy training loss is the only evidence of a fry; a validation "
+            f"loss at fixed timesteps is steadier and decides better ({how})")
+
+
 def _drop_shadowed_warnings(findings: list[Finding]) -> list[Finding]:
-    """A warning raised at the same step as its critical twin says nothing more."""
-    critical = {(f.kind, f.group, f.values.get("cycle"), f.step) for f in findings if f.severity == CRITICAL}
-    return [f for f in findings
-            if f.severity == CRITICAL or (f.kind, f.group, f.values.get("cycle"), f.step) not in critical]
+    """A warning raised at the same step as its critical (or strong) twin says nothing more."""
+    def top(f: Finding) -> bool:
+        return f.severity == CRITICAL or bool(f.values.get("strong"))
+
+    tops = {(f.kind, f.group, f.values.get("cycle"), f.step) for f in findings if top(f)}
+    return [f for f in findings if top(f) or (f.kind, f.group, f.values.get("cycle"), f.step) not in tops]
 
 
 def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, after: int | None = None
@@ -302,7 +305,7 @@ def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.nda
         seg = finite[pos : min(n, pos + _RESTART_CHUNK)]
         peak = np.maximum(np.maximum.accumulate(seg), carry)  # cycle peak up to and including each index
         prev_peak, prev, cur = peak[:-1], seg[:-1], seg[1:]
-        hit = _first((prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0))
+        hit = first_true((prev < prev_peak) & (cur - prev >= jump * prev_peak) & (prev_peak > 0))
         if hit is not None:
             pos, carry = pos + 1 + hit, -np.inf  # a new cycle starts at the restart
             out.append(pos)
@@ -311,51 +314,6 @@ def find_restarts(lr: np.ndarray, jump: float, carry: float = -np.inf) -> np.nda
         else:  # overlap one point so the pair across the chunk boundary is checked too
             pos, carry = pos + len(seg) - 1, peak[-2]
     return np.asarray(out, dtype=np.int64)
-
-
-def _first(mask: np.ndarray) -> int | None:
-    """The index of the first True, or None (one argmax: a watched update calls this a dozen
-    times on a few points, where each numpy call's fixed cost is what counts)."""
-    if not len(mask):
-        return None
-    i = int(mask.argmax())
-    return i if mask[i] else None
-
-
-def _first_nonfinite(x: np.ndarray) -> int | None:
-    """The index of the first NaN or inf, or None (a watched update's few points: plain floats)."""
-    if len(x) <= SMALL_UPDATE:
-        return next((i for i, v in enumerate(x.tolist()) if not math.isfinite(v)), None)
-    return _first(~np.isfinite(x))
-
-
-class _Stale(Exception):
-    """What was analysed before may have changed: analyse the run again from its start."""
-
-
-class _Spacing:
-    """``spacing`` of a growing run's steps, kept from the smallest and largest gap."""
-
-    def __init__(self) -> None:
-        self.low = self.high = 0
-
-    def add(self, steps: np.ndarray, start: int) -> float:
-        """``spacing(steps)`` once ``steps[start:]`` were added."""
-        new = steps[max(0, start - 1):]
-        if len(new) >= 2:
-            if len(new) <= SMALL_UPDATE:  # a watched update's few steps: plain ints cost less than numpy's calls
-                listed = new.tolist()
-                gaps = [b - a for a, b in zip(listed, listed[1:])]
-                low, high = min(gaps), max(gaps)
-            else:
-                diffs = new[1:] - new[:-1]
-                low, high = int(diffs.min()), int(diffs.max())
-            fresh = start <= 1
-            self.low = low if fresh else min(self.low, low)
-            self.high = high if fresh else max(self.high, high)
-        if len(steps) < 2:
-            return 1.0
-        return max(float(self.low), 1.0) if self.low == self.high else spacing(steps)
 
 
 class Analyser:
@@ -379,7 +337,7 @@ class Analyser:
         if rules is not None and rules.key == key:
             try:
                 return rules.extend(run)
-            except _Stale:
+            except Stale:
                 pass
             except BaseException:
                 self._rules = None  # half-updated: never extended again
@@ -410,9 +368,12 @@ class _RunRules:
         folded = self._compare_twins(run)  # kohya's twin groups: one group each
         self.groups = [_GroupRules(g, self.schedule, th) for g in groups if g.name not in folded]
         self.loss_tag = reading.tag_map.loss_tag(tags)
-        self.loss = _LossRules(self.loss_tag, th, reading.steps_per_update) if self.loss_tag else None
+        self.loss = TrainingLossRule(self.loss_tag, th.loss_window, th.loss_over_best, th.loss_noise_sigmas,
+                                     reading.steps_per_update) if self.loss_tag else None
+        self.validation_tag = reading.tag_map.validation_tag(tags)
+        self.validation = ValidationRule(self.validation_tag, th.validation_over_best) if self.validation_tag else None
         used = {t for g in groups for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t}
-        self.used = sorted(used | {self.loss_tag} if self.loss_tag else used)
+        self.used = sorted(used | {t for t in (self.loss_tag, self.validation_tag) if t})
         self.seen: dict[str, tuple[int, int]] = {}  # tag -> (points, points replaced) at the last update
 
     def extend(self, run: RunLike) -> Analysis:
@@ -422,11 +383,12 @@ class _RunRules:
         with np.errstate(divide="ignore", invalid="ignore"):  # the rules' NaN and inf mean "unknown"
             for rules in self.groups:
                 rules.extend(*_joined(run, rules.group, self.schedule, rules.last_step))
-            if self.loss is not None:
-                series = run.series(self.loss.tag)
-                if series is not None:
-                    self.loss.extend(series)
-                    loss_notes = self.loss.notes()
+            if self.validation is not None and (series := run.series(self.validation.tag)) is not None:
+                self.validation.extend(series.steps, series.values)
+            if self.loss is not None and (series := run.series(self.loss.tag)) is not None:
+                self.loss.validation_from = self.validation.first_step if self.validation else None
+                self.loss.extend(series.steps, series.values)
+                loss_notes = self.loss.notes()
         return self._analysis(run, loss_notes)
 
     def _check_appended(self, run: RunLike) -> None:
@@ -437,7 +399,7 @@ class _RunRules:
                 continue
             before = self.seen.get(tag)
             if before is not None and (len(series.steps) < before[0] or series.replaced != before[1]):
-                raise _Stale(tag)
+                raise Stale(tag)
             seen[tag] = (len(series.steps), series.replaced)
         self.seen = seen
 
@@ -457,19 +419,24 @@ class _RunRules:
         folded = self._compare_twins(run)
         kept = {r.group.name for r in self.groups}
         if folded & kept or any(pair.group.name not in folded | kept for pair in self.twins):
-            raise _Stale("the groups folded as kohya's twins changed")
+            raise Stale("the groups folded as kohya's twins changed")
 
     def _analysis(self, run: RunLike, loss_notes: list[str]) -> Analysis:
         reading, schedule = self.reading, self.schedule
         groups = [r.result() for r in self.groups]
         findings = [f for r in self.groups for f in r.findings]
         notes = list(reading.notes)
-        base = None
         if self.loss is not None:
             findings += self.loss.findings
             notes += loss_notes
-            base = self.loss.base
+        if self.validation is not None:
+            findings += self.validation.findings
+            notes.append(f"validation loss {self.validation.tag} decides: a critical from the loss, the snapshot "
+                         "verdicts and the best snapshot come from it (the training loss only warns from its first "
+                         "point on)")
         notes += _coverage_notes(groups, self.loss_tag, run.config, reading)
+        if self.loss is not None and self.validation is None:
+            notes.append(validation_hint(reading.layout.name))
         if schedule is not None and schedule.problem:
             notes.append(f"the logged schedule could not be used ({schedule.problem}): restarts are found from the lr")
         notes += [f"logged configuration not read: {p}" for p in run.config_problems]
@@ -479,7 +446,8 @@ class _RunRules:
         findings = _drop_shadowed_warnings(findings)
         findings.sort(key=lambda f: (f.step, f.severity != CRITICAL, f.kind))
         analysis = Analysis(groups, findings, self.loss_tag, max(last) if last else None, schedule, notes,
-                            base_loss=base, trainer=reading.layout.name, trainer_why=reading.why)
+                            validation_tag=self.validation_tag, trainer=reading.layout.name,
+                            trainer_why=reading.why)
         if not analysis.checked:
             analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
         return analysis
@@ -522,7 +490,7 @@ class _GroupRules:
         self.d_first: float | None = None
         self.climb: int | None = None  # index where d had climbed out of d0
         self.settled: int | None = None  # index where d's warm-up ended
-        self.spacing = _Spacing()
+        self.spacing = Spacing()
         self.window: int | None = None  # runaway_window in points
         self.closed: list[Cycle] = []
         self.open: _OpenCycle | None = None
@@ -542,7 +510,7 @@ class _GroupRules:
         self.steps.extend(steps)
         w = points(self.spacing.add(self.steps.view, i0), self.th.runaway_window)
         if self.window is not None and w != self.window:
-            raise _Stale("the steps between logged points changed")
+            raise Stale("the steps between logged points changed")
         self.window = w
         self._nonfinite(i0, {label: x for label, x in (("lr", lr), ("d*lr", dlr)) if x is not None})
         cycle_of, new_restarts, peak = self._restarts(i0, lr)
@@ -562,11 +530,11 @@ class _GroupRules:
         for label, values in named.items():
             if label in self.nonfinite_seen:
                 continue
-            i = _first_nonfinite(values)
+            i = first_nonfinite(values)
             if i is not None:
                 self.nonfinite_seen.add(label)
                 self.findings.append(Finding(
-                    "blowup", CRITICAL, self.group.name, int(self.steps.view[i0 + i]),
+                    Kind.BLOWUP, CRITICAL, self.group.name, int(self.steps.view[i0 + i]),
                     f"{label} is {values[i]} at step {int(self.steps.view[i0 + i])}",
                     {"what": f"nonfinite_{label}", "value": None if math.isnan(values[i]) else float(values[i])},
                 ))
@@ -638,14 +606,14 @@ class _GroupRules:
         self.d.extend(d)
         self.risk.extend(risk)
         self._settle(i0, w)
-        for severity, level in ((WARNING, th.risk_warning), (CRITICAL, th.risk_critical)):
+        for strong, level in ((False, th.risk_warning), (True, th.risk_stop)):
             mask = risk >= level  # NaN (no restart coming) compares False
             if not mask.any():
-                break  # below the warning level, below the critical one too (Thresholds checks the order)
-            if severity == CRITICAL:
+                break  # below the warning level, below the stop level too (Thresholds checks the order)
+            if strong:
                 mask &= np.arange(i0, self.steps.n) >= (self.settled if self.settled is not None else self.steps.n)
-            for k in self._first_per_cycle("risk", severity, mask, cycle_of):
-                self._risk_finding(severity, i0 + k, float(best[k]), int(cycle_of[k]))
+            for k in self._first_per_cycle("risk", "strong" if strong else WARNING, mask, cycle_of):
+                self._risk_finding(strong, i0 + k, float(best[k]), int(cycle_of[k]))
         self._runaway(i0, w, cycle_of)
         for i in new_restarts:  # what happened at each restart
             before = float(best[i - 1 - i0]) if i > i0 else best_before
@@ -688,12 +656,12 @@ class _GroupRules:
             return
         d, n = self.d.view, self.d.n
         if self.d_first is None:
-            known = _first(np.isfinite(d[i0:]))
+            known = first_true(np.isfinite(d[i0:]))
             if known is None:
                 return
             self.d_first = float(d[i0 + known])
         if self.climb is None:
-            climbed = _first(np.isfinite(d[i0:]) & (d[i0:] >= self.th.settle_climb * self.d_first))
+            climbed = first_true(np.isfinite(d[i0:]) & (d[i0:] >= self.th.settle_climb * self.d_first))
             if climbed is None:
                 return
             self.climb = i0 + climbed
@@ -705,7 +673,7 @@ class _GroupRules:
         lo = max(start + w, i0)
         if n > lo:
             growth = d[lo:] / d[lo - w : n - w]
-            settled = _first(np.isfinite(growth) & (growth < self.th.settle_growth))
+            settled = first_true(np.isfinite(growth) & (growth < self.th.settle_growth))
             if settled is not None:
                 found = min(found, lo + settled)
         if found < n:
@@ -723,19 +691,20 @@ class _GroupRules:
                 out.append(i)
         return out
 
-    def _risk_finding(self, severity: str, i: int, best: float, cycle: int) -> None:
-        """A restart predicted to land far above the highest d*lr so far. Critical only once
-        d's warm-up is over: while d climbs out of d0 the highest d*lr so far means little,
-        and on the realistic corpus such predictions (DAdaptLion: 4-5x) preceded healthy
-        training."""
+    def _risk_finding(self, strong: bool, i: int, best: float, cycle: int) -> None:
+        """A restart predicted to land far above the highest d*lr so far: a forecast, so a
+        warning, never a critical (healthy runs' restarts landed at 13-49x the highest d*lr and
+        trained on; frying ones at 1-3x). Strong once d's warm-up is over and the ratio reaches
+        ``risk_stop``: the one `--kill-at predict` acts on."""
         step, risk, d = int(self.steps.view[i]), self.risk.view[i], self.d.view[i]
         restart = self.schedule.next_restart(step) if self.schedule else None
         when = f"at the restart at step {restart}" if restart else "at the next restart"
         self.findings.append(Finding(
-            "predicted_restart_blowup", severity, self.group.name, step,
-            f"d grew to {d:.3g}: {when} d*lr would be {risk:.1f}x the highest d*lr so far ({best:.3g})",
+            Kind.PREDICTED_RESTART_BLOWUP, WARNING, self.group.name, step,
+            f"d grew to {d:.3g}: {when} d*lr would be {risk:.1f}x the highest d*lr so far ({best:.3g})"
+            + (" (a strong prediction, after d's warm-up: --kill-at predict stops here)" if strong else ""),
             {"ratio": round(float(risk), 4), "d": float(d), "max_dlr": float(best),
-             "predicted_dlr": float(risk * best), "cycle": cycle, "restart_step": restart},
+             "predicted_dlr": float(risk * best), "cycle": cycle, "restart_step": restart, "strong": strong},
         ))
 
     def _runaway(self, i0: int, w: int, cycle_of: np.ndarray) -> None:
@@ -757,7 +726,7 @@ class _GroupRules:
             for k in self._first_per_cycle("runaway", severity, mask, cycle_of):
                 i, b = i0 + k, int(back[k])
                 self.findings.append(Finding(
-                    "runaway_d", severity, self.group.name, int(steps[i]),
+                    Kind.RUNAWAY_D, severity, self.group.name, int(steps[i]),
                     f"d grew {growth[k]:.1f}x in {int(steps[i] - steps[b])} steps "
                     f"({d[b]:.3g} -> {d[i]:.3g}) after it had settled",
                     {"growth": round(float(growth[k]), 4), "d": float(d[i]), "d_before": float(d[b]),
@@ -770,7 +739,7 @@ class _GroupRules:
         rules confirm a real fry."""
         step, dlr = int(self.steps.view[i]), float(self.dlr.view[i])  # type: ignore[union-attr]
         self.findings.append(Finding(
-            "blowup", WARNING, self.group.name, step,
+            Kind.BLOWUP, WARNING, self.group.name, step,
             f"restart at step {step}: d*lr {dlr:.3g} is {ratio:.1f}x the highest before ({before:.3g})",
             {"what": "restart_spike", "ratio": round(float(ratio), 4), "dlr": dlr,
              "max_dlr_before": float(before), "cycle": cycle},
@@ -898,231 +867,6 @@ def _restart_risk(steps, d, peak, best, schedule: KnownSchedule | None) -> np.nd
     if last_restart is not None:
         risk[steps >= last_restart] = np.nan
     return risk
-
-
-def spacing(steps: np.ndarray) -> float:
-    """Optimizer steps between logged points: 1 for a trainer that logs every step, N for one
-    that logs every N (repeats at one step, from gradient accumulation, are already folded)."""
-    if len(steps) < 2:
-        return 1.0
-    gaps = np.diff(steps)
-    low = gaps.min()  # nearly always every gap is the same: no median needed
-    return max(float(low) if low == gaps.max() else float(np.median(gaps)), 1.0)
-
-
-def points(gap: float, span: int) -> int:
-    """How many logged points, one every ``gap`` steps (``spacing``), cover ``span`` optimizer
-    steps: windows and grace periods are counted in steps, whether a trainer logs every step
-    or every N."""
-    return max(1, math.ceil(span / gap))
-
-
-def samples(gap: float, span: int, per_update: int = 1) -> int:
-    """The points a loss window of ``span`` logged steps takes: those steps, and never fewer
-    points than the window has optimizer updates (``span / per_update``). A diffusion loss
-    swings ~30x with the random timestep, so what averages out its noise is the number of
-    losses, not the steps they span: a trainer that logs one step's loss every 10 steps
-    (ai-toolkit) gets windows 10x as long, not one loss each."""
-    return max(points(gap, span), math.ceil(span / per_update))
-
-
-class _LossRules:
-    """The loss's rules over its points, fed in step order: non-finite values, the loss far
-    above the base model's, and the smoothed loss far above its best so far."""
-
-    def __init__(self, tag: str, th: Thresholds, per_update: int) -> None:
-        self.tag, self.th, self.per_update = tag, th, per_update
-        self.steps, self.loss = np.zeros(0, np.int64), np.zeros(0)  # the series' own arrays (points are only appended)
-        self.findings: list[Finding] = []
-        self.finite_upto: int | None = None  # index of the first non-finite loss: the rules stop there
-        self.spacing = _Spacing()
-        self.gap = 1.0  # spacing of all the points
-        self.finite_spacing: float | None = None  # spacing of the points before the first non-finite one
-        self.windows: tuple[int, int, int, int] | None = None
-        self.base: float | None = None
-        self.noise = 1.0  # the factor the level-over-base ratio may reach by chance (Thresholds.loss_noise_sigmas)
-        self.base_known = False
-        self.level_from = 0  # the first window end not checked yet (loss above base)
-        self.above_found = False
-        self.smooth_from = 0  # the first point not smoothed yet (divergence)
-        self.lowest = math.inf  # the smoothed loss's lowest after the grace period
-        self.diverged = False
-
-    def extend(self, series: Series) -> None:
-        i0 = len(self.steps)
-        if len(series.steps) <= i0:
-            return
-        self.steps, self.loss = series.steps, series.values
-        steps, loss = series.steps[i0:], series.values[i0:]
-        gap = self.spacing.add(self.steps, i0)
-        if self.finite_upto is None:
-            i = _first_nonfinite(loss)
-            if i is not None:
-                self.finite_upto = i0 + i
-                self.finite_spacing = spacing(self.steps[: self.finite_upto])
-                self.findings.append(Finding(
-                    "blowup", CRITICAL, None, int(steps[i]), f"{self.tag} is {loss[i]} at step {int(steps[i])}",
-                    {"what": f"nonfinite_{self.tag}", "value": None if math.isnan(loss[i]) else float(loss[i])},
-                ))
-        n = len(self.steps) if self.finite_upto is None else self.finite_upto
-        gap_finite = gap if self.finite_spacing is None else self.finite_spacing
-        th, per = self.th, self.per_update
-        windows = (samples(gap_finite, th.loss_reference, per), samples(gap_finite, th.loss_base_window, per),
-                   samples(gap, th.loss_smoothing, per), points(gap, th.loss_grace))
-        if self.windows is not None and windows != self.windows and i0:
-            raise _Stale("the steps between logged losses changed")
-        self.windows = windows
-        self.gap = gap
-        ref_n, w, smooth_n, grace = windows
-        all_loss = self.loss
-        if not self.base_known and n >= ref_n:
-            self.base_known = True
-            self.base = base_loss(all_loss[:n], ref_n)
-            if self.base is not None:
-                self.noise = ratio_noise(all_loss[:ref_n], w, th.loss_noise_sigmas)
-        if self.base is not None and not self.above_found:
-            self._above_base(all_loss, n, ref_n, w, self.base)
-        if not self.diverged:
-            self._divergence(all_loss, n, smooth_n, grace)
-
-    def notes(self) -> list[str]:
-        """How the loss could be judged."""
-        notes = []
-        ref_n = self.windows[0] if self.windows else 0
-        n = len(self.steps) if self.finite_upto is None else self.finite_upto
-        if self.base is None and self.base_known and n >= ref_n:
-            notes.append(f"{self.tag} is zero or negative in the run's first steps: it is not compared with the base "
-                         "model's (only its divergence and non-finite values are checked)")
-        if self.gap > self.per_update:  # fewer losses than optimizer updates
-            least = samples(self.gap, self.th.loss_reference, self.per_update)
-            notes.append(f"{self.tag} is logged every {self.gap / self.per_update:g} steps: the loss rules take at "
-                         f"least {least} losses per window ({least * self.gap / self.per_update:g} steps), so a fry "
-                         "shows there later than in a run that logs every step")
-        return notes
-
-    def _above_base(self, loss: np.ndarray, n: int, ref_n: int, w: int, base: float) -> None:
-        """The loss far above the base model's: the geometric mean of the last few steps over
-        the base's, beyond what chance gives (``self.noise``). This catches fries within the
-        first cycle, which the best-so-far rule cannot (its best is taken after d's warm-up).
-        A single huge step still counts, as it should. Values at or below zero count as a tiny
-        loss. ``w`` and ``ref_n``: the losses the level and the base take."""
-        bound = base * self.noise
-        first = max(self.level_from, w - 1, ref_n)  # window ends
-        self.level_from = max(self.level_from, n)
-        if first >= n:
-            return
-        level = loss_levels(loss[first - w + 1 : n], base, w)
-        k = _first(level >= self.th.loss_above_base * bound)
-        if k is None:
-            return
-        self.above_found = True
-        i = first + k
-        steps = self.steps
-        self.findings.append(Finding(
-            "blowup", CRITICAL, None, int(steps[i]),
-            f"{self.tag} far above the base model's: geometric mean of the last {w} losses (steps "
-            f"{int(steps[i - w + 1])}-{int(steps[i])}) {level[k]:.3g} is {level[k] / base:.1f}x the first {ref_n}'s "
-            f"(steps {int(steps[0])}-{int(steps[ref_n - 1])}: {base:.3g}), {level[k] / bound:.1f}x beyond the "
-            f"{self.noise:.2f}x their spread allows by chance",
-            {"what": "loss_above_base", "ratio": round(float(level[k] / base), 4), "loss": float(level[k]),
-             "baseline": base, "noise": round(self.noise, 4), "ratio_beyond_chance": round(float(level[k] / bound), 4)},
-        ))
-
-    def _divergence(self, loss: np.ndarray, n: int, smooth_n: int, grace: int) -> None:
-        """The smoothed loss (a trailing mean of ``smooth_n`` losses) far above its lowest
-        after the grace period."""
-        first = self.smooth_from
-        self.smooth_from = max(first, n)
-        if first >= n:
-            return
-        back, limit = min(first, smooth_n - 1), self.th.loss_divergence
-        smooth: Any  # (plain floats or an array, indexed alike)
-        baseline: Any
-        if first > grace and first >= smooth_n - 1 and n - first <= SMALL_UPDATE:
-            # a watched update's few points, past the grace period, in whole windows: plain floats
-            smooth = [total / smooth_n for total in _window_sums_list(loss[first - back : n].tolist(), smooth_n, back)]
-            baseline = list(itertools.accumulate(smooth, min, initial=self.lowest))[1:]
-            k = next((j for j, (x, low) in enumerate(zip(smooth, baseline)) if low > 0 and x / low >= limit), None)
-        else:
-            sums = _window_sums(loss[first - back : n], smooth_n, back)
-            idx = np.arange(first, n)
-            smooth = sums / np.minimum(idx + 1, smooth_n)
-            baseline = np.minimum(np.minimum.accumulate(np.where(idx >= grace, smooth, np.inf)), self.lowest)
-            k = _first((idx > grace) & (baseline > 0) & (smooth / baseline >= limit))
-        self.lowest = float(baseline[-1])
-        if k is None:
-            return
-        self.diverged = True
-        ratio = smooth[k] / baseline[k]
-        self.findings.append(Finding(
-            "blowup", CRITICAL, None, int(self.steps[first + k]),
-            f"{self.tag} diverged: smoothed {smooth[k]:.3g} is {ratio:.1f}x its best ({baseline[k]:.3g})",
-            {"what": "loss_diverged", "ratio": round(float(ratio), 4), "loss": float(smooth[k]),
-             "baseline": float(baseline[k])},
-        ))
-
-
-def _window_sums(x: np.ndarray, span: int, skip: int) -> np.ndarray:
-    """Sums of the last ``span`` values (fewer at the array's start) ending at each index from
-    ``skip`` on, added in one order (newest first) wherever the window is cut from: a run
-    analysed in parts gives the very same floats as one analysed at once."""
-    if (len(x) - skip) * span <= 256:  # a watched step's few points: the same adds, in plain floats
-        return np.array(_window_sums_list(x.tolist(), span, skip))
-    return _window_sums_array(x, span, skip)
-
-
-def _window_sums_array(x: np.ndarray, span: int, skip: int) -> np.ndarray:
-    """``_window_sums`` in numpy: one vectorised add per place in the window, newest first."""
-    total = x[skip:].copy()
-    for k in range(1, span):
-        lo = max(skip, k)  # window ends with a value k back
-        if lo >= len(x):
-            break
-        total[lo - skip :] += x[lo - k : len(x) - k]
-    return total
-
-
-def _window_sums_list(values: list[float], span: int, skip: int) -> list[float]:
-    """``_window_sums`` in plain floats, added in the same order: each window reversed (a
-    slice), then summed left to right by ``reduce`` (not ``sum``, whose float adds are
-    compensated from Python 3.12 on)."""
-    return [functools.reduce(operator.add, values[end : end - span if end >= span else None : -1])
-            for end in range(skip, len(values))]
-
-
-def loss_levels(loss: np.ndarray, base: float, window: int) -> np.ndarray:
-    """The loss's level: geometric means of the last ``window`` losses, ending at each index
-    from ``window - 1`` on (a loss at or below zero counts as a tiny fraction of ``base``)."""
-    logs = np.log(np.maximum(loss, base * TINY_LOSS))
-    return np.exp(_window_sums(logs, window, window - 1) / window)
-
-
-def base_loss(loss: np.ndarray, ref_n: int) -> float | None:
-    """The base model's loss: the geometric mean of the run's first ``ref_n`` losses (its first
-    ``loss_reference`` steps, and at least that many losses: a LoRA's B starts at zero, so they
-    are the untouched model). Geometric, because a diffusion loss swings ~30x with the random
-    timestep and is close to log-normal: its log-mean is the median's value with less noise.
-    ``loss`` is finite here; a loss that is not positive there has no base."""
-    if len(loss) < ref_n or not np.all(loss[:ref_n] > 0):
-        return None
-    return geometric_mean(loss[:ref_n])
-
-
-def ratio_noise(first: np.ndarray, w: int, sigmas: float) -> float:
-    """How far, as a factor, the ratio of a ``w``-loss geometric mean to the base's (that of
-    ``first``) reaches by chance: ``sigmas`` standard errors, exp(sigmas * s * sqrt(1/n + 1/w))
-    with s the spread (sd) of the first losses' logs. A diffusion loss swings with the random
-    timestep (s ~0.9 at batch 1, ~0.4 at batch 4), so at batch 1 two 10-loss means differ by
-    ~1.5x at one standard error, at batch 4 by ~1.2x."""
-    if len(first) < 2:
-        return 1.0
-    spread = float(np.std(np.log(first), ddof=1))
-    return math.exp(sigmas * spread * math.sqrt(1 / len(first) + 1 / w))
-
-
-def geometric_mean(x: np.ndarray, floor: float = 0.0) -> float:
-    """exp(mean(log x)), values below ``floor`` counted as ``floor`` (>0 where x may hold zeros)."""
-    return float(np.exp(np.mean(np.log(np.maximum(x, floor)))))
 
 
 def trailing_mean(x: np.ndarray, span: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from lrwatch import __version__
 from lrwatch.analysis import Thresholds
 from lrwatch.output import terminal_safe
 from lrwatch.report import EXIT_CRITICAL, EXIT_OK, EXIT_UNREADABLE
-from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, MANIFEST
+from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_FRIED_VALIDATION, DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.sources import RemoteUnavailable
 from lrwatch.tags import DEFAULT_DLR_TAGS, DEFAULT_LOSS_TAGS, DEFAULT_LR_TAGS, TagMap
 from lrwatch.trainers import LAYOUTS, ScheduleOptions
@@ -82,15 +82,17 @@ def cli() -> None:
 THRESHOLD_OPTIONS: list[tuple[str, type, str]] = [
     ("risk_warning", float,
      "Warn when d now x the next cycle's peak lr exceeds the highest d*lr so far by this ratio."),
-    ("risk_critical", float, "Critical at this predicted ratio."),
+    ("risk_stop", float, "A strong prediction at this ratio (after d's warm-up): still a warning; "
+                         "--kill-at predict stops on it."),
     ("runaway_window", int, "Steps over which d's growth is measured."),
     ("runaway_warning", float, "Warn when d grows by this factor within the window (after d's warm-up)."),
     ("runaway_critical", float, "Critical at this growth factor."),
-    ("loss_divergence", float, "Critical when the smoothed loss reaches this multiple of its best."),
-    ("loss_above_base", float, "Critical when the geometric mean of the loss over the last 10 steps reaches this "
-                               "multiple of the first 10 steps' (the base model's), beyond chance (next option)."),
-    ("loss_noise_sigmas", float, "Standard errors of that ratio allowed as chance, from the spread of the first "
-                                 "10 losses (0: none)."),
+    ("loss_window", int, "Steps (and at least as many losses) whose geometric mean is the loss's level."),
+    ("loss_over_best", float, "Critical when the loss's level reaches this multiple of the run's own best level "
+                              "so far, beyond chance (next option)."),
+    ("loss_noise_sigmas", float, "Standard errors of that ratio allowed as chance, from the spread of the losses "
+                                 "in the best window (0: none)."),
+    ("validation_over_best", float, "Critical when the validation loss reaches this multiple of its best so far."),
     ("restart_spike", float, "A warning when d*lr right after a restart is this multiple of the highest before."),
     ("restart_jump", float, "An lr rise of this fraction of the cycle's peak, from below it, is a restart."),
 ]
@@ -185,8 +187,12 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
                                              "this fraction of the cycle's peak."),
         click.option("--fried-loss", type=click.FloatRange(1, min_open=True), default=DEFAULT_FRIED_LOSS,
                      show_default=True, help="A snapshot is fried when the geometric mean of the loss over the 25 "
-                                             "steps before its save is at least this multiple of the run's "
-                                             "first 10 steps'."),
+                                             "steps before its save is at least this multiple of the run's best "
+                                             "such level before (used where no validation loss is logged)."),
+        click.option("--fried-validation", type=click.FloatRange(1, min_open=True),
+                     default=DEFAULT_FRIED_VALIDATION, show_default=True,
+                     help="A snapshot is fried when the validation loss at its step is at least this multiple of "
+                          "its best before."),
         click.option("--no-manifest", is_flag=True,
                      help=f"Do not write {MANIFEST} into the snapshot folders."),
     ]
@@ -199,7 +205,8 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README) instead of tables.")
-@click.option("--best", is_flag=True, help="Print only the path of the newest safe snapshot (needs --snapshots).")
+@click.option("--best", is_flag=True, help="Print only the path of the snapshot to keep: the best safe one by the "
+                                           "validation loss, else the loss before each save (needs --snapshots).")
 @click.option("--tensorboard", is_flag=True,
               help="Write each run's analysis as a TensorBoard run <run folder>/lrwatch/ (rewritten atomically).")
 @click.option("--workers", type=click.IntRange(min=1),
@@ -208,7 +215,8 @@ def snapshot_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @analysis_options
 def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, workers: int | None,
           no_manifest: bool,
-          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
+          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float,
+          fried_loss: float, fried_validation: float,
           tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
           storage_option: dict[str, Any], thresholds: Thresholds) -> int:
     """Report on runs under PATHS: cycles, d growth, findings, snapshot verdicts.
@@ -225,7 +233,8 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, 
     if best and not snapshot_dirs:
         raise click.UsageError("--best needs --snapshots DIR")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
-                       manifest=not no_manifest, fried_loss=fried_loss, on_run=_progress(), trainer=trainer,
+                       manifest=not no_manifest, fried_loss=fried_loss, fried_validation=fried_validation,
+                       on_run=_progress(), trainer=trainer,
                        schedule=schedule, tensorboard=tensorboard, storage_options=storage_option, workers=workers,
                        keep_points=False)  # the report needs what is said of each run, not its curves
     for line in _errors(result.monitor) + result.manifest_problems + result.export_problems:
@@ -282,9 +291,10 @@ def _progress() -> Callable[[int, int], None] | None:
 @cli.command(cls=_CommandAfterDashes)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--kill-on-spike", is_flag=True, help="Stop the trainer when a critical finding fires.")
-@click.option("--kill-at", type=click.Choice(["now", "restart", "confirm"]), default="now", show_default=True,
-              help="On a critical prediction: stop at once, just before the predicted restart (after the "
-                   "cycle-minimum snapshot), or only once evidence confirms it.")
+@click.option("--kill-at", type=click.Choice(["confirm", "predict"]), default="confirm", show_default=True,
+              help="confirm: stop on evidence only (the loss or validation loss far above the run's own best, a "
+                   "non-finite value, d running away). predict: also on a strong prediction, stopping when the "
+                   "predicted restart is logged (after the cycle-minimum snapshot).")
 @click.option("--pid", type=int, help="The trainer's pid (else: the command after --, else the run's writer).")
 @click.option("--dry-run", is_flag=True, help="Say what would be stopped; stop nothing.")
 @click.option("--grace-int", type=float, default=10.0, show_default=True,
@@ -313,7 +323,8 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
           grace_int: float, grace_term: float, poll: float | None, until_idle: float | None,
           events_out: str | None, exec_cmd: str | None, webhook: str | None, tensorboard: bool,
           stop_cmd: str | None, stop_cmd_always: bool, no_manifest: bool,
-          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
+          snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float,
+          fried_loss: float, fried_validation: float,
           tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
           storage_option: dict[str, Any], thresholds: Thresholds) -> int:
     """Follow the runs under PATHS as they are written (PATHS may not exist yet).
@@ -333,7 +344,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     command = click.get_current_context().meta.get("lrwatch.command")
     if poll is not None and poll <= 0:
         raise click.UsageError("--poll must be a positive number of seconds")
-    if kill_at != "now" and not kill_on_spike:
+    if kill_at != "confirm" and not kill_on_spike:
         raise click.UsageError(f"--kill-at {kill_at} goes with --kill-on-spike")
     if (stop_cmd or stop_cmd_always) and not kill_on_spike:
         raise click.UsageError("--stop-cmd goes with --kill-on-spike")
@@ -351,7 +362,7 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
         hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
     except OSError as e:
         raise click.UsageError(f"--events-out {events_out}: {e.strerror or e}") from None
-    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss,
+    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss, fried_validation,
                         storage_option) if snapshot_dirs else None
     monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
                       storage_options=storage_option)
@@ -373,7 +384,8 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
 @snapshot_options
 @analysis_options
 def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_manifest: bool,
-         snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float, fried_loss: float,
+         snapshot_dirs: tuple[str, ...], steps_per_epoch: int | None, safe_lr: float,
+          fried_loss: float, fried_validation: float,
          tag_map: TagMap | None, trainer: str | None, schedule: ScheduleOptions | None,
          storage_option: dict[str, Any], thresholds: Thresholds) -> int:
     """Draw each run under PATHS: lr with restarts, d*lr with its maximum and the predicted next
@@ -385,7 +397,8 @@ def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_mani
     if not png and not html_path:
         raise click.UsageError("give -o FILE.png, --html FILE.html or both")
     result = run_audit(list(paths), tag_map, thresholds, list(snapshot_dirs), steps_per_epoch, safe_lr,
-                       manifest=not no_manifest, fried_loss=fried_loss, trainer=trainer, schedule=schedule,
+                       manifest=not no_manifest, fried_loss=fried_loss, fried_validation=fried_validation,
+                       trainer=trainer, schedule=schedule,
                        storage_options=storage_option)
     for line in _errors(result.monitor) + result.manifest_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 DEFAULT_LR_TAGS = ("lr/{group}", "lr")
 DEFAULT_DLR_TAGS = ("lr/d*lr/{group}", "lr/d*lr")
 DEFAULT_LOSS_TAGS = ("loss/current", "loss/average", "loss")
+# A validation loss at fixed timesteps and seed: kohya's --validation_split (train_network.py's step
+# validation), OneTrainer's validation concepts (GenericTrainer: one tag per concept, and their
+# total_average when there are several). kohya's epoch_average is logged at epoch numbers: not used.
+DEFAULT_VALIDATION_TAGS = ("loss/validation/step_average", "loss/validation_step/total_average",
+                           "loss/validation_step/{group}")
 # A lone d*lr (older kohya) is group 0's: the text encoder's when it is trained, else the unet's.
 LONE_DLR_PARTNERS = ("lr/textencoder", "lr/unet", "lr")
 
@@ -41,11 +46,12 @@ class TagMap:
     dlr: tuple[str, ...] = DEFAULT_DLR_TAGS
     loss: tuple[str, ...] = DEFAULT_LOSS_TAGS
     d: tuple[str, ...] = ()
+    validation: tuple[str, ...] = DEFAULT_VALIDATION_TAGS
     lr_is_d_when_d_logged: bool = False  # SimpleTuner puts Prodigy's d under its lr tag
     _compiled: dict[str, list[re.Pattern[str]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._compiled = {kind: [_compile(p) for p in getattr(self, kind)] for kind in ("lr", "dlr", "d")}
+        self._compiled = {kind: [_compile(p) for p in getattr(self, kind)] for kind in ("lr", "dlr", "d", "validation")}
 
     def _match(self, kind: str, tag: str) -> str | None:
         for rx in self._compiled[kind]:
@@ -82,6 +88,16 @@ class TagMap:
 
     def loss_tag(self, tags: set[str] | list[str]) -> str | None:
         return next((t for t in self.loss if t in tags), None)
+
+    def validation_tag(self, tags: set[str] | list[str]) -> str | None:
+        """The first validation pattern that a tag matches (a ``{group}`` pattern: the first such
+        tag by name, e.g. OneTrainer's only validation concept)."""
+        ordered = sorted(tags)
+        for rx in self._compiled["validation"]:
+            found = next((t for t in ordered if rx.match(t)), None)
+            if found is not None:
+                return found
+        return None
 
 
 def _name_of(lr_tag: str | None) -> str | None:

@@ -31,7 +31,9 @@ def test_audit_of_a_blowup_prints_findings_with_steps_and_exits_1():
     out = lrwatch("audit", str(FIXTURES / "dadapt_sgd_blowup"))
     assert out.returncode == 1, out.stderr
     assert "WARNING  step 67" in out.stdout and "predicted_restart_blowup" in out.stdout
-    assert "CRITICAL step 119" in out.stdout and "runaway_d" in out.stdout
+    assert "WARNING  step 112" in out.stdout and "runaway_d" in out.stdout  # a warning: critical at 100x
+    assert "CRITICAL step 135" in out.stdout and "loss_above_best" not in out.stdout  # (the message says it)
+    assert "far above the run's own best" in out.stdout
     assert "verdict: CRITICAL" in out.stdout
 
 
@@ -67,7 +69,7 @@ def test_a_foreign_file_exits_2_and_says_it_is_not_an_event_file():
 
 
 def test_bad_threshold_is_a_usage_error():
-    out = lrwatch("audit", "--risk-critical", "1.5", str(FIXTURES / "prodigy_seed_bump"))
+    out = lrwatch("audit", "--risk-stop", "1.5", str(FIXTURES / "prodigy_seed_bump"))
     assert out.returncode == 2 and "critical threshold" in out.stderr
 
 

@@ -145,7 +145,7 @@ def test_the_watcher_follows_an_s3_logdir_that_appears_and_grows(s3, s3_env, tmp
     data = event.read_bytes()
     key = f"lrwatch-test/live/logs/run20261124083000/network_train/{event.name}"
     watcher = subprocess.Popen([sys.executable, "-m", "lrwatch", "s3://lrwatch-test/live/logs", "--poll", "0.3",
-                                "--until-idle", "3"], cwd=ROOT, env={**os.environ, **s3_env},
+                                "--until-idle", "3", "--runaway-critical", "10"], cwd=ROOT, env={**os.environ, **s3_env},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(watcher.stderr), daemon=True)  # type: ignore[arg-type]

@@ -49,8 +49,8 @@ def test_the_audit_writes_the_analysis_as_a_tensorboard_run(tmp_path):
     logs, run = copy_fixture(tmp_path, "dadapt_sgd_blowup")
     before = sorted(p.name for p in run.iterdir())
     assert main(["audit", str(logs), "--tensorboard", "--snapshots", str(tmp_path / "dadapt_sgd_blowup" / "output"),
-                 "--no-manifest"]) == 1
-    analysis = lrwatch.audit([logs]).runs[0].analysis
+                 "--no-manifest", "--runaway-critical", "10"]) == 1  # the toy's fry: d's runaway x11
+    analysis = lrwatch.audit([logs], thresholds=lrwatch.Thresholds(runaway_critical=10)).runs[0].analysis
     (group,) = analysis.groups
     acc = load(run)
     d = acc.Scalars("lrwatch/d/unet")

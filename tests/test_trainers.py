@@ -26,6 +26,9 @@ SEES_D = ["kohya", "kohya-base-lr", "onetrainer", "ai-toolkit", "simpletuner"]
 
 
 def audit_one(path: Path, **kwargs) -> lrwatch.Analysis:
+    """The fixtures are the toy runs rewritten: they fry by d running away x11, a critical at the
+    toy's 10x (the realistic tasks chose 100x: bench/transfer.py)."""
+    kwargs.setdefault("thresholds", lrwatch.Thresholds(runaway_critical=10))
     result = lrwatch.audit([path], **kwargs)
     (state,) = result.runs
     assert state.error is None
@@ -67,8 +70,8 @@ def test_diffusers_logs_are_checked_by_the_loss_and_say_d_is_not_logged():
     analysis = audit_one(FIXTURES / "diffusers" / "blowup")
     assert any("d is not logged by this trainer" in n for n in analysis.notes)
     first = next(f for f in analysis.findings if f.severity == CRITICAL)
-    assert first.step == LABELS["blowup"]["first_diverged_loss_step"]
-    assert "loss_diverged" in {f.values["what"] for f in analysis.findings if f.step == first.step}
+    assert 0 <= first.step - LABELS["blowup"]["first_diverged_loss_step"] <= 3  # its level, a step or so after
+    assert "loss_above_best" in {f.values["what"] for f in analysis.findings if f.step == first.step}
     assert not any(g.adaptive for g in analysis.groups)
 
 
@@ -228,7 +231,7 @@ RESUMED = FIXTURES / "kohya-resumed" / "blowup" / "logs"
 
 
 def test_a_resumed_run_is_joined_to_the_run_it_continues():
-    result = lrwatch.audit([RESUMED])
+    result = lrwatch.audit([RESUMED], thresholds=lrwatch.Thresholds(runaway_critical=10))
     earlier, resumed = result.runs
     assert earlier.analysis.worst == WARNING and earlier.analysis.last_step == 330  # died before the trouble
     assert any("joined to run blowup20261124083000" in n for n in resumed.analysis.notes)
@@ -245,7 +248,7 @@ def test_a_resumed_run_alone_is_shifted_to_global_steps_and_says_what_it_lacks()
     assert analysis.last_step == 600
     first = next(f for f in analysis.findings if f.severity == CRITICAL)
     assert first.kind == "blowup"  # without the history only the loss shows it, at the same global step
-    assert first.step == LABELS["blowup"]["first_diverged_loss_step"]
+    assert 0 <= first.step - LABELS["blowup"]["first_diverged_loss_step"] <= 3
 
 
 def test_without_the_logged_config_a_resume_is_not_guessed_but_said(tmp_path):
