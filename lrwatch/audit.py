@@ -11,7 +11,14 @@ from typing import Any
 from lrwatch.analysis import Thresholds
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.report import exit_code, render, run_json, to_json
-from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_SAFE_LR, Snapshot, SnapshotBook, best_safe
+from lrwatch.snapshots import (
+    DEFAULT_FRIED_LOSS,
+    DEFAULT_FRIED_VALIDATION,
+    DEFAULT_SAFE_LR,
+    Snapshot,
+    SnapshotBook,
+    best_snapshot,
+)
 from lrwatch.tags import TagMap
 from lrwatch.trainers import ScheduleOptions
 
@@ -28,9 +35,11 @@ class AuditResult:
         return self.monitor.runs
 
     def best_snapshot(self) -> Snapshot | None:
-        """The newest snapshot judged safe, over every run (None without snapshots)."""
+        """The snapshot to keep, over every run: the first-ranked safe one (None without snapshots)."""
         book = self.monitor.snapshots
-        return None if book is None else best_safe([s for snaps in book.by_run.values() for s in snaps])
+        if book is None:
+            return None
+        return best_snapshot([s for snaps in book.by_run.values() for s in snaps])
 
     def render(self) -> str:
         return render(self.monitor)
@@ -131,6 +140,7 @@ def audit(
     safe_lr: float = DEFAULT_SAFE_LR,
     manifest: bool = True,
     fried_loss: float = DEFAULT_FRIED_LOSS,
+    fried_validation: float = DEFAULT_FRIED_VALIDATION,
     on_run: Callable[[int, int], None] | None = None,
     trainer: str | None = None,
     schedule: ScheduleOptions | None = None,
@@ -150,7 +160,8 @@ def audit(
     ``keep_points=False`` keeps only what the report says of each run once it is analysed (its
     points and per-point curves go; a series asked for later is read again), so that memory
     does not grow with the runs; with ``snapshots`` or ``tensorboard`` they are always kept."""
-    book = SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss, storage_options) if snapshots else None
+    book = (SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss, fried_validation, storage_options)
+            if snapshots else None)
     monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
                       storage_options=storage_options)
     runs = monitor.discover()

@@ -10,6 +10,7 @@ from lrwatch import __version__
 from lrwatch.analysis import CRITICAL, WARNING
 from lrwatch.monitor import Monitor, RunState
 from lrwatch.output import dumps
+from lrwatch.snapshots import best_snapshot, mostly_fried, ranking_basis
 
 SCHEMA_VERSION = 1
 
@@ -42,9 +43,16 @@ def not_checked(state: RunState) -> bool:
     return state.analysis is not None and not state.analysis.checked and run_problem(state) is None
 
 
+def verdict(state: RunState, snapshots: list | None) -> str | None:
+    """The run's verdict: its worst finding, and critical where most of its judged snapshots are
+    fried whatever the findings say (a run whose saves are mostly fried is not ok)."""
+    worst = state.analysis.worst if state.analysis else None
+    return CRITICAL if snapshots and mostly_fried(snapshots) else worst
+
+
 def exit_code(monitor: Monitor) -> int:
     states = monitor.runs
-    if any(s.analysis and s.analysis.worst == CRITICAL for s in states):
+    if any(verdict(s, _snapshots_of(monitor, s)) == CRITICAL for s in states):
         return EXIT_CRITICAL
     if any(s.error for s in states):
         return EXIT_INTERNAL
@@ -94,6 +102,11 @@ def run_dict(state: RunState, snapshots: list | None = None) -> dict[str, Any]:
     }
     if snapshots is not None:
         out["snapshots"] = [snap.to_dict() for snap in snapshots]
+        kept = best_snapshot(snapshots)
+        out["keep"] = None if kept is None else kept.path
+        out["keep_ranked_by"] = ranking_basis(snapshots)
+        out["snapshots_mostly_fried"] = mostly_fried(snapshots)
+    out["verdict"] = verdict(state, snapshots)
     if a is None:
         return out
     out["last_step"] = a.last_step
@@ -162,11 +175,20 @@ def table(rows: list[list[str]], indent: str = "  ") -> list[str]:
 def render_snapshots(snapshots: list, indent: str = "  ") -> list[str]:
     if not snapshots:
         return [f"{indent}snapshots: none found"]
-    rows = [["snapshot", "step", "from", "verdict", "lr x peak", "reason"]]
+    kept = best_snapshot(snapshots)
+    rows = [["snapshot", "step", "from", "verdict", "rank", "lr x peak", "reason"]]
     for s in snapshots:
+        rank = "-" if s.rank is None else f"{s.rank}{' keep' if s is kept else ''}"
         rows.append([Path(s.path).name, "-" if s.step is None else str(s.step), s.step_source or "-", s.verdict,
-                     _g(s.lr_multiplier), s.reason])
-    return [f"{indent}snapshots:"] + table(rows, indent + "  ")
+                     rank, _g(s.lr_multiplier), s.reason])
+    lines = [f"{indent}snapshots:"] + table(rows, indent + "  ")
+    if kept is not None:
+        lines.append(f"{indent}keep: {Path(kept.path).name} (safe snapshots ranked by {ranking_basis(snapshots)})")
+    else:
+        lines.append(f"{indent}keep: none (no snapshot is judged safe)")
+    if mostly_fried(snapshots):
+        lines.append(f"{indent}most snapshots are fried: the run is not ok whatever its findings say")
+    return lines
 
 
 def render_run(state: RunState, snapshots: list | None = None) -> str:
@@ -225,8 +247,8 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
         lines.append("  findings: none")
     if snapshots is not None:
         lines += render_snapshots(snapshots)
-    verdict = {CRITICAL: "CRITICAL", WARNING: "warnings only", None: "ok"}[a.worst]
-    lines.append(f"  verdict: {verdict}")
+    worst = verdict(state, snapshots)
+    lines.append(f"  verdict: {({CRITICAL: 'CRITICAL', WARNING: 'warnings only', None: 'ok'})[worst]}")
     return "\n".join(lines)
 
 

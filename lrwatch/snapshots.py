@@ -18,24 +18,25 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from lrwatch.analysis import (
     CRITICAL,
-    TINY_LOSS,
     Analysis,
+    Basis,
     GroupAnalysis,
+    Kind,
     adaptive_optimizer_hint,
-    geometric_mean,
     samples,
     spacing,
 )
 from lrwatch.output import write_atomic
-from lrwatch.runs import RunLike, Series
+from lrwatch.rules.loss import base_window, levels
+from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule
 from lrwatch.sources import is_remote, location, read_range
 from lrwatch.trainers import LAYOUTS, SNAPSHOT_NAMES
@@ -48,8 +49,9 @@ UNKNOWN = "unknown"
 
 MANIFEST = "lrwatch-snapshots.json"
 DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cycle's peak: "at a minimum"
-# The loss evidence (chosen on the corpus's train seeds, README "Detection on realistic runs"):
-DEFAULT_FRIED_LOSS = 2.0  # geometric-mean loss before the save / the base model's: at least this is fried
+# The evidence at a save, each against the run's own best (chosen leave-one-task-out: docs/findings.md):
+DEFAULT_FRIED_LOSS = 3.0  # the loss's level before the save / the run's best level before that: fried at this
+DEFAULT_FRIED_VALIDATION = 2.0  # the validation loss at the save / its best before: fried at this
 LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
 
 _EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
@@ -73,8 +75,12 @@ class Snapshot:
     verdict: str = UNKNOWN
     lr_multiplier: float | None = None
     d: float | None = None
-    loss_ratio: float | None = None  # geometric-mean loss, LOSS_WINDOW steps before its save / the base model's
+    loss_level: float | None = None  # geometric-mean loss over the LOSS_WINDOW steps before its save
+    loss_ratio: float | None = None  # that level / the run's best level before it (inf: non-finite there)
+    validation_loss: float | None = None  # the validation loss logged at its step
+    validation_ratio: float | None = None  # that / the best validation loss before it
     reason: str = ""
+    rank: int | None = None  # among the safe snapshots, by the evidence (1: the one to keep)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -235,18 +241,19 @@ def _first_affected(analysis: Analysis, nonfinite_only: bool = False) -> tuple[i
     first, why = None, ""
     for f in analysis.findings:
         what = str(f.values.get("what", ""))
-        if f.kind != "blowup" or (nonfinite_only and not what.startswith("nonfinite_")):
+        if f.kind != Kind.BLOWUP or (nonfinite_only and not what.startswith(("nonfinite_", "zero_"))):
             continue
-        loss_based = what in ("loss_diverged", "loss_above_base") or (what.startswith("nonfinite_") and f.group is None)
-        step = f.step - 1 if loss_based else f.step + 1
+        step = f.step - 1 if f.basis in (Basis.LOSS, Basis.VALIDATION) else f.step + 1
         if first is None or step < first:
             first, why = step, f"{f.message} (step {f.step})"
     return first, why
 
 
 def _first_prediction(analysis: Analysis) -> tuple[int | None, str]:
+    """The first strong prediction or critical runaway of d: weights saved after it are at risk
+    where no loss tells otherwise."""
     for f in analysis.findings:
-        if f.severity == CRITICAL and f.kind != "blowup":
+        if f.kind != Kind.BLOWUP and (f.severity == CRITICAL or f.values.get("strong")):
             return f.step, f"{f.kind} at step {f.step}"
     return None, ""
 
@@ -271,68 +278,105 @@ def _lr_of_last_update(group: GroupAnalysis, step: int, schedule: KnownSchedule 
     return float(group.lr[i]), float(group.cycle_peak[i]), d
 
 
-class LossWindow(NamedTuple):
-    """The loss that judges the weights of each save: the LOSS_WINDOW steps before it, and at
-    least LOSS_WINDOW logged losses (a trainer that logs every 10th step's loss is judged on
-    the 250 steps before)."""
+class Evidence:
+    """What a run's own losses say of the weights saved at a step: the training loss's level
+    over the LOSS_WINDOW steps before the save (at least LOSS_WINDOW losses: a trainer that logs
+    every 10th step's loss is judged on the 250 steps before) against the best level the run
+    reached before that window (the run's first losses, its base model, included, as in
+    ``TrainingLossRule``), and the validation loss at the save against its best before. The
+    validation loss judges where it was logged since before the training loss's best: a fry in
+    the first validation interval leaves it no healthy point to compare with."""
 
-    series: Series
-    base: float  # the base model's loss (``Analysis.base_loss``)
-    wanted: int  # losses
-    gap: float  # steps between logged losses
+    def __init__(self, run: RunLike, analysis: Analysis) -> None:
+        self.loss: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.window, self.gap = 0, 1.0
+        self.usable_until: int | None = None  # the step of the first non-finite or non-positive loss
+        series = run.series(analysis.loss_tag) if analysis.loss_tag else None
+        if series is not None and len(series.steps):
+            self.gap = spacing(series.steps)
+            self.window = w = samples(self.gap, LOSS_WINDOW)
+            steps, values = series.steps, series.values
+            usable = np.isfinite(values) & (values > 0)
+            n = int(np.argmin(usable)) if not usable.all() else len(values)
+            self.usable_until = int(steps[n]) if n < len(values) else None
+            m = base_window(w)
+            if n >= m + w:
+                level, _ = levels(values[:n], w, w - 1)  # window ends w-1 .. n-1
+                base = float(levels(values[:m], m, m - 1)[0][0])
+                lowest = np.minimum.accumulate(level)
+                where = np.maximum.accumulate(np.where(level == lowest, np.arange(len(level)), 0))
+                best = np.full(len(level), np.nan)
+                since = np.full(len(level), -1, np.int64)  # step of the best's first loss
+                best[m:] = base
+                since[m:] = steps[0]
+                if len(level) > w:  # a window that ended before this one began, where lower than the base
+                    later = lowest[: len(level) - w] < base
+                    best[w:] = np.where(later, lowest[: len(level) - w], base)
+                    since[w:] = np.where(later, steps[where[: len(level) - w]], steps[0])
+                self.loss = (steps[w - 1 : n], level, best, since)
+        self.validation: tuple[np.ndarray, np.ndarray] | None = None
+        self.validation_gap = 1.0
+        val = run.series(analysis.validation_tag) if analysis.validation_tag else None
+        if val is not None and len(val.steps):
+            self.validation = (val.steps, val.values)
+            self.validation_gap = spacing(val.steps)
 
     @property
     def words(self) -> str:
         if self.gap <= 1:
             return f"{LOSS_WINDOW} steps"
-        return f"{self.wanted} losses logged (one every {self.gap:g} steps)"
+        return f"{self.window} losses logged (one every {self.gap:g} steps)"
 
-
-def loss_window(run: RunLike | None, analysis: Analysis | None) -> LossWindow | None:
-    """None where the run logged no loss or its base model's loss is unknown."""
-    if run is None or analysis is None or analysis.loss_tag is None or analysis.base_loss is None:
-        return None
-    series = run.series(analysis.loss_tag)
-    if series is None:
-        return None
-    gap = spacing(series.steps)
-    return LossWindow(series, analysis.base_loss, samples(gap, LOSS_WINDOW), gap)
-
-
-def loss_ratio(window: LossWindow | None, step: int) -> float | None:
-    """The evidence for the weights saved at ``step``: the geometric mean of the loss over the
-    window before it, over the base model's (also geometric: a diffusion loss swings ~30x with
-    the random timestep, close to log-normal). None when the loss was not logged there (or
-    the base is unknown); inf when it was non-finite."""
-    if window is None:
-        return None
-    steps = window.series.steps
-    values = window.series.values[(steps > step - window.wanted * window.gap) & (steps <= step)]
-    if len(values) < max(1, window.wanted // 2):
-        return None
-    if not np.isfinite(values).all():
-        return math.inf
-    return geometric_mean(values, window.base * TINY_LOSS) / window.base
+    def at(self, snap: Snapshot) -> str | None:
+        """Fill in the snapshot's loss level and validation loss, each with its ratio to the best
+        before; return which of them judges it (``validation``, ``loss`` or None)."""
+        step = snap.step
+        assert step is not None
+        since = None
+        if self.loss is not None:
+            steps, level, best, first = self.loss
+            i = int(np.searchsorted(steps, step, side="right")) - 1
+            if i >= 0 and step - steps[i] < max(self.gap, 1.0) * 2:  # the window ends at the save
+                snap.loss_level = float(level[i])
+                if np.isfinite(best[i]):
+                    snap.loss_ratio, since = float(level[i] / best[i]), int(first[i])
+        if self.usable_until is not None and step >= self.usable_until:
+            snap.loss_ratio = math.inf
+        if self.validation is not None:
+            vsteps, values = self.validation
+            j = int(np.searchsorted(vsteps, step, side="right")) - 1
+            if j >= 0 and step - vsteps[j] < self.validation_gap:  # logged at (or just before) the save
+                snap.validation_loss = float(values[j])
+                before = values[:j][np.isfinite(values[:j])]
+                if not math.isfinite(values[j]):
+                    snap.validation_ratio = math.inf
+                elif len(before):
+                    snap.validation_ratio = float(values[j] / before.min())
+        if snap.validation_ratio is not None and (since is None or int(self.validation[0][0]) <= since):  # type: ignore[index]
+            return "validation"
+        return "loss" if snap.loss_ratio is not None else None
 
 
 def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float = DEFAULT_SAFE_LR,
-          run: RunLike | None = None, fried_loss: float = DEFAULT_FRIED_LOSS) -> None:
-    """Give every snapshot its verdict, lr multiplier, d and reason. Where the run logged a loss,
-    the verdict follows the evidence at the snapshot (a fry it recovered from does not spoil it;
-    a high predicted restart ratio alone does not either); otherwise, the findings before it."""
+          run: RunLike | None = None, fried_loss: float = DEFAULT_FRIED_LOSS,
+          fried_validation: float = DEFAULT_FRIED_VALIDATION) -> None:
+    """Give every snapshot its verdict, lr multiplier, d, evidence and reason, then rank the safe
+    ones (``rank_safe``). Where the run logged a validation loss, the verdict follows it; else,
+    where it logged a loss, the loss's level before the save against the run's own best (a fry
+    it recovered from does not spoil a later snapshot; a high predicted restart ratio alone
+    does not either); otherwise, the findings before it."""
     nonfinite_from, nonfinite_why = _first_affected(analysis, nonfinite_only=True) if analysis else (None, "")
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
-    base_loss = analysis.base_loss if analysis else None
-    window = loss_window(run, analysis)
-    words = window.words if window else ""
+    evidence = Evidence(run, analysis) if run is not None and analysis is not None else None
     group = None
     layout = LAYOUTS.get(analysis.trainer or "") if analysis else None
     lag = layout.save_lag if layout else 1
     if analysis is not None and analysis.groups:
         group = next((g for g in analysis.groups if g.adaptive), analysis.groups[0])
     for s in snapshots:
-        s.verdict, s.lr_multiplier, s.d = UNKNOWN, None, None
+        s.verdict, s.lr_multiplier, s.d, s.rank = UNKNOWN, None, None, None
+        s.loss_level = s.loss_ratio = s.validation_loss = s.validation_ratio = None
         if s.problem:
             s.reason = s.problem
             continue
@@ -346,31 +390,75 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
         if covered is not None:
             lr, peak, s.d = covered
             s.lr_multiplier = round(lr / peak, 6) if peak > 0 and np.isfinite(lr) else None
-        s.loss_ratio = loss_ratio(window, s.step)
+        judged = evidence.at(s) if evidence is not None else None
         if nonfinite_from is not None and s.step >= nonfinite_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {nonfinite_why}"
             continue
-        if s.loss_ratio is not None and s.loss_ratio >= fried_loss:
-            s.verdict = FRIED
-            s.reason = (f"the loss over the {words} before its save is {s.loss_ratio:.3g}x the base model's "
-                        f"({base_loss:.3g}, over the run's first steps)")
+        said = _evidence_words(s, evidence, judged)
+        if (judged == "validation" and s.validation_ratio >= fried_validation  # type: ignore[operator]
+                or judged == "loss" and s.loss_ratio >= fried_loss):  # type: ignore[operator]
+            s.verdict, s.reason = FRIED, said
             continue
-        if s.loss_ratio is None and fried_from is not None and s.step >= fried_from:
+        if not judged and fried_from is not None and s.step >= fried_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why} (no loss logged to judge it)"
             continue
         if covered is None:
             s.reason = f"no lr logged for step {s.step - lag}, whose lr made its last update"
             continue
-        if s.loss_ratio is None and risky_after is not None and s.step > risky_after:
-            s.verdict, s.reason = AT_RISK, f"saved after a critical prediction ({risky_why}), before any blow-up"
+        if not judged and risky_after is not None and s.step > risky_after:
+            s.verdict, s.reason = AT_RISK, f"saved after {risky_why}, before any blow-up (no loss logged to judge it)"
         elif s.lr_multiplier is not None and s.lr_multiplier <= safe_lr:
             s.verdict = SAFE
             s.reason = f"last update at {s.lr_multiplier:.3g} of the cycle's peak lr: at a cycle minimum"
-            if s.loss_ratio is not None:
-                s.reason += f"; loss at {s.loss_ratio:.3g}x the base model's"
+            if said:
+                s.reason += f"; {said}"
         else:
             mult = "unknown" if s.lr_multiplier is None else f"{s.lr_multiplier:.3g}"
             s.verdict, s.reason = HIGH_LR, f"last update at {mult} of the cycle's peak lr: mid-cycle"
+    rank_safe(snapshots)
+
+
+def _evidence_words(s: Snapshot, evidence: Evidence | None, judged: str | None) -> str:
+    if judged == "validation":
+        return f"validation loss {_num(s.validation_loss)} at its step is {s.validation_ratio:.3g}x its best before"
+    if judged == "loss" and evidence is not None:
+        return (f"the loss over the {evidence.words} before its save is {s.loss_ratio:.3g}x the run's best level "
+                "before it")
+    return ""
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _ranking(safe: list[Snapshot]) -> tuple[str, Callable[[Snapshot], tuple]]:
+    """What the safe snapshots are ranked by, and the key: the steadiest evidence they all have."""
+    if all(s.validation_loss is not None and math.isfinite(s.validation_loss) for s in safe):
+        return "the validation loss at each save", lambda s: (s.validation_loss, -(s.step or 0))
+    if all(s.loss_level is not None for s in safe):
+        return f"the loss's level over the {LOSS_WINDOW} steps before each save", \
+            lambda s: (s.loss_level, -(s.step or 0))
+    return "the step, newest first (no loss at every safe save to rank by)", lambda s: (-(s.step or 0), s.path)
+
+
+def rank_safe(snapshots: list[Snapshot]) -> None:
+    """Rank the safe snapshots, best first (lower loss first; the later of a tie)."""
+    safe = [s for s in snapshots if s.verdict == SAFE]
+    if safe:
+        for rank, s in enumerate(sorted(safe, key=_ranking(safe)[1]), 1):
+            s.rank = rank
+
+
+def ranking_basis(snapshots: list[Snapshot]) -> str | None:
+    """What ``rank_safe`` went by, for the report."""
+    safe = [s for s in snapshots if s.verdict == SAFE]
+    return _ranking(safe)[0] if safe else None
+
+
+def mostly_fried(snapshots: list[Snapshot]) -> bool:
+    """Whether most of a run's judged snapshots are fried: such a run is not ok."""
+    judged = [s for s in snapshots if s.verdict != UNKNOWN]
+    return len(judged) >= 2 and 2 * sum(s.verdict == FRIED for s in judged) > len(judged)
 
 
 def belongs_to(snapshot: Snapshot, run: RunLike, only_run: bool) -> bool:
@@ -400,16 +488,17 @@ def _covering(owners: list, snap: Snapshot):
     return owners[0]
 
 
-def best_safe(snapshots: list[Snapshot]) -> Snapshot | None:
+def best_snapshot(snapshots: list[Snapshot]) -> Snapshot | None:
+    """The snapshot to keep: the best safe one by ``rank_safe``'s evidence; never a fried one."""
     safe = [s for s in snapshots if s.verdict == SAFE]
-    return max(safe, key=lambda s: (s.step, s.path)) if safe else None
+    return min(safe, key=_ranking(safe)[1]) if safe else None
 
 
 def manifest_text(folder: Path, snapshots: list[Snapshot], run_names: dict[str, str]) -> str:
     return json.dumps({
         "written_by": "lrwatch", "written_at": time.time(), "folder": str(folder),
         "snapshots": [{**s.to_dict(), "run": run_names.get(s.path)} for s in snapshots],
-        "best": (b.path if (b := best_safe(snapshots)) else None),
+        "best": (b.path if (b := best_snapshot(snapshots)) else None),
     }, indent=2, default=str)
 
 
@@ -419,12 +508,14 @@ class SnapshotBook:
 
     def __init__(self, folders: list[str | os.PathLike[str]], steps_per_epoch: int | None = None,
                  safe_lr: float = DEFAULT_SAFE_LR, fried_loss: float = DEFAULT_FRIED_LOSS,
+                 fried_validation: float = DEFAULT_FRIED_VALIDATION,
                  storage_options: dict | None = None) -> None:
         located = [location(f, storage_options) for f in folders]
         self.folders = [f if is_remote(f) else Path(os.path.abspath(f)) for f in located]
         self.steps_per_epoch = steps_per_epoch
         self.safe_lr = safe_lr
         self.fried_loss = fried_loss
+        self.fried_validation = fried_validation
         self._cache: dict[Path, tuple[tuple[int, float], Snapshot]] = {}
         self.by_run: dict[Path, list[Snapshot]] = {}
         self.orphans: list[Snapshot] = []  # snapshots no run could be matched with
@@ -461,7 +552,7 @@ class SnapshotBook:
         for state in states:
             mine = self.by_run[state.run.path]
             resolve_steps(mine, state.series_source, self.steps_per_epoch)
-            judge(mine, state.analysis, self.safe_lr, state.series_source, self.fried_loss)
+            judge(mine, state.analysis, self.safe_lr, state.series_source, self.fried_loss, self.fried_validation)
             _optimizer_hint(state.analysis, mine)
             mine.sort(key=lambda s: (s.step is None, s.step or 0, s.path))
         return snaps

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,8 +75,8 @@ def test_without_a_loss_the_verdicts_fall_back_to_the_findings_before_the_save()
     got = verdicts("dadapt_sgd_blowup", tag_map=no_loss)
     assert got[100].verdict == "safe" and got[100].loss_ratio is None  # before anything reached its weights
     assert got[200].verdict == "fried" and "no loss logged" in got[200].reason  # after the restart spike at 100
-    # a critical prediction (thresholds lowered to make one) before the save, no blow-up yet: at_risk
-    th = Thresholds(risk_warning=1.5, risk_critical=2.0, restart_spike=100.0)
+    # a strong prediction (thresholds lowered to make one) before the save, no blow-up yet: at_risk
+    th = Thresholds(risk_warning=1.5, risk_stop=2.0, restart_spike=100.0)
     got = verdicts("dadapt_sgd_growth_blowup", tag_map=no_loss, thresholds=th)
     assert got[200].verdict == "safe"
     assert got[300].verdict == "at_risk" and "predicted_restart_blowup at step 275" in got[300].reason
@@ -179,11 +180,17 @@ def test_json_lists_snapshots_per_run_and_no_manifest_writes_nothing(tmp_path):
     assert not (out / MANIFEST).exists()
 
 
-def test_best_prints_only_the_newest_safe_snapshot(tmp_path):
+def test_best_prints_only_the_safe_snapshot_with_the_lowest_loss_before_its_save(tmp_path):
     out = _copy_output(tmp_path, "dadapt_sgd_growth_blowup")
     done = lrwatch("audit", "--best", str(FIXTURES / "dadapt_sgd_growth_blowup"), "--snapshots", str(out))
     assert done.returncode == 0
-    assert done.stdout.strip() == str(out / "dadapt_sgd_growth_blowup-step00000500.safetensors")
+    got = verdicts("dadapt_sgd_growth_blowup")
+    safe = [s for s in got.values() if s.verdict == "safe"]
+    lowest = min(safe, key=lambda s: s.loss_level)
+    assert len(safe) >= 3 and done.stdout.strip() == str(out / Path(lowest.path).name)
+    assert lowest.rank == 1 and sorted(s.rank for s in safe) == list(range(1, len(safe) + 1))
+    report = lrwatch("audit", "--no-manifest", str(FIXTURES / "dadapt_sgd_growth_blowup"), "--snapshots", str(out))
+    assert f"keep: {Path(lowest.path).name} (safe snapshots ranked by the loss's level" in report.stdout
     fried_only = tmp_path / "fried"
     fried_only.mkdir()
     for step in (200, 300, 400):
@@ -252,4 +259,20 @@ def test_a_permanent_fry_makes_every_later_snapshot_fried_even_without_a_finding
     got, truth = corpus_verdicts("prodigy_dcoef5_s1")  # fried in its first 25 steps and never recovered
     assert all(t["fried"] for t in truth)
     assert {got[t["step"]].verdict for t in truth} == {"fried"}
-    assert "the base model's" in got[500].reason
+    assert "the run's best level before it" in got[500].reason
+
+
+def test_a_run_whose_snapshots_are_mostly_fried_is_not_ok_whatever_its_findings_say(tmp_path):
+    """The loss rule made blind (--loss-over-best 1000): no finding is critical, but the snapshot
+    verdicts (the loss before each save against the run's best before) are mostly fried, so the
+    run's verdict and the exit code say so."""
+    run = CORPUS / "runs" / "prodigy_dcoef5_s1"
+    done = lrwatch("audit", "--no-manifest", "--loss-over-best", "1000", str(run / "logs"),
+                   "--snapshots", str(run / "output"))
+    assert "CRITICAL step" not in done.stdout
+    assert "most snapshots are fried: the run is not ok whatever its findings say" in done.stdout
+    assert "verdict: CRITICAL" in done.stdout and done.returncode == 1
+    doc = json.loads(lrwatch("audit", "--json", "--no-manifest", "--loss-over-best", "1000", str(run / "logs"),
+                             "--snapshots", str(run / "output")).stdout)
+    (entry,) = doc["runs"]
+    assert entry["snapshots_mostly_fried"] and entry["verdict"] == "critical" and entry["keep"] is None
