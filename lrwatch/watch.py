@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import psutil
 
-from lrwatch.analysis import CRITICAL, Finding
+from lrwatch.analysis import CRITICAL, Finding, Kind
 from lrwatch.file_events import WatchdogEvents, open_file_events
 from lrwatch.hooks import Hooks, run_with_record
 from lrwatch.monitor import Monitor, RunState
@@ -39,7 +39,17 @@ from lrwatch.processes import (
     stop,
     writer_from_name,
 )
-from lrwatch.report import EXIT_INTERNAL, EXIT_NOT_CHECKED, EXIT_OK, EXIT_UNREADABLE, exit_code, mapping_hint, render
+from lrwatch.report import (
+    EXIT_CRITICAL,
+    EXIT_INTERNAL,
+    EXIT_NOT_CHECKED,
+    EXIT_OK,
+    EXIT_UNREADABLE,
+    exit_code,
+    mapping_hint,
+    render,
+)
+from lrwatch.snapshots import best_snapshot
 from lrwatch.sources import is_remote
 from lrwatch.tbexport import Exporter
 from lrwatch.trainers import LAYOUTS
@@ -50,13 +60,24 @@ SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an eve
 # Of one core, for analyses; one growing run is analysed on every change. 2 %: reading 200 runs
 # written at once takes ~6-7 % (bench/bench_load.py), and the whole watcher is meant to stay under 10 %.
 ANALYSIS_BUDGET = 0.02
+# What a stop acts on. confirm: evidence only (a critical finding: the loss or validation loss far
+# above the run's own best, a non-finite value, d running away after its warm-up). predict: also a
+# strong prediction (a restart predicted far above the highest d*lr after d's warm-up), the stop
+# waiting until the predicted restart's step is logged, so the cycle-minimum snapshot is saved.
+KILL_AT = ("confirm", "predict")
+
+
+def stops_for(finding: Finding, kill_at: str) -> bool:
+    """Whether ``finding`` is one that a stop acts on under the ``kill_at`` policy."""
+    return finding.severity == CRITICAL or (kill_at == "predict" and finding.kind == Kind.PREDICTED_RESTART_BLOWUP
+                                            and bool(finding.values.get("strong")))
 
 
 @dataclass
 class WatchOptions:
     poll: float | None = None  # seconds between polls; None: native file-system events
     kill_on_spike: bool = False
-    kill_at: str = "now"  # now | restart | confirm
+    kill_at: str = "confirm"  # confirm | predict (KILL_AT)
     pid: int | None = None
     command: list[str] | None = None
     dry_run: bool = False
@@ -301,14 +322,15 @@ class _Stopper:
     runs wait (and act only if their run grows). With a launched or given trainer, only the
     runs it provably writes can stop it."""
 
-    def __init__(self, options: WatchOptions, hooks: Hooks, guarded: Guarded | None) -> None:
+    def __init__(self, options: WatchOptions, hooks: Hooks, guarded: Guarded | None,
+                 kept: Callable[[RunState], str | None] = lambda state: None) -> None:
         self.options = options
+        self.kept = kept  # what the stop message says of the run's snapshots (the one to keep)
         self.hooks = hooks
         self.guarded = guarded
         self.pending: dict[RunState, tuple[int, Finding]] = {}  # run -> (stop at this step, why)
         self.waiting: dict[RunState, Finding] = {}  # earlier runs' critical findings: act if the run grows
         self.done: set[RunState] = set()
-        self.unconfirmed: set[RunState] = set()  # --kill-at confirm: predictions noted, no stop yet
         self.stopped: list[Target] = []  # each process is stopped once, whichever runs it writes
         self.threads: list[threading.Thread] = []
 
@@ -324,15 +346,7 @@ class _Stopper:
             return
         self.waiting.pop(state, None)
         run = state.run
-        if self.options.kill_at == "confirm" and finding.kind == "predicted_restart_blowup":
-            if state in self.unconfirmed:
-                return
-            self.unconfirmed.add(state)
-            self.hooks.action(run, "note", f"{run.name}: --kill-at confirm: a prediction does not stop the "
-                                           "trainer; the loss or d*lr after the restart must confirm it",
-                              notify=False)
-            return
-        at = self._restart_step(state, finding) if self.options.kill_at == "restart" else None
+        at = self._restart_step(state, finding) if finding.kind == Kind.PREDICTED_RESTART_BLOWUP else None
         last = state.analysis.last_step if state.analysis else None
         if at is not None and last is not None and at > last:
             self.pending[state] = (at, finding)
@@ -345,8 +359,7 @@ class _Stopper:
         self._stop(state, finding)
 
     def _restart_step(self, state: RunState, finding: Finding) -> int | None:
-        if finding.kind == "blowup":
-            return None  # it already happened: nothing left to save by waiting
+        """The predicted restart's step: the cycle-minimum snapshot is saved before it is logged."""
         a = state.analysis
         if a is None:
             return None
@@ -423,7 +436,8 @@ class _Stopper:
         if any(t.identity == target.identity for t in self.stopped):
             return  # already being stopped for another of its runs
         self.hooks.action(run, "stop", f"{run.name}: {self.verb} the trainer after {finding.kind} at step "
-                                       f"{finding.step}: {target.describe()}",
+                                       f"{finding.step}: {target.describe()}"
+                                       + (f"; {kept}" if (kept := self.kept(state)) else ""),
                           pid=target.identity.pid, found_by=target.found_by, dry_run=self.options.dry_run)
         self.stopped.append(target)
 
@@ -437,6 +451,15 @@ class _Stopper:
         t = threading.Thread(target=work, daemon=True)
         t.start()
         self.threads.append(t)
+
+
+def _kept_snapshot(monitor: Monitor, state: RunState) -> str | None:
+    """For the stop message: the snapshot to keep, as judged so far (None without --snapshots)."""
+    if monitor.snapshots is None:
+        return None
+    monitor.judge_snapshots()
+    kept = best_snapshot(monitor.snapshots.by_run.get(state.run.path, []))
+    return f"keep {Path(kept.path).name}" if kept else "no snapshot of it is judged safe so far"
 
 
 def _stop_command_record(state: RunState, finding: Finding) -> dict[str, Any]:
@@ -489,7 +512,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
             return EXIT_UNREADABLE
         guarded = Guarded(Target(Identity.of(psutil.Process(launched_proc.pid)), "launched", "started by lrwatch",
                                  own_group=WINDOWS), launched=True)
-    stopper = _Stopper(options, hooks, guarded)
+    stopper = _Stopper(options, hooks, guarded, kept=lambda state: _kept_snapshot(monitor, state))
     writers: dict[RunState, Identity] = {}  # runs' writers seen alive, to end when they have all exited
     tried_writers: set[Path] = set()  # event files whose named writer was checked
     verdicts = _Verdicts(monitor, hooks, options.manifest)
@@ -497,7 +520,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     first = [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]
     for state, finding in first:
         hooks.finding(state.run, finding, earlier=True)
-        if options.kill_on_spike and finding.severity == CRITICAL:
+        if options.kill_on_spike and stops_for(finding, options.kill_at):
             stopper.on_critical(state, finding)
     last_data = time.monotonic()
     last_full = time.monotonic()
@@ -530,7 +553,7 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                     board.clear()
                 for state, finding in new:
                     hooks.finding(state.run, finding)
-                    if options.kill_on_spike and finding.severity == CRITICAL:
+                    if options.kill_on_spike and stops_for(finding, options.kill_at):
                         stopper.on_critical(state, finding)
                 if changed:
                     stopper.tick(monitor)  # every pass: a stop planned for a step must not wait
@@ -589,6 +612,8 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     hooks.say(f"lrwatch: stopped watching: {reason}")
     print(terminal_safe(render(monitor)), file=out, flush=True)
     code = exit_code(monitor)
+    if stopper.done and code in (EXIT_OK, EXIT_NOT_CHECKED):
+        code = EXIT_CRITICAL  # a trainer was stopped (or would be) for a strong prediction: never a plain "ok"
     return EXIT_INTERNAL if failures and code in (EXIT_OK, EXIT_NOT_CHECKED) else code
 
 

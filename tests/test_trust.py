@@ -239,7 +239,8 @@ def test_a_found_writer_that_ignores_sigint_is_said_to_and_gets_sigterm(tmp_path
 
 def test_dry_run_prints_nothing_that_reads_as_stopping(tmp_path):
     logs = tmp_path / "logs"
-    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--kill-at", "restart", "--dry-run", "--",
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--kill-at", "predict", "--risk-warning", "1.5",
+                                    "--risk-stop", "2", "--dry-run", "--",
                                     *REPLAY, "dadapt_sgd_growth_blowup", str(logs), "--delay", "0.002"))
     assert code == 1 and "would stop" in err
     assert [line for line in err.splitlines() if re.search(r"\bstopping\b|\bwill stop\b|sent SIG", line)] == []
@@ -527,7 +528,8 @@ def test_main_runs_in_process_and_splits_the_command_after_dashes(tmp_path, caps
     from lrwatch.cli import main
 
     logs = tmp_path / "logs"
-    code = main([str(logs), "--kill-on-spike", "--", *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"])
+    code = main([str(logs), "--kill-on-spike", "--runaway-critical", "10", "--", *REPLAY, "dadapt_sgd_blowup",
+                 str(logs), "--delay", "0.02"])
     err = capsys.readouterr().err
     assert code == 1 and "stopping the trainer after runaway_d at step 119" in err
     assert main(["audit", str(tmp_path / "nope")]) == 2
@@ -559,4 +561,4 @@ def test_the_library_audit_does_what_the_cli_does(tmp_path):
     assert result.exit_code == 0 and result.best_snapshot().path.endswith("prodigy_cosine_healthy.safetensors")
     assert (out / "lrwatch-snapshots.json").exists()
     with pytest.raises(ValueError, match="critical threshold"):
-        lrwatch.Thresholds(risk_warning=3.0, risk_critical=2.0)
+        lrwatch.Thresholds(risk_warning=3.0, risk_stop=2.0)
