@@ -171,7 +171,7 @@ def test_a_sweep_script_named_like_a_launcher_is_not_one_and_its_healthy_sibling
                               "--delay", "0.02"], stdout=subprocess.PIPE, text=True)
     sibling = int(sweep.stdout.readline())
     try:
-        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--grace-int", "5"))
+        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--runaway-critical", "10", "--grace-int", "5"))
         assert code == 1 and "writer: named in" in err
         assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
         assert sweep.poll() is None and psutil.pid_exists(sibling), "the sweep or its sibling was stopped"
@@ -377,7 +377,7 @@ def test_tensor_scalars_with_short_or_out_of_range_half_payloads_are_skipped(tmp
 def test_a_manifest_that_cannot_be_written_is_reported_and_the_trainer_stays_guarded(tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "output"
     (out / "lrwatch-snapshots.json").mkdir(parents=True)  # a directory in the manifest's place
-    code, stdout, err = finish(lrwatch(str(logs), "--kill-on-spike", "--snapshots", str(out), "--",
+    code, stdout, err = finish(lrwatch(str(logs), "--kill-on-spike", "--runaway-critical", "10", "--snapshots", str(out), "--",
                                        *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02",
                                        "--output", str(out)))
     assert code == 1 and "could not write" in err and "lrwatch-snapshots.json" in err

@@ -98,7 +98,7 @@ def test_a_launcher_whose_child_writes_the_run_is_stopped_as_the_trainer(tmp_pat
 def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights(tmp_path):
     workspace = tmp_path / "workspace"
     replay = [sys.executable, str(ROOT / "tests" / "replay_onetrainer.py"), "blowup", str(workspace)]
-    code, out, err = finish(lrwatch(str(workspace / "tensorboard"), "--kill-on-spike", "--", *replay))
+    code, out, err = finish(lrwatch(str(workspace / "tensorboard"), "--kill-on-spike", *TOY, "--", *replay))
     assert code == 1, err
     assert "OneTrainer saves the current model on Ctrl-C: sending SIGTERM, not SIGINT" in err
     assert "sent SIGINT" not in err
@@ -164,7 +164,7 @@ def test_a_really_training_writer_is_found_from_its_file_name_and_a_bystander_is
     trainer = start_and_wait_for_file(trainer_cmd, logs, cwd=tmp_path / "watched")
     try:
         assert psutil.Process(bystander.pid).cmdline() == psutil.Process(trainer.pid).cmdline()
-        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--grace-int", "5"))
+        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", *TOY, "--grace-int", "5"))
         assert trainer.wait(timeout=30) != 0  # interrupted, not finished
         assert code == 1, err
         assert "writer: named in events.out.tfevents." in err
@@ -204,7 +204,7 @@ def test_the_given_pid_is_stopped(tmp_path):
     logs = tmp_path / "logs"
     trainer = start_and_wait_for_file([*REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"], logs)
     try:
-        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--pid", str(trainer.pid)))
+        code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", *TOY, "--pid", str(trainer.pid)))
         assert code == 1, err
         assert f"pid {trainer.pid}" in err and "given with --pid" in err
         assert trainer.wait(timeout=30) != 0
@@ -292,7 +292,7 @@ def test_an_event_file_deleted_while_watched_is_said_at_once(tmp_path):
 
 def test_polling_mode_stops_the_trainer_too(tmp_path):
     logs = tmp_path / "logs"
-    code, out, err = finish(lrwatch(str(logs), "--poll", "0.1", "--kill-on-spike", "--",
+    code, out, err = finish(lrwatch(str(logs), "--poll", "0.1", "--kill-on-spike", *TOY, "--",
                                     *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"))
     assert code == 1 and last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
 
