@@ -225,13 +225,12 @@ def _coverage_notes(groups: list[GroupAnalysis], loss_tag: str | None, config: d
 def validation_hint(layout: str) -> str:
     """Said once per run that logs a loss but no validation loss: how to log one."""
     how = {
-        "kohya": "kohya sd-scripts: --validation_split 0.1 --validate_every_n_steps N (N: your save interval; "
-                 "kohya_ss GUI: the validation fields of the dataset/advanced settings)",
-        "kohya-base-lr": "sd-scripts: --validation_split 0.1 --validate_every_n_steps N",
-        "onetrainer": "OneTrainer: turn validation on and mark a concept as a validation concept",
+        "kohya": "with kohya sd-scripts: --validation_split 0.1 --validate_every_n_steps N, N your save interval",
+        "kohya-base-lr": "with sd-scripts: --validation_split 0.1 --validate_every_n_steps N, N your save interval",
+        "onetrainer": "with OneTrainer: turn validation on and mark a concept as a validation concept",
     }.get(layout, "kohya sd-scripts (--validation_split) and OneTrainer (validation concepts) log one that "
-                  "lrwatch reads; this trainer's is not read yet")
-    return (f"no validation loss logged: the noisy training loss is the only evidence of a fry; a validation "
+                   "lrwatch reads; this trainer's is not read yet")
+    return (f"no validation loss logged, so the noisy training loss is the only evidence of a fry; a validation "
             f"loss at fixed timesteps is steadier and decides better ({how})")
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_scalars
 
 from lrwatch.analysis import CRITICAL, WARNING, Basis, Kind, Thresholds, analyze
-from lrwatch.rules.loss import chance
+from lrwatch.rules.loss import upper_levels
 from lrwatch.runs import Run
 from lrwatch.watch import stops_for
 
@@ -70,7 +70,8 @@ def test_the_chance_factor_grows_with_the_runs_own_spread(tmp_path):
     steady = analysed(tmp_path / "steady", {"loss/current": noisy(level, 0.0, 3)})
     # the level of 25 losses, k of them at 2.2x: 2.2 ** (k / 25) >= 1.5 from k = 13 on (step 213)
     assert [f.step for f in loss_findings(steady, "loss_above_best")] == [213]
-    assert chance(0.9, 25, 2.0) == pytest.approx(math.exp(2 * 0.9 * math.sqrt(2 / 25)))
+    raised = upper_levels(np.array([1.0]), np.array([0.9]), math.sqrt(2 / 25), 2.0)
+    assert raised[0] == pytest.approx(math.exp(2 * 0.9 * math.sqrt(2 / 25)))  # ~1.66x at batch 1
 
 
 def test_an_exact_zero_loss_is_a_blowup_as_ai_toolkit_logs_a_nan_loss(tmp_path):

@@ -7,12 +7,13 @@ fries can stay below that base. What every run has is its own best level and its
 
 - ``TrainingLossRule``: the level of the last ``window`` losses (a geometric mean: a diffusion
   loss swings ~30x with the random timestep and is close to log-normal, so its log-mean is
-  the steady part) against the lowest level the run reached before that window, beyond what
-  the run's own spread allows by chance;
+  the steady part) against the lowest level the run reached before that window (its first
+  losses, the base model, included), beyond what the run's own spread allows by chance;
 - ``ValidationRule``: a validation loss at fixed timesteps and seed (kohya's
   ``--validation_split``, OneTrainer's validation concepts) against its own best so far. It is
-  steady where the training loss is not, so it needs no window, and it decides: where a run logs
-  one, the training loss's rule only warns from its first point on.
+  steady where the training loss is not, so one point decides. Where it was logged since before
+  the training loss's best, the training loss's rule only warns; a fry inside the first
+  validation interval leaves the validation loss no healthy point, and the training loss decides.
 
 A non-finite loss, and a loss of exactly 0 (ai-toolkit logs a NaN loss as 0.0 and trains on;
 a diffusion loss is never 0), is a blow-up whatever the scale.
@@ -52,13 +53,6 @@ def levels(loss: np.ndarray, window: int, first_end: int) -> tuple[np.ndarray, n
     return level, spread
 
 
-def chance(spread: float, window: int, sigmas: float) -> float:
-    """The factor by which two levels of ``window`` losses with this log spread differ at
-    ``sigmas`` standard errors: exp(sigmas * spread * sqrt(2 / window)). At batch 1 (spread
-    ~0.9) and 25 losses that is ~1.7x; at batch 4 (~0.4) ~1.3x."""
-    return math.exp(sigmas * spread * math.sqrt(2.0 / window))
-
-
 BASE_FRACTION = 0.4  # the run's first losses (its base model: a LoRA's B starts at zero) are one candidate of
 # its best level from this fraction of a window on, so a fry inside the first window is measured against them
 
@@ -70,8 +64,9 @@ def base_window(window: int) -> int:
 
 def upper_levels(level: np.ndarray, spread: np.ndarray, width: float, sigmas: float) -> np.ndarray:
     """Each level raised by what chance allows it: level x exp(sigmas x spread x width), with
-    ``width`` sqrt(1/a + 1/b) for two windows of a and b losses. The lowest of these is the run's
-    best level that noise cannot explain away."""
+    ``width`` sqrt(1/a + 1/b) for two windows of a and b losses (at batch 1, spread ~0.9, two
+    25-loss levels differ by ~1.7x at two standard errors; at batch 4, ~0.4, by ~1.3x). The
+    lowest of these is the run's best level that noise cannot explain away."""
     return level * np.exp(sigmas * spread * width)
 
 
