@@ -137,3 +137,19 @@ def test_a_restart_predicted_far_too_high_is_a_warning_that_only_kill_at_predict
     assert strong and "--kill-at predict stops here" in strong[0].message
     assert stops_for(strong[0], "predict") and not stops_for(strong[0], "confirm")
     assert not any(stops_for(f, "predict") for f in predictions if not f.values["strong"])
+
+
+def test_ai_toolkits_zero_loss_in_its_own_layout_is_a_blowup(tmp_path):
+    """ai-toolkit (SDTrainer) replaces a NaN loss with 0.0 and trains on; its log holds one `lr`
+    (d*lr) and one `loss` every log_every steps, in a folder named <name>_<date>-<time>."""
+    rng = np.random.default_rng(7)
+    steps = range(10, 1001, 10)
+    loss = [(s, 0.0 if s == 300 else float(0.1 * math.exp(0.6 * rng.standard_normal()))) for s in steps]
+    run = tmp_path / "my_lora_20261124-083000"
+    write_scalars(run, {"lr": [(s, 1e-4) for s in steps], "loss": loss})
+    r = Run(run)
+    r.refresh()
+    a = analyze(r)
+    assert a.trainer == "ai-toolkit"
+    (f,) = loss_findings(a, "zero_loss")
+    assert f.severity == CRITICAL and f.step == 300 and "ai-toolkit logs a NaN loss as 0.0" in f.message
