@@ -53,8 +53,8 @@ __all__ = ["CRITICAL", "WARNING", "Analyser", "Analysis", "Basis", "Finding", "K
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a finding fires. docs/findings.md explains each default and how it was chosen
-    (leave-one-task-out over the tasks of ``fixtures/tasks.py``: ``bench/detection.py --tasks``)."""
+    """When a finding fires. The README's threshold table explains each default and how it was
+    chosen (leave-one-task-out over the tasks of ``fixtures/tasks.py``: ``bench/transfer.py``)."""
 
     restart_jump: float = 0.25  # lr rising by this fraction of the cycle's peak, from below it, is a restart
     risk_warning: float = 2.0  # predicted d*lr at the next restart / highest d*lr so far: a warning
@@ -431,8 +431,8 @@ class _RunRules:
         if self.validation is not None:
             findings += self.validation.findings
             notes.append(f"validation loss {self.validation.tag} decides: a critical from the loss, the snapshot "
-                         "verdicts and the best snapshot come from it (the training loss only warns from its first "
-                         "point on)")
+                         "verdicts and the best snapshot come from it (the training loss only warns where the "
+                         "validation loss was logged since before the training loss's best)")
         notes += _coverage_notes(groups, self.loss_tag, run.config, reading)
         if self.loss is not None and self.validation is None:
             notes.append(validation_hint(reading.layout.name))

@@ -49,7 +49,7 @@ UNKNOWN = "unknown"
 
 MANIFEST = "lrwatch-snapshots.json"
 DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cycle's peak: "at a minimum"
-# The evidence at a save, each against the run's own best (chosen leave-one-task-out: docs/findings.md):
+# The evidence at a save, each against the run's own best (chosen leave-one-task-out: bench/transfer.py):
 DEFAULT_FRIED_LOSS = 3.0  # the loss's level before the save / the run's best level before that: fried at this
 DEFAULT_FRIED_VALIDATION = 2.0  # the validation loss at the save / its best before: fried at this
 LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
@@ -336,7 +336,7 @@ class Evidence:
         if self.loss is not None:
             steps, level, best, first = self.loss
             i = int(np.searchsorted(steps, step, side="right")) - 1
-            if i >= 0 and step - steps[i] < max(self.gap, 1.0) * 2:  # the window ends at the save
+            if i >= 0 and step - steps[i] < 2 * self.gap:  # the window ends at the save (spacing is >= 1)
                 snap.loss_level = float(level[i])
                 if np.isfinite(best[i]):
                     snap.loss_ratio, since = float(level[i] / best[i]), int(first[i])
@@ -361,10 +361,10 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
           run: RunLike | None = None, fried_loss: float = DEFAULT_FRIED_LOSS,
           fried_validation: float = DEFAULT_FRIED_VALIDATION) -> None:
     """Give every snapshot its verdict, lr multiplier, d, evidence and reason, then rank the safe
-    ones (``rank_safe``). Where the run logged a validation loss, the verdict follows it; else,
-    where it logged a loss, the loss's level before the save against the run's own best (a fry
-    it recovered from does not spoil a later snapshot; a high predicted restart ratio alone
-    does not either); otherwise, the findings before it."""
+    ones (``rank_safe``). Where a validation loss can judge a snapshot (``Evidence.at``), the
+    verdict follows it; else, where the run logged a loss, the loss's level before the save
+    against the run's own best (a fry it recovered from does not spoil a later snapshot; a high
+    predicted restart ratio alone does not either); otherwise, the findings before it."""
     nonfinite_from, nonfinite_why = _first_affected(analysis, nonfinite_only=True) if analysis else (None, "")
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
