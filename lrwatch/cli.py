@@ -7,6 +7,7 @@ ends with its exit code, errors go to stderr and reports to stdout.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         click.echo("Aborted!", err=True)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while a watch prints its final audit, or one during an audit
+        click.echo("lrwatch: interrupted", err=True)
+        return 128 + signal.SIGINT
     except RemoteUnavailable as e:
         click.echo(terminal_safe(f"lrwatch: {e}"), err=True)
         return EXIT_UNREADABLE

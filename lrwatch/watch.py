@@ -49,6 +49,7 @@ from lrwatch.report import (
     mapping_hint,
     render,
 )
+from lrwatch.signals import Interrupted, signals_end_the_watch
 from lrwatch.snapshots import best_snapshot
 from lrwatch.sources import is_remote
 from lrwatch.tbexport import Exporter
@@ -484,8 +485,17 @@ class _Refused(Exception):
 
 def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | None = None) -> int:
     """Follow the runs until the trainer ends (launched, given or found), ``until_idle``
-    passes, or Ctrl-C; then print the final audit. Returns the audit's exit code."""
-    out = out or sys.stdout
+    passes, or a signal ends the watch (lrwatch.signals); then print the final audit. Returns
+    the audit's exit code, or 128 + the signal's number when a signal ended the watch."""
+    with signals_end_the_watch():
+        try:
+            return _watch(monitor, options, hooks, out or sys.stdout)
+        except Interrupted as e:  # before anything was launched: nothing is left unguarded
+            hooks.say(f"lrwatch: {e.name} during start-up: stopped before watching anything")
+            return e.exit_code
+
+
+def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -> int:
     try:
         given = _given(options.pid) if options.pid is not None else None
     except _Refused as e:
@@ -503,28 +513,13 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
     monitor.analysis_budget = options.analysis_budget
     launched_proc: subprocess.Popen | None = None
     guarded = Guarded(given, launched=False) if given else None
-    if options.command:
-        try:
-            launched_proc = launch(options.command)
-        except OSError as e:
-            watcher.stop()
-            hooks.say(f"lrwatch: could not start {options.command[0]!r}: {e}")
-            return EXIT_UNREADABLE
-        guarded = Guarded(Target(Identity.of(psutil.Process(launched_proc.pid)), "launched", "started by lrwatch",
-                                 own_group=WINDOWS), launched=True)
     stopper = _Stopper(options, hooks, guarded, kept=lambda state: _kept_snapshot(monitor, state))
     writers: dict[RunState, Identity] = {}  # runs' writers seen alive, to end when they have all exited
     tried_writers: set[Path] = set()  # event files whose named writer was checked
     verdicts = _Verdicts(monitor, hooks, options.manifest)
     exporter = _Export(monitor, hooks) if options.tensorboard else None
-    first = [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]
-    for state, finding in first:
-        hooks.finding(state.run, finding, earlier=True)
-        if options.kill_on_spike and stops_for(finding, options.kill_at):
-            stopper.on_critical(state, finding)
-    last_data = time.monotonic()
-    last_full = time.monotonic()
     reason = "interrupted"
+    ended_by: Interrupted | None = None
     failures = 0
 
     def survive(e: Exception, doing: str) -> None:
@@ -534,7 +529,23 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
         hooks.say(f"lrwatch: internal error while {doing} (the watch goes on): {type(e).__name__}: {e}")
         time.sleep(min(2.0, 0.1 * failures))
 
-    try:
+    try:  # from the launch on: a signal from here must say what becomes of the trainer
+        if options.command:
+            try:
+                launched_proc = launch(options.command)
+            except OSError as e:
+                hooks.say(f"lrwatch: could not start {options.command[0]!r}: {e}")
+                return EXIT_UNREADABLE
+            guarded = stopper.guarded = Guarded(Target(Identity.of(psutil.Process(launched_proc.pid)), "launched",
+                                                       "started by lrwatch", own_group=WINDOWS), launched=True)
+        hooks.say("lrwatch: watching " + ", ".join(monitor.as_given(r) for r in monitor.roots)
+                  + (f"; guarding pid {guarded.target.identity.pid} ({guarded.target.found_by})" if guarded else ""))
+        for state, finding in [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]:
+            hooks.finding(state.run, finding, earlier=True)
+            if options.kill_on_spike and stops_for(finding, options.kill_at):
+                stopper.on_critical(state, finding)
+        last_data = time.monotonic()
+        last_full = time.monotonic()
         runs: dict[Path, set[Path]] = {}  # run -> its event files written since the last pass
         rediscover, snapshots_changed = True, True
         books_due, last_books = True, 0.0
@@ -595,9 +606,9 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
                 runs, rediscover, snapshots_changed = {}, True, True  # then look at everything again
             for path in monitor.stale_runs():  # points read, analysis put off: nothing to read
                 runs.setdefault(path, set())
-    except KeyboardInterrupt:
-        alive = launched_proc or writers or given
-        reason = "interrupted (the trainer was left running)" if alive else "interrupted"
+    except Interrupted as e:
+        ended_by = e
+        reason = _unguarded(e, launched_proc, given, writers, options.dry_run, hooks)
     finally:
         watcher.stop()
     board.clear()
@@ -611,10 +622,32 @@ def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | N
         t.join(options.grace_int + options.grace_term + 10)
     hooks.say(f"lrwatch: stopped watching: {reason}")
     print(terminal_safe(render(monitor)), file=out, flush=True)
+    if ended_by is not None:
+        return ended_by.exit_code
     code = exit_code(monitor)
     if stopper.done and code in (EXIT_OK, EXIT_NOT_CHECKED):
         code = EXIT_CRITICAL  # a trainer was stopped (or would be) for a strong prediction: never a plain "ok"
     return EXIT_INTERNAL if failures and code in (EXIT_OK, EXIT_NOT_CHECKED) else code
+
+
+def _unguarded(ended: Interrupted, launched: subprocess.Popen | None, given: Target | None,
+               writers: dict[RunState, Identity], dry_run: bool, hooks: Hooks) -> str:
+    """Why the watch ended, and what became of each trainer it guarded: a launched trainer is
+    handed SIGTERM and SIGHUP (the job is going away; lrwatch.signals), never Ctrl-C."""
+    why = f"{ended.name} received"
+    if launched is not None and launched.poll() is None:
+        if ended.passed_on and not dry_run:
+            try:
+                os.killpg(launched.pid, ended.signum)  # POSIX only (passed_on): its own session
+                return f"{why}; passed {ended.name} on to the trainer lrwatch launched (pid {launched.pid})"
+            except OSError as e:
+                why += f"; could not pass {ended.name} on ({e})"
+        elif ended.passed_on:
+            why += f"; --dry-run: {ended.name} not passed on"
+        return f"{why}; the trainer lrwatch launched (pid {launched.pid}) keeps running, NO LONGER GUARDED"
+    alive = [f"pid {given.identity.pid} (--pid)"] if given is not None and given.identity.process() else []
+    alive += [f"pid {w.pid} (writing {s.run.name})" for s, w in writers.items() if w.process() is not None]
+    return f"{why}; " + (f"{', '.join(alive)} keeps running, NO LONGER GUARDED" if alive else "no trainer was running")
 
 
 def _safely(fn: Callable[[], Any], hooks: Hooks) -> Any:

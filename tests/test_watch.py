@@ -297,28 +297,64 @@ def test_polling_mode_stops_the_trainer_too(tmp_path):
     assert code == 1 and last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
 
 
-@pytest.mark.skipif(not POSIX, reason="sends SIGINT to lrwatch")
-def test_ctrl_c_stops_lrwatch_cleanly_and_never_the_trainer(tmp_path):
-    logs = tmp_path / "logs"
-    # Ctrl-C in a terminal reaches a foreground lrwatch; a suite run as a shell's background job
-    # would hand it SIGINT ignored, so its disposition is set back to the default here.
-    watcher = lrwatch(str(logs), "--kill-on-spike", "--",
-                      *REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.05",
-                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 30
-    while not list(logs.rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+def _launched_trainer(watcher: subprocess.Popen, logs: Path) -> psutil.Process:
+    """The replayed trainer lrwatch launched, once it writes (lrwatch's handlers are set by then)."""
+    deadline = time.monotonic() + 60
+    while not list(logs.rglob("events.out.tfevents.*")):
+        assert watcher.poll() is None and time.monotonic() < deadline, "the trainer did not start writing"
         time.sleep(0.05)
-    time.sleep(0.5)
-    trainer = [p for p in psutil.Process(watcher.pid).children() if "replay_writer" in " ".join(p.cmdline())][0]
-    watcher.send_signal(signal.SIGINT)
+    return [p for p in psutil.Process(watcher.pid).children() if "replay_writer" in " ".join(p.cmdline())][0]
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX signals (Windows' console events are mapped onto them)")
+@pytest.mark.parametrize("signum, passed_on", [(signal.SIGINT, False), (signal.SIGTERM, True),
+                                               (getattr(signal, "SIGHUP", 1), True)])
+def test_a_signal_ends_the_watch_cleanly_and_says_what_became_of_the_trainer(tmp_path, signum, passed_on):
+    """Ctrl-C reaches lrwatch only, so the trainer keeps running, said loudly. SIGTERM (kill,
+    systemd, docker stop) and SIGHUP (a closed terminal) mean the job is going away: the trainer
+    is handed the same signal. Either way: a final line, the final audit, 128 + the signal."""
+    logs = tmp_path / "logs"
+    # A shell's background job (this suite, perhaps) hands its children SIGINT ignored: set it back.
+    watcher = lrwatch(str(logs), "--kill-on-spike", "--", *REPLAY, "prodigy_cosine_healthy", str(logs),
+                      "--delay", "0.05", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    trainer = _launched_trainer(watcher, logs)
+    watcher.send_signal(signum)
     try:
-        watcher.wait(timeout=30)  # lrwatch itself ends...
-        assert trainer.is_running() and trainer.status() != psutil.STATUS_ZOMBIE  # ...the trainer does not
+        assert watcher.wait(timeout=30) == 128 + signum
+        if passed_on:
+            trainer.wait(timeout=30)  # ended by the signal passed on
+        else:
+            assert trainer.is_running() and trainer.status() != psutil.STATUS_ZOMBIE
     finally:
-        trainer.kill()  # it holds lrwatch's inherited stdout/stderr open until it ends
+        if trainer.is_running():
+            trainer.kill()  # it holds lrwatch's inherited stdout/stderr open until it ends
     code, out, err = finish(watcher, timeout=30)
-    assert "interrupted (the trainer was left running)" in err
+    name = signal.Signals(signum).name
+    if passed_on:
+        assert f"{name} received; passed {name} on to the trainer lrwatch launched (pid {trainer.pid})" in err
+    else:
+        assert f"the trainer lrwatch launched (pid {trainer.pid}) keeps running, NO LONGER GUARDED" in err
     assert "run " in out  # the final audit is printed
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX signals")
+def test_a_terminated_watch_never_signals_a_trainer_it_was_only_given(tmp_path):
+    logs = tmp_path / "logs"
+    trainer = start_and_wait_for_file([*REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.05"], logs)
+    try:
+        watcher = lrwatch(str(logs), "--pid", str(trainer.pid), "--kill-on-spike")
+        line = watcher.stderr.readline()
+        while "lrwatch: watching" not in line:  # the ready line: its handlers are set
+            assert line, "lrwatch ended before it watched"
+            line = watcher.stderr.readline()
+        watcher.send_signal(signal.SIGTERM)
+        code, out, err = finish(watcher, timeout=30)
+        assert code == 143
+        assert f"pid {trainer.pid} (--pid) keeps running, NO LONGER GUARDED" in err
+        assert trainer.poll() is None
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 # --- flagging ------------------------------------------------------------------------------------
@@ -476,3 +512,29 @@ def test_analyses_put_off_under_load_find_exactly_what_a_full_audit_finds(tmp_pa
     full = lrwatch.audit([tmp_path / "logs"]).runs[0].analysis
     assert [f.to_dict() for f in live.findings] == [f.to_dict() for f in full.findings]
     assert len(full.findings) >= 8
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX signals")
+def test_ctrl_c_during_start_up_is_a_clean_end_not_a_traceback(tmp_path):
+    """In-process, with a real signal: Ctrl-C while the runs already there are read (a large
+    folder takes a while) ends the watch with 130 and one line, before anything is launched."""
+    import io
+
+    from lrwatch.hooks import Hooks
+    from lrwatch.monitor import Monitor
+    from lrwatch.watch import WatchOptions, watch
+
+    class SlowStart(Monitor):
+        def poll(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread's handler at once
+            return super().poll(*args, **kwargs)
+
+    shutil.copytree(FIXTURES / "prodigy_cosine_healthy", tmp_path / "run")
+    err = io.StringIO()
+    before = signal.getsignal(signal.SIGTERM)
+    code = watch(SlowStart([str(tmp_path)]), WatchOptions(command=[sys.executable, "-c", "raise SystemExit(5)"]),
+                 Hooks(err=err), out=io.StringIO())
+    assert code == 130
+    assert "SIGINT during start-up: stopped before watching anything" in err.getvalue()
+    assert "lrwatch: watching" not in err.getvalue()  # nothing was launched
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
