@@ -287,15 +287,32 @@ def launch(command: list[str]) -> subprocess.Popen:
 
 
 class Guarded:
-    """The trainer lrwatch launched or was given with --pid, and which runs are provably its:
-    an event file named after one of its processes (on this host), or, for a file whose name
-    carries no pid, a run that appeared after the watch started and began after the process."""
+    """The trainer lrwatch launched or was given with --pid, and which runs are provably its.
 
-    def __init__(self, target: Target, launched: bool) -> None:
+    A run is its run only when one of its event files (a) is named after a process of its tree
+    on this host, (b) is held open for writing by a process of its tree now, or (c) carries no
+    writer in its name, appeared after the watch started, began after the trainer, and lies in
+    a folder the trainer's command line names below the watched roots. A file named after
+    another host or another pid is never its (a shared or synced log folder), whatever else holds.
+    """
+
+    def __init__(self, target: Target, launched: bool, roots: list[Path] | None = None,
+                 argv: list[str] | None = None, cwd: str | None = None) -> None:
         self.target = target
         self.launched = launched
         self.pids: set[int] = set()
+        self.named_folders = _named_folders(argv or [], cwd or os.getcwd(), roots or [])
         self.refresh()
+
+    @classmethod
+    def given(cls, target: Target, roots: list[Path]) -> Guarded:
+        """A --pid trainer: its command line and working folder are read from the process."""
+        proc = target.identity.process()
+        try:
+            argv, cwd = (proc.cmdline(), proc.cwd()) if proc is not None else ([], None)
+        except psutil.Error:
+            argv, cwd = [], None
+        return cls(target, launched=False, roots=roots, argv=argv, cwd=cwd)
 
     def refresh(self) -> None:
         self.pids |= descendants(self.target.identity)
@@ -304,16 +321,71 @@ class Guarded:
         self.refresh()
         who = "the trainer lrwatch launched" if self.launched else f"--pid {self.target.identity.pid}"
         evidence = state.run.writer_evidence()
+        others: list[str] = []
+        unnamed: list[Path] = []
         for path in newest_first(evidence):
             parsed = parse_writer_name(path)
-            if parsed and is_this_host(parsed[1]):
-                if parsed[2] in self.pids:
-                    return True, f"written by pid {parsed[2]} of {who}"
-                return False, f"{path.name} was written by pid {parsed[2]}, not by {who} or its children"
-        first = min((t for t in evidence.values() if t is not None), default=None)
-        if not state.seen_at_start and first is not None and first >= self.target.identity.create_time - CLOCK_SLACK:
-            return True, f"no writer pid in its file names; it appeared after {who} started"
-        return False, f"no writer pid in its file names, and it does not provably come from {who}"
+            if parsed is None:
+                unnamed.append(path)
+            elif not is_this_host(parsed[1]):
+                others.append(f"{path.name} was written on host {parsed[1]!r}")
+            elif parsed[2] in self.pids:
+                return True, f"written by pid {parsed[2]} of {who}"
+            else:
+                others.append(f"{path.name} was written by pid {parsed[2]}, not by {who} or its children")
+        writing = _open_for_writing(descendants(self.target.identity), unnamed)
+        if writing:
+            path, pid = writing
+            return True, f"{path.name} is held open for writing by pid {pid} of {who}"
+        for path in unnamed:
+            first = evidence[path]
+            if (not state.seen_at_start and first is not None
+                    and first >= self.target.identity.create_time - CLOCK_SLACK
+                    and _under_any(path, self.named_folders)):
+                return True, (f"{path.name} names no writer, but appeared after {who} started, in a folder its "
+                              "command line names")
+        if unnamed:
+            others.append(f"{unnamed[0].name} names no writer, and {who} neither holds it open for writing nor names "
+                          "its folder (below the watched folders) on its command line")
+        return False, "; ".join(others) or f"no event file provably written by {who}"
+
+
+def _named_folders(argv: list[str], cwd: str, roots: list[Path]) -> list[Path]:
+    """The paths a command line names (``--logging_dir=x`` too), resolved from its working
+    folder, that lie below a watched root: a folder that is a root or above one (``logs/``,
+    ``.``) names every run in it, so naming it proves nothing."""
+    watched = [Path(os.path.abspath(r)) for r in roots if not is_remote(r)]
+    out = []
+    for arg in argv[1:]:
+        for part in {arg, arg.split("=", 1)[-1]}:
+            if not part or part.startswith("-"):
+                continue
+            path = Path(os.path.abspath(os.path.join(cwd, part)))
+            if any(path != root and path.is_relative_to(root) for root in watched):
+                out.append(path)
+    return out
+
+
+def _under_any(path: Path, folders: list[Path]) -> bool:
+    file = Path(os.path.abspath(path))
+    return any(file.is_relative_to(folder) for folder in folders)
+
+
+def _open_for_writing(pids: set[int], paths: list[Path]) -> tuple[Path, int] | None:
+    """(file, pid) when one of ``pids`` holds one of ``paths`` open for writing now. Linux
+    reports the open mode; elsewhere nothing is proved this way."""
+    if not paths:
+        return None
+    wanted = {os.path.realpath(p): p for p in paths}
+    for pid in sorted(pids):
+        try:
+            for handle in psutil.Process(pid).open_files():
+                mode = getattr(handle, "mode", "r")
+                if mode != "r" and (path := wanted.get(os.path.realpath(handle.path))) is not None:
+                    return path, pid
+        except psutil.Error:
+            continue
+    return None
 
 
 class _Stopper:
@@ -438,6 +510,7 @@ class _Stopper:
             return  # already being stopped for another of its runs
         self.hooks.action(run, "stop", f"{run.name}: {self.verb} the trainer after {finding.kind} at step "
                                        f"{finding.step}: {target.describe()}"
+                                       + (f" (the run is its: {why})" if self.guarded is not None else "")
                                        + (f"; {kept}" if (kept := self.kept(state)) else ""),
                           pid=target.identity.pid, found_by=target.found_by, dry_run=self.options.dry_run)
         self.stopped.append(target)
@@ -512,9 +585,9 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
     monitor.start_live()
     monitor.analysis_budget = options.analysis_budget
     launched_proc: subprocess.Popen | None = None
-    guarded = Guarded(given, launched=False) if given else None
+    guarded = Guarded.given(given, monitor.roots) if given else None
     stopper = _Stopper(options, hooks, guarded, kept=lambda state: _kept_snapshot(monitor, state))
-    writers: dict[RunState, Identity] = {}  # runs' writers seen alive, to end when they have all exited
+    writers: dict[RunState, Identity | None] = {}  # runs' writers (None: gone when first checked)
     tried_writers: set[Path] = set()  # event files whose named writer was checked
     verdicts = _Verdicts(monitor, hooks, options.manifest)
     exporter = _Export(monitor, hooks) if options.tensorboard else None
@@ -537,7 +610,8 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
                 hooks.say(f"lrwatch: could not start {options.command[0]!r}: {e}")
                 return EXIT_UNREADABLE
             guarded = stopper.guarded = Guarded(Target(Identity.of(psutil.Process(launched_proc.pid)), "launched",
-                                                       "started by lrwatch", own_group=WINDOWS), launched=True)
+                                                       "started by lrwatch", own_group=WINDOWS), launched=True,
+                                                roots=monitor.roots, argv=options.command)
         hooks.say("lrwatch: watching " + ", ".join(monitor.as_given(r) for r in monitor.roots)
                   + (f"; guarding pid {guarded.target.identity.pid} ({guarded.target.found_by})" if guarded else ""))
         for state, finding in [(s, f) for s in monitor.runs if s.analysis for f in s.analysis.findings]:
@@ -592,7 +666,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
             if given is not None and given.identity.process() is None:
                 reason = f"pid {given.identity.pid} exited"
                 break
-            if writers and all(w.process() is None for w in writers.values()):
+            if writers and all(w is None or w.process() is None for w in writers.values()):
                 reason = "the trainer writing the run exited"
                 break
             if options.until_idle is not None and time.monotonic() - last_data >= options.until_idle:
@@ -631,7 +705,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
 
 
 def _unguarded(ended: Interrupted, launched: subprocess.Popen | None, given: Target | None,
-               writers: dict[RunState, Identity], dry_run: bool, hooks: Hooks) -> str:
+               writers: dict[RunState, Identity | None], dry_run: bool, hooks: Hooks) -> str:
     """Why the watch ended, and what became of each trainer it guarded: a launched trainer is
     handed SIGTERM and SIGHUP (the job is going away; lrwatch.signals), never Ctrl-C."""
     why = f"{ended.name} received"
@@ -646,7 +720,7 @@ def _unguarded(ended: Interrupted, launched: subprocess.Popen | None, given: Tar
             why += f"; --dry-run: {ended.name} not passed on"
         return f"{why}; the trainer lrwatch launched (pid {launched.pid}) keeps running, NO LONGER GUARDED"
     alive = [f"pid {given.identity.pid} (--pid)"] if given is not None and given.identity.process() else []
-    alive += [f"pid {w.pid} (writing {s.run.name})" for s, w in writers.items() if w.process() is not None]
+    alive += [f"pid {w.pid} (writing {s.run.name})" for s, w in writers.items() if w and w.process() is not None]
     return f"{why}; " + (f"{', '.join(alive)} keeps running, NO LONGER GUARDED" if alive else "no trainer was running")
 
 
@@ -724,7 +798,7 @@ class _Export:
             self.hooks.action(None, "note", problem, notify=False)
 
 
-def _track_writers(monitor: Monitor, writers: dict[RunState, Identity], tried: set[Path]) -> None:
+def _track_writers(monitor: Monitor, writers: dict[RunState, Identity | None], tried: set[Path]) -> None:
     """Note the proved writer of each run that grew while watched (earlier runs do not keep
     the watch going); a name check, not a scan of every process's open files. A file whose
     named writer was not proved is not asked again: the process it names cannot become it."""
@@ -738,3 +812,18 @@ def _track_writers(monitor: Monitor, writers: dict[RunState, Identity], tried: s
         target, _ = writer_from_name(path, state.run.files[path].first_wall_time)
         if target is not None:
             writers[state] = target.identity
+        elif _named_writer_gone(path):  # it wrote and exited between two passes: the run is over all the same
+            writers[state] = None
+
+
+def _named_writer_gone(path: Path) -> bool:
+    """Whether ``path`` names a process of this host that is no longer running."""
+    parsed = parse_writer_name(path)
+    if parsed is None or not is_this_host(parsed[1]):
+        return False
+    try:
+        return psutil.Process(parsed[2]).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False

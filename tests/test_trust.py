@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import FIXTURES, ROOT, as_a_normal_user, event_file_of, fixture_run, write_scalars
-from test_watch import REPLAY, finish, first_bad_step, last_step_written, lrwatch
+from test_watch import REPLAY, Watching, finish, first_bad_step, last_step_written, lrwatch
 
 POSIX = os.name != "nt"
 
@@ -82,6 +82,41 @@ def test_a_run_written_by_another_process_never_stops_the_launched_trainer(tmp_p
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("name", ["events.out.tfevents.{now}.otherhost.4242.0", "events.out.tfevents.{now}.synced"])
+def test_a_run_from_another_host_or_with_no_writer_in_its_name_never_stops_the_launched_trainer(tmp_path, name):
+    """A shared or synced log folder: a blowing-up run written live into the watched folder,
+    named after another machine, or with no pid at all. The launched trainer's own runs are
+    named after its pid; this one is reported and stops nobody."""
+    logs = tmp_path / "logs"
+    watcher = Watching(str(logs), "--kill-on-spike", "--runaway-critical", "10", "--",
+                       *REPLAY, "prodigy_two_groups", str(logs / "mine"), "--delay", "0.01")
+    watcher.wait_ready()
+    other = subprocess.Popen([*REPLAY, "dadapt_sgd_blowup", str(logs / "synced"), "--delay", "0.002",
+                              "--file", name.format(now=int(time.time()))])
+    try:
+        assert other.wait(timeout=60) == 0
+        code, out, err = watcher.finish()
+        assert "CRITICAL synced/dadapt_sgd_blowup" in err
+        assert "no trainer process provably writes this run" in err
+        assert "otherhost" in err or "names no writer" in err
+        assert stop_lines(err) == []
+        assert "the trainer exited with code 0" in err
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="open modes are read from Linux's /proc")
+def test_a_launched_trainer_writing_a_file_with_no_pid_in_its_name_is_proved_by_its_open_handle(tmp_path):
+    logs = tmp_path / "logs"
+    code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--runaway-critical", "10", "--grace-int", "5", "--",
+                                    *REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02",
+                                    "--file", "events.out.tfevents.run"))
+    assert code == 1
+    assert "events.out.tfevents.run is held open for writing by pid" in err
+    assert last_step_written(logs) < first_bad_step("dadapt_sgd_blowup")
 
 
 # --- 2. never a reader -----------------------------------------------------------------------------

@@ -41,6 +41,39 @@ def lrwatch(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+class Watching:
+    """lrwatch in another process, its stderr read as it comes, so a test can wait for its
+    ready line ("lrwatch: watching ...": its handlers are set, its runs read, its trainer
+    launched) rather than sleep."""
+
+    def __init__(self, *args: str, **kw) -> None:
+        self.proc = lrwatch(*args, **kw)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if line.startswith("lrwatch: watching"):
+                self.ready.set()
+        self.ready.set()  # ended: wait_ready says so
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self.ready.wait(timeout) and self.proc.poll() is None, "lrwatch never watched:\n" + self.err
+
+    @property
+    def err(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        out = self.proc.stdout.read()  # to its end: lrwatch and the children holding its stdout are gone
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        return self.proc.returncode, out, self.err
+
+
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
@@ -342,13 +375,10 @@ def test_a_terminated_watch_never_signals_a_trainer_it_was_only_given(tmp_path):
     logs = tmp_path / "logs"
     trainer = start_and_wait_for_file([*REPLAY, "prodigy_cosine_healthy", str(logs), "--delay", "0.05"], logs)
     try:
-        watcher = lrwatch(str(logs), "--pid", str(trainer.pid), "--kill-on-spike")
-        line = watcher.stderr.readline()
-        while "lrwatch: watching" not in line:  # the ready line: its handlers are set
-            assert line, "lrwatch ended before it watched"
-            line = watcher.stderr.readline()
-        watcher.send_signal(signal.SIGTERM)
-        code, out, err = finish(watcher, timeout=30)
+        watcher = Watching(str(logs), "--pid", str(trainer.pid), "--kill-on-spike")
+        watcher.wait_ready()
+        watcher.proc.send_signal(signal.SIGTERM)
+        code, out, err = watcher.finish(timeout=30)
         assert code == 143
         assert f"pid {trainer.pid} (--pid) keeps running, NO LONGER GUARDED" in err
         assert trainer.poll() is None
@@ -538,3 +568,17 @@ def test_ctrl_c_during_start_up_is_a_clean_end_not_a_traceback(tmp_path):
     assert "SIGINT during start-up: stopped before watching anything" in err.getvalue()
     assert "lrwatch: watching" not in err.getvalue()  # nothing was launched
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+
+
+def test_a_watch_ends_when_the_run_s_writer_exited_before_lrwatch_could_prove_it(tmp_path):
+    """The run's writer wrote it and exited before lrwatch looked (here: written aside, then
+    moved in). The file names a pid of this host that is gone: the watch ends, not waits forever."""
+    logs, aside = tmp_path / "logs", tmp_path / "aside"
+    logs.mkdir()
+    watcher = Watching(str(logs))
+    watcher.wait_ready()
+    subprocess.run([*REPLAY, "prodigy_cosine_healthy", str(aside), "--delay", "0"], check=True)
+    shutil.move(str(aside / "prodigy_cosine_healthy20261124090000"), str(logs))
+    code, out, err = watcher.finish(timeout=60)
+    assert "stopped watching: the trainer writing the run exited" in err
+    assert code == 0 and "run prodigy_cosine_healthy" in out
