@@ -34,6 +34,10 @@ LAUNCHER_PROGRAMS = {"torchrun": None, "deepspeed": None, "accelerate": "launch"
 # ... or the module given to ``python -m``.
 LAUNCHER_MODULES = {"torch.distributed.run", "torch.distributed.launch", "accelerate.commands.launch",
                     "deepspeed.launcher.runner"}
+# What the console scripts that pip installs for them import: on Linux a console script runs as
+# ``python /venv/bin/torchrun``, so a script is a launcher only if it is one of these entry points.
+LAUNCHER_ENTRY_POINTS = re.compile(r"^\s*from\s+(torch\.distributed\.run|accelerate\.commands\.accelerate_cli|"
+                                   r"deepspeed\.launcher\.runner)\s+import\b", re.M)
 # A process must be older than its event file; allow for the name's whole-second timestamp.
 CLOCK_SLACK = 2.0
 
@@ -195,14 +199,30 @@ def is_launcher(proc: psutil.Process) -> bool:
             args = args[1:]
         if len(args) >= 2 and args[0] == "-m":
             return args[1] in LAUNCHER_MODULES
-        if not args:
-            return False
+        if not args or not _is_launcher_entry_point(proc, args[0]):
+            return False  # a script: a launcher only as an installed entry point, never by its name
         argv, args = args, args[1:]
     name = _program(argv[0])
     if name not in LAUNCHER_PROGRAMS:
         return False
     sub = LAUNCHER_PROGRAMS[name]
     return sub is None or (bool(args) and args[0] == sub)
+
+
+def _is_launcher_entry_point(proc: psutil.Process, script: str) -> bool:
+    """Whether the script python runs is a launcher's console script: ``/venv/bin/torchrun``,
+    read from the file, or pip's ``torchrun.exe`` on Windows. ``torchrun.py``, or a sweep
+    driver named ``torchrun``, is not one."""
+    if script.lower().endswith((".py", ".pyw")):
+        return False
+    if script.lower().endswith(".exe"):  # Windows: pip's launcher exe, which python runs as its script
+        return _program(script) in LAUNCHER_PROGRAMS
+    try:
+        with open(os.path.join(proc.cwd(), script), "rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")
+    except (OSError, psutil.Error):
+        return False
+    return LAUNCHER_ENTRY_POINTS.search(head) is not None
 
 
 def descendants(root: Identity) -> set[int]:

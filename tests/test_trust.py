@@ -198,8 +198,9 @@ sibling.wait()
 """
 
 
-def test_a_sweep_script_named_like_a_launcher_is_not_one_and_its_healthy_sibling_lives(tmp_path):
-    script = tmp_path / "sweep_torchrun.py"
+@pytest.mark.parametrize("name", ["sweep_torchrun.py", "torchrun.py"])
+def test_a_sweep_script_named_like_a_launcher_is_not_one_and_its_healthy_sibling_lives(tmp_path, name):
+    script = tmp_path / name
     script.write_text(SWEEP)
     logs = tmp_path / "logs"
     sweep = subprocess.Popen([sys.executable, str(script), *REPLAY, "dadapt_sgd_blowup", str(logs),
@@ -215,8 +216,14 @@ def test_a_sweep_script_named_like_a_launcher_is_not_one_and_its_healthy_sibling
         sweep.wait(timeout=10)
 
 
-def test_launchers_are_recognised_by_program_or_module_not_by_words_in_the_command_line():
+def test_launchers_are_recognised_by_program_or_module_not_by_words_in_the_command_line(tmp_path):
     from lrwatch.processes import is_launcher
+
+    def console_script(name: str, module: str) -> str:  # as pip writes one into a venv's bin/
+        path = tmp_path / name
+        path.write_text(f"#!/venv/bin/python\n# -*- coding: utf-8 -*-\nimport re\nimport sys\nfrom {module} import "
+                        "main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+        return str(path)
 
     class Fake:
         def __init__(self, argv):
@@ -225,13 +232,21 @@ def test_launchers_are_recognised_by_program_or_module_not_by_words_in_the_comma
         def cmdline(self):
             return self.argv
 
-    yes = [["/venv/bin/python3", "/venv/bin/accelerate", "launch", "train.py"], ["torchrun", "t.py"],
-           ["python", "-u", "-m", "torch.distributed.run", "t.py"], ["C:\\py\\python.exe", "C:\\v\\accelerate.exe",
-                                                                      "launch"], ["deepspeed", "t.py"]]
-    no = [["python", "sweep_torchrun.py"], ["python", "/venv/bin/accelerate", "config"], ["bash", "run_deepspeed.sh"],
+        def cwd(self):
+            return str(tmp_path)
+
+    accelerate = console_script("accelerate", "accelerate.commands.accelerate_cli")
+    torchrun = console_script("torchrun", "torch.distributed.run")
+    (tmp_path / "torchrun.py").write_text("from torch.distributed.run import main\nmain()\n")  # a script, by name
+    (tmp_path / "deepspeed").write_text("import subprocess\n")  # a sweep driver named like one
+    yes = [["/venv/bin/python3", accelerate, "launch", "train.py"], ["/usr/bin/python3", torchrun, "t.py"],
+           ["python", "torchrun", "t.py"], ["torchrun", "t.py"], ["python", "-u", "-m", "torch.distributed.run", "t.py"],
+           ["C:\\py\\python.exe", "C:\\v\\accelerate.exe", "launch"], ["deepspeed", "t.py"]]
+    no = [["python", "sweep_torchrun.py"], ["python", "torchrun.py", "t.py"], ["python", "deepspeed", "t.py"],
+          ["python", accelerate, "config"], ["python", "/nonexistent/torchrun", "t.py"], ["bash", "run_deepspeed.sh"],
           ["python", "train.py", "--launcher", "torchrun"], ["python", "-c", "import torchrun"]]
-    assert all(is_launcher(Fake(a)) for a in yes)
-    assert not any(is_launcher(Fake(a)) for a in no)
+    assert [a for a in yes if not is_launcher(Fake(a))] == []
+    assert [a for a in no if is_launcher(Fake(a))] == []
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX process tree")
