@@ -127,15 +127,25 @@ class InotifyEvents:
             err = ctypes.get_errno()
             if err in (errno.ENOENT, errno.ENOTDIR):  # gone again before it could be watched
                 return
+            if err in (errno.EACCES, errno.EPERM):  # not ours to read: the listing names it, and polling would not help
+                return
             raise OSError(err, f"{os.strerror(err)}: cannot watch {folder}"
                                + (" (raise fs.inotify.max_user_watches, or use --poll)" if err == errno.ENOSPC else ""))
         self._folder[wd], self._recursive[wd], self._wd[folder] = folder, recursive, wd
         self._prefix[wd] = os.path.join(folder, "")
 
     def _watch_below(self, folder: str) -> None:
-        for parent, subfolders, _ in os.walk(folder):
-            for name in subfolders:
-                self._watch(os.path.join(parent, name), True)
+        """Every folder below, symlinked ones too (a watch follows its link), each real folder once."""
+        seen = {os.path.realpath(folder)}
+        for parent, subfolders, _ in os.walk(folder, followlinks=True):
+            for name in list(subfolders):
+                path = os.path.join(parent, name)
+                real = os.path.realpath(path)
+                if real in seen:
+                    subfolders.remove(name)  # a link back up: not walked (or watched) twice
+                    continue
+                seen.add(real)
+                self._watch(path, True)
 
     def _forget(self, folder: str) -> None:
         """Stop watching ``folder`` and what is below it (it moved: its watches would name the old paths)."""
@@ -199,6 +209,13 @@ class InotifyEvents:
                     self.failure = e
         elif mask & (IN_DELETE | IN_MOVED_FROM):
             self._moved.add(path)
+        elif mask & (IN_CREATE | IN_MOVED_TO) and self._recursive.get(wd) and os.path.isdir(path):
+            self._moved.add(path)  # a symlink to a folder (a run linked in): watched through its link
+            try:
+                self._watch(path, True)
+                self._watch_below(path)
+            except OSError as e:
+                self.failure = e
         else:
             self._written.add(path)
 

@@ -102,7 +102,8 @@ class Monitor:
         self.analysis_budget = 0.0  # share of one core for analyses (the watcher sets it; 0: analyse every change)
         self.updates_analyses = False  # the watcher's: each run's analysis is kept and updated with its new points
         self._analysis_cost = 0.001  # seconds per analysis, a moving average
-        self.root_errors: dict[Path, str] = {}  # roots that could not be listed, and why
+        self.root_errors: dict[Path, str] = {}  # roots (and folders below them) that could not be listed, and why
+        self._unlistable: dict[Path, str] = {}  # the folders below roots among them, as the last listing found
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
         self._names: dict[Path, tuple[tuple, str]] = {}  # run -> its output name, by config
         self._named: dict[str, list[Path]] | None = None  # output name -> runs (None: to build again)
@@ -140,12 +141,15 @@ class Monitor:
                 del self.states[path]
                 self._named = self._sorted = None
         new = []
+        for folder in self._unlistable:  # listed again below: kept only while still refused
+            self.root_errors.pop(folder, None)
+        self._unlistable = {}
         for root in self.roots:
             if not self._exists(root):
                 continue
             try:
                 base = root if root.is_dir() else root.parent
-                found = discover(root)
+                found = discover(root, self._unlistable)
             except Exception as e:
                 self.root_errors[root] = _reason(e)
                 continue
@@ -155,6 +159,9 @@ class Monitor:
                     self.states[path] = RunState(run, folder=_identity(path))
                     new.append(run)
                     self._named = self._sorted = None
+        for folder, why in self._unlistable.items():
+            self.root_errors[folder] = (f"cannot list this folder ({why}), so any run in it is not checked; "
+                                        "run lrwatch as a user who may read it, or leave it out of the paths given")
         return new
 
     def poll(self, run_paths: set[Path] | None = None, rediscover: bool = True,

@@ -48,13 +48,14 @@ def run_dir_of(folder: Path) -> Path:
     return folder.parent if _HPARAMS_SUBDIR.match(folder.name) else folder
 
 
-def discover(path: str | os.PathLike[str]) -> list[Path]:
-    """Run folders under ``path`` (or the single event file ``path`` names), sorted."""
+def discover(path: str | os.PathLike[str], unlistable: dict[Path, str] | None = None) -> list[Path]:
+    """Run folders under ``path`` (or the single event file ``path`` names), sorted; folders
+    that could not be listed go into ``unlistable`` (walk_files)."""
     root = location(path)
     if root.is_file():
         return [root]
     runs: set[Path] = set()
-    for folder, files in walk_files(root):
+    for folder, files in walk_files(root, unlistable):
         if any(is_event_name(f) for f in files):
             runs.add(run_dir_of(folder))
     return sorted(runs, key=str)

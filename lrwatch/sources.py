@@ -60,11 +60,24 @@ def _fs_path(path: Path) -> tuple[Any, str]:
     return path.fs, path.path  # type: ignore[attr-defined]
 
 
-def walk_files(root: Path) -> Iterator[tuple[Path, list[str]]]:
+def walk_files(root: Path, unlistable: dict[Path, str] | None = None) -> Iterator[tuple[Path, list[str]]]:
     """(folder, file names) for every folder under ``root``: one listing per folder locally,
-    one recursive listing for a remote root."""
+    one recursive listing for a remote root. Local symlinked folders are followed, each real
+    folder once (a link to an ancestor is no loop). Folders that could not be listed (no
+    permission) go into ``unlistable`` with the reason, never silently left out."""
     if not is_remote(root):
-        for folder, _dirs, files in os.walk(root):
+        seen: set[str] = set()
+
+        def refused(e: OSError) -> None:
+            if unlistable is not None and e.filename is not None:
+                unlistable[Path(e.filename)] = e.strerror or str(e)
+
+        for folder, dirs, files in os.walk(root, onerror=refused, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
             yield Path(folder), files
         return
     fs, base = _fs_path(root)

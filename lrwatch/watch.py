@@ -116,6 +116,7 @@ class Watcher:
         self._last_remote = time.monotonic()
         self._last_take = 0.0
         self._run_of: dict[str, tuple[Path, Path]] = {}  # an event file as the observer spells it -> (run, file)
+        self._files_seen: dict[Path, int] = {}  # run -> how many event files it had when its links were looked at
 
     def start(self) -> None:
         self.schedule_new_roots()
@@ -165,6 +166,7 @@ class Watcher:
         if self.remote and time.monotonic() - self._last_remote >= self.remote_every:
             self._last_remote, rediscover = time.monotonic(), True
         snapshots_changed = rediscover and bool(self.snapshot_folders)
+        self._follow_linked_files()
         written, moved = self.events.take()
         if self.events.failure is not None:  # a new folder could not be watched
             self._fall_back(self.events.failure)
@@ -199,6 +201,28 @@ class Watcher:
                     state.listed_at = -1e9  # a file the run does not know yet: list its folder
             runs.setdefault(run, set()).add(path)
         return runs, rediscover, snapshots_changed
+
+    def _follow_linked_files(self) -> None:
+        """A symlinked event file is written where its link points, and that folder's events
+        never name the link: its real folder is observed too, and its real name mapped to it."""
+        if self.remote:
+            return
+        for run, state in self.monitor.states.items():
+            files = state.run.files
+            if self._files_seen.get(run) == len(files):
+                continue
+            self._files_seen[run] = len(files)
+            for path in files:
+                if not path.is_symlink():
+                    continue
+                real = os.path.realpath(path)
+                if real in self._run_of:
+                    continue
+                try:
+                    self.events.add(os.path.dirname(real), recursive=False)
+                except OSError as e:
+                    self.say(f"lrwatch: cannot observe {os.path.dirname(real)} (where {path.name} points): {e}")
+                self._run_of[real] = (run, path)
 
     def _known_file(self, name: str) -> tuple[Path, Path] | None:
         """(run, event file) of a file as the observer spells it, once seen, while its run is watched."""

@@ -454,6 +454,64 @@ def test_one_unreadable_event_file_is_reported_and_the_rest_is_checked(tmp_path)
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.skipif(not POSIX, reason="POSIX permissions")
+def test_a_run_folder_lrwatch_may_not_list_is_named_with_the_unreadable_exit_code(tmp_path):
+    """Another user's 0700 run folder: said, with exit code 2, in the audit and the watch; and
+    the watch does not fall back to polling the whole tree for it."""
+    prefix = as_a_normal_user()
+    logs = tmp_path / "logs"
+    shutil.copytree(FIXTURES / "prodigy_seed_bump" / "logs", logs)
+    hidden = copy_run_into(logs, "dadapt_sgd_blowup").parent.parent
+    hidden.chmod(0)
+    try:
+        for args in (["audit", str(logs)], [str(logs), "--until-idle", "1"]):
+            done = subprocess.run([*prefix, sys.executable, "-m", "lrwatch", *args], capture_output=True, text=True,
+                                  cwd=ROOT, timeout=60)
+            assert done.returncode == 2, done.stderr
+            assert f"{hidden}: cannot list this folder (Permission denied)" in done.stderr
+            assert "predicted_restart_blowup" in done.stdout  # the readable run is still judged
+            assert "polling" not in done.stderr and "Traceback" not in done.stderr
+    finally:
+        hidden.chmod(0o755)
+
+
+def test_symlinked_run_folders_are_found_once_and_a_link_loop_ends(tmp_path, cli):
+    elsewhere = tmp_path / "elsewhere"
+    copy_run_into(elsewhere, "dadapt_sgd_blowup")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (logs / "loop").symlink_to(logs, target_is_directory=True)  # back up to the root
+    result = cli("audit", str(logs))
+    assert result.exit_code == 1 and result.stdout.count("\nrun ") + result.stdout.startswith("run ") == 1
+    assert "run linked/dadapt_sgd_blowup" in result.stdout
+
+
+def test_a_symlinked_event_file_is_watched_live(tmp_path):
+    """The file is written where its link points: its new points are read as they come, not
+    only in the final audit."""
+    logs, aside = tmp_path / "logs", tmp_path / "aside"
+    logs.mkdir()
+    watcher = Watching(str(logs), "--runaway-critical", "10", "--until-idle", "10")
+    watcher.wait_ready()
+    writer = subprocess.Popen([*REPLAY, "dadapt_sgd_blowup", str(aside), "--delay", "0.01"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (files := list(aside.rglob("events.out.tfevents.*"))):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        run = logs / "run"
+        run.mkdir()
+        (run / files[0].name).symlink_to(files[0])
+        while "CRITICAL run step" not in watcher.err:
+            assert writer.poll() is None, "the critical finding came only after the writer ended:\n" + watcher.err
+            time.sleep(0.02)
+    finally:
+        writer.kill()
+        writer.wait()
+    watcher.finish()
+
+
 def test_a_nul_or_escape_in_a_tag_reaches_exec_and_the_terminal_escaped(tmp_path):
     run = tmp_path / "logs" / "odd\x1b]0;pwned\x07"
     write_scalars(run, {"lr/un\x00et": [(1, 1.0), (2, float("nan"))], "lr/d*lr/un\x00et": [(1, 1.0), (2, 1.0)]})
