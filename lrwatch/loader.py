@@ -67,7 +67,7 @@ class EventFile:
         """Read and decode everything complete after the last read."""
         try:
             if self._growing is not None and self._identity is not None and not self.in_garbage:  # a watched flush
-                data = self._growing.appended(self.offset, self._identity, SMALL_BUFFER)
+                data = self._growing.appended(self.offset, self._identity, SMALL_BUFFER, self._tail)
                 if data is not None:
                     if not data:
                         return Batch([])  # nothing new
@@ -93,11 +93,11 @@ class EventFile:
         restarted = False
         pending = 0
         info = reader.info()
-        changed = self._identity is not None and (info.version != self._identity or info.size < self.offset)
-        # Truncated or replaced. A sync tool re-uploads a growing file whole (object stores
-        # cannot append): if the new file still holds the bytes read so far, go on from where
-        # the last read stopped; otherwise read it again from the start.
-        if changed and not (info.size >= self.offset and self._tail_still_there(reader)):
+        # Truncated, replaced, or rewritten in place (same file, perhaps longer than before). A
+        # sync tool re-uploads a growing file whole (object stores cannot append): if the file
+        # still holds the last bytes read, go on from where the last read stopped; otherwise
+        # read it again from the start.
+        if self._identity is not None and not (info.size >= self.offset and self._tail_still_there(reader)):
             self.offset, self.in_garbage, restarted = 0, False, True
         self._identity = info.version
         size, want = info.size, CHUNK_BYTES

@@ -221,8 +221,8 @@ def render_run(state: RunState, snapshots: list | None = None) -> str:
     lines.append(f"  trainer: {a.trainer} ({a.trainer_why})")
     lines.append(f"  {files}, last step {a.last_step}, schedule: {sched}{extra}")
     for path in sorted(run.rewritten, key=str):
-        lines.append(f"  note: {path.name} was replaced by a shorter or different file and read again from its "
-                     "start: its later contents win")
+        lines.append(f"  note: {path.name} was replaced, truncated or rewritten in place (the bytes before where "
+                     "the last read stopped changed) and read again from its start: its later contents win")
     for note in a.notes:
         lines.append(f"  note: {note}")
     for g in a.groups:

@@ -166,19 +166,20 @@ class GrowingFile:
         self._fd: int | None = None
         self._close: weakref.finalize | None = None  # closes the file when this object goes
 
-    def appended(self, offset: int, version: tuple, most: int) -> bytes | None:
-        """The bytes after ``offset``, or None (replaced, shorter, or more than ``most`` new)."""
+    def appended(self, offset: int, version: tuple, most: int, tail: bytes = b"") -> bytes | None:
+        """The bytes after ``offset``, or None (replaced, shorter, more than ``most`` new, or
+        rewritten in place: the ``tail`` read last, just before ``offset``, is not there now)."""
         if self._fd is not None:
             st = os.fstat(self._fd)
             if st.st_nlink and _local_version(st) == version:
-                return _grown_by(self._fd, st.st_size, offset, most)
+                return _grown_by(self._fd, st.st_size, offset, most, tail)
             self.close()
         fd = os.open(self.path, _READ_FLAGS)
         try:
             st = os.fstat(fd)
             if _local_version(st) != version:
                 return None
-            data = _grown_by(fd, st.st_size, offset, most)
+            data = _grown_by(fd, st.st_size, offset, most, tail)
             if data and GrowingFile.kept < self.most_kept:  # new bytes: a file being written
                 GrowingFile.kept += 1
                 self._fd, fd = fd, -1
@@ -208,11 +209,16 @@ class GrowingFile:
         self._fd = self._close = None
 
 
-def _grown_by(fd: int, size: int, offset: int, most: int) -> bytes | None:
+def _grown_by(fd: int, size: int, offset: int, most: int, tail: bytes) -> bytes | None:
+    """The bytes after ``offset``, read in one call with the ``tail`` before it, which must
+    still be there: a file truncated and written again in place keeps its inode and may be
+    longer than before, and only its content tells (``--poll`` may see it only after both)."""
     if not offset <= size <= offset + most:
         return None
-    data = _read_at(fd, offset, size)
-    return data if len(data) == size - offset else None
+    data = _read_at(fd, offset - len(tail), size)
+    if len(data) != size - offset + len(tail) or not data.startswith(tail):
+        return None
+    return data[len(tail):] if tail else data
 
 
 def _read_at(fd: int, start: int, end: int) -> bytes:

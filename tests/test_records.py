@@ -149,6 +149,27 @@ def test_a_replaced_file_is_read_again_from_the_start(tmp_path):
     assert batch.restarted and loader.offset <= 5000 and len(batch.scalars) > 0
 
 
+@pytest.mark.parametrize("steps_after", [202, 400])  # longer by a flush (read by GrowingFile), by much (Reader)
+def test_a_file_truncated_and_written_again_in_place_is_read_again_from_the_start(tmp_path, steps_after):
+    """``--poll`` may see a file only after it was truncated and written again, longer than
+    before, in place (same inode): the bytes before the last offset changed, so it is read
+    from its start, and the first NaN is found where it is (step 50), not after the old offset."""
+    old = write_scalars(tmp_path / "old", {"loss": [(s, 1.0) for s in range(1, 201)]}).read_bytes()
+    new = write_scalars(tmp_path / "new", {"loss": [(s, float("nan") if s == 50 else 2.0)
+                                                    for s in range(1, steps_after + 1)]}).read_bytes()
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(old)
+    loader = EventFile(path)
+    loader.read_new()
+    with open(path, "r+b") as fh:  # the same file, truncated and written again, longer
+        fh.truncate(0)
+        fh.write(new)
+    batch = loader.read_new()
+    assert batch.restarted
+    steps, values = batch.scalars.steps, batch.scalars.values
+    assert int(steps[np.isnan(values)][0]) == 50 and len(steps) == steps_after
+
+
 def test_a_watched_file_read_flush_by_flush_hands_replacements_and_cut_records_to_the_full_read(tmp_path):
     """A flush is read without a ``Reader`` (``GrowingFile.appended``) only while the file is the
     one read before and grew by whole records; a rename over it, a longer copy that still holds

@@ -137,7 +137,7 @@ def test_a_synced_run_replaced_by_longer_and_shorter_uploads_is_read_from_where_
     monitor.poll()
     assert int(state.run.series("lr/unet").steps[-1]) == 501  # what the file holds now: the later contents win
     assert state.error is None and len(state.run.rewritten) == 1
-    assert "was replaced by a shorter or different file" in render(monitor)
+    assert "was replaced, truncated or rewritten in place" in render(monitor)
 
 
 def test_the_watcher_follows_an_s3_logdir_that_appears_and_grows(s3, s3_env, tmp_path):
