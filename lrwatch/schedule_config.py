@@ -8,6 +8,7 @@ is coming at all.
 from __future__ import annotations
 
 import ast
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class KnownSchedule:
         """The first restart after ``step``; None if none is coming (or unknown: see ``restarts``)."""
         if self.restarts is None:
             return None
-        return next((r for r in self.restarts if r > step), None)
+        i = bisect.bisect_right(self.restarts, step)
+        return self.restarts[i] if i < len(self.restarts) else None
 
 
 MAX_RESTARTS = 100_000  # more cycles than this is a mistyped setting, not a schedule

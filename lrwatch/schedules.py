@@ -55,7 +55,10 @@ def cycle_position(step: int, first_cycle: int, cycle_mult: float = 1.0, warmup:
         raise ValueError(f"cycle_mult must be >= 1, got {cycle_mult}")
     if step < warmup:
         return CyclePosition(-1, 0, warmup)
-    start, cycle, length = warmup, 0, first_cycle
+    if cycle_mult == 1:  # equal cycles: no walk (a step of cycle 50,000 costs what one of cycle 0 does)
+        cycle = (step - warmup) // first_cycle
+        return CyclePosition(cycle, warmup + cycle * first_cycle, first_cycle)
+    start, cycle, length = warmup, 0, first_cycle  # growing cycles: a few dozen at most before they outgrow any run
     while step >= start + length:
         start += length
         cycle += 1
@@ -93,12 +96,13 @@ def cyclic_multiplier(
 
 
 def cyclic_restart_steps(total: int, first_cycle: int, cycle_mult: float = 1.0, warmup: int = 0) -> list[int]:
-    """Steps up to ``total`` at which :func:`cyclic_multiplier` starts a new cycle."""
+    """Steps up to ``total`` at which :func:`cyclic_multiplier` starts a new cycle: one pass,
+    O(cycles) (a logged config may ask for tens of thousands)."""
     steps: list[int] = []
-    step = warmup
-    while True:
-        pos = cycle_position(step, first_cycle, cycle_mult, warmup)
-        step = pos.start + pos.length
-        if step > total:
-            return steps
-        steps.append(step)
+    start, cycle, length = warmup, 0, first_cycle
+    while start + length <= total:
+        start += length
+        steps.append(start)
+        cycle += 1
+        length = max(1, round(first_cycle * cycle_mult**cycle))
+    return steps

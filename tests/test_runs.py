@@ -200,3 +200,22 @@ def test_a_growing_arrays_views_are_unwritable_and_keep_what_they_showed_through
         grown.view[0] = 0.0
     grown.data[0] = 8.0  # the owner still writes its own buffer
     assert grown.view.tolist() == [8.0]
+
+
+def test_a_logged_schedule_of_fifty_thousand_cycles_costs_one_pass():
+    """A config asking for tens of thousands of cycles (first_cycle=2 over 100,000 steps) was
+    walked from the start for every cycle: minutes of CPU before anything was guarded."""
+    import time
+
+    from lrwatch.schedules import cycle_position
+
+    started = time.process_time()
+    schedule = known_schedule({"lr_scheduler_type": "lrwatch.schedulers.RexWithRestarts",
+                               "lr_scheduler_args": "first_cycle=2 warmup=10", "max_train_steps": 100_010})
+    cosine = known_schedule({"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 50_000,
+                             "max_train_steps": 100_000, "lr_warmup_steps": 0})
+    assert time.process_time() - started < 2.0
+    assert list(schedule.restarts) == list(range(12, 100_011, 2))
+    assert len(cosine.restarts) == 49_999 and cosine.restarts[-1] == 99_998
+    assert schedule.next_restart(99_999) == 100_000 and schedule.next_restart(100_010) is None
+    assert cycle_position(100_001, 2, warmup=10).cycle == 49_995
