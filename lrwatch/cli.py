@@ -16,7 +16,7 @@ import click
 
 from lrwatch import __version__
 from lrwatch.analysis import Thresholds
-from lrwatch.output import terminal_safe
+from lrwatch.output import dumps, terminal_safe
 from lrwatch.report import EXIT_CRITICAL, EXIT_OK, EXIT_UNREADABLE
 from lrwatch.snapshots import DEFAULT_FRIED_LOSS, DEFAULT_FRIED_VALIDATION, DEFAULT_SAFE_LR, MANIFEST
 from lrwatch.sources import RemoteUnavailable
@@ -435,7 +435,6 @@ def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_mani
 def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool, storage_option: dict[str, Any]) -> int:
     """The scalar tags of each run under PATHS: counts, step ranges, the trainer layout detected
     and what lrwatch takes each tag as. Exit code 2 when a path is missing or holds no event files."""
-    import json
 
     from lrwatch.monitor import Monitor
     from lrwatch.report import table
@@ -452,7 +451,7 @@ def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool, storage_opt
     for line in _errors(monitor):
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if as_json:
-        click.echo(json.dumps(docs, indent=2))
+        click.echo(dumps(docs, indent=2))
     for doc in [] if as_json else docs:
         lines = [f"run {doc['run']}", f"  trainer: {doc['trainer']} ({doc['detected_from']})"]
         lines += [f"  note: {note}" for note in doc["notes"]]
@@ -474,7 +473,6 @@ def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool, storage_opt
 def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, schedule: str, as_json: bool) -> int:
     """How many cycles, where their minima fall, whether every save lands on one, and the kohya
     arguments to paste. Exit code 0 when every save lands on a minimum, 1 when not."""
-    import json
 
     from lrwatch.plan import make_plan, render_plan
 
@@ -482,5 +480,5 @@ def plan(max_steps: int, save_every: int, warmup: int, cycles: int | None, sched
         result = make_plan(max_steps, save_every, warmup, schedule, cycles)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
+    click.echo(dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
     return _exit(0 if result.ok else 1)

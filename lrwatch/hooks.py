@@ -43,21 +43,37 @@ def finding_line(run: Run, finding: Finding) -> str:
             f"{finding.kind}{where}: {finding.message}")
 
 
+# Characters of one LRWATCH_* variable: Linux refuses a command whose single argument or variable
+# exceeds 128 KiB (E2BIG), and a tag from a log may be that long. LRWATCH_JSON is cut the same way,
+# so it stays whole only when it fits; a longer value ends in "..." and LRWATCH_TRUNCATED names it.
+MAX_ENV_VALUE = 32 * 1024
+
+
 def _env_value(value: object) -> str:
     """Environment values cannot hold NUL; names from logs may."""
     return "" if value is None else str(value).replace("\x00", "\\x00")
 
 
-def run_with_record(cmd: str, record: dict[str, Any], timeout: float = HOOK_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run ``cmd`` through the shell with the record in ``LRWATCH_*`` variables (--exec, --stop-cmd)."""
-    env: dict[str, object] = dict(os.environ)
-    env.update({
+def _record_env(record: dict[str, Any]) -> dict[str, str]:
+    values = {
         "LRWATCH_TYPE": record["type"], "LRWATCH_KIND": record["kind"],
         "LRWATCH_SEVERITY": record.get("severity"), "LRWATCH_GROUP": record.get("group"),
         "LRWATCH_STEP": record.get("step"), "LRWATCH_MESSAGE": record["message"],
         "LRWATCH_RUN": record["run"], "LRWATCH_PATH": record["path"], "LRWATCH_JSON": dumps(record),
-    })
-    return subprocess.run(cmd, shell=True, timeout=timeout, env={k: _env_value(v) for k, v in env.items()},
+    }
+    env = {k: _env_value(v) for k, v in values.items()}
+    cut = sorted(k for k, v in env.items() if len(v) > MAX_ENV_VALUE)
+    for k in cut:
+        env[k] = env[k][: MAX_ENV_VALUE - 3] + "..."
+    if cut:
+        env["LRWATCH_TRUNCATED"] = " ".join(cut)
+    return env
+
+
+def run_with_record(cmd: str, record: dict[str, Any], timeout: float = HOOK_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``cmd`` through the shell with the record in ``LRWATCH_*`` variables (--exec, --stop-cmd)."""
+    env = {k: _env_value(v) for k, v in os.environ.items()} | _record_env(record)
+    return subprocess.run(cmd, shell=True, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
 
 

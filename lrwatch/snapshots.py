@@ -34,7 +34,7 @@ from lrwatch.analysis import (
     samples,
     spacing,
 )
-from lrwatch.output import write_atomic
+from lrwatch.output import dumps, write_atomic
 from lrwatch.rules.loss import base_window, levels
 from lrwatch.runs import RunLike
 from lrwatch.schedule_config import KnownSchedule
@@ -54,9 +54,10 @@ DEFAULT_FRIED_LOSS = 3.0  # the loss's level before the save / the run's best le
 DEFAULT_FRIED_VALIDATION = 2.0  # the validation loss at the save / its best before: fried at this
 LOSS_WINDOW = 25  # optimizer steps before a save whose losses judge its weights (diffusion noise needs ~25)
 
-_EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$")
-_LOOSE_STEP = re.compile(r"(?:^|[-_.])(?:step|global_step|steps)[-_=]?(?P<step>\d+)", re.IGNORECASE)
-_CHECKPOINT_DIR = re.compile(LAYOUTS["diffusers"].snapshot_name or "")  # checkpoint-<step>/ (and SimpleTuner's)
+_EPOCH_NAME = re.compile(r"^(?P<base>.+?)-(?P<epoch>\d{6})$", re.ASCII)
+_LOOSE_STEP = re.compile(r"(?:^|[-_.])(?:step|global_step|steps)[-_=]?(?P<step>\d+)", re.IGNORECASE | re.ASCII)
+# checkpoint-<step>/ (and SimpleTuner's)
+_CHECKPOINT_DIR = re.compile(LAYOUTS["diffusers"].snapshot_name or "", re.ASCII)
 SNAPSHOT_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
@@ -137,7 +138,7 @@ def describe(path: Path) -> Snapshot:
     """What a snapshot's name and (safetensors) header say about it."""
     if path.is_dir():
         m = _CHECKPOINT_DIR.match(path.name)
-        return Snapshot(str(path), "checkpoint_dir", None, int(m["step"]) if m else None, "name",
+        return Snapshot(str(path), "checkpoint_dir", None, _int(m["step"]) if m else None, "name",
                         saved_at=path.stat().st_mtime, saved_at_source="mtime")
     return _describe(path)
 
@@ -147,8 +148,8 @@ def _by_trainer_name(path: Path, stem: str) -> Snapshot | None:
     for _trainer, pattern in SNAPSHOT_NAMES:
         if m := pattern.match(stem):
             found = m.groupdict()
-            epoch = int(found["epoch"]) if found.get("epoch") else None
-            return Snapshot(str(path), "step", found.get("base"), int(m["step"]), "name", epoch=epoch)
+            epoch = _int(found["epoch"]) if found.get("epoch") else None
+            return Snapshot(str(path), "step", found.get("base"), _int(m["step"]), "name", epoch=epoch)
     return None
 
 
@@ -157,9 +158,9 @@ def _describe(path: Path) -> Snapshot:
     if named := _by_trainer_name(path, stem):
         snap = named
     elif m := _EPOCH_NAME.match(stem):
-        snap = Snapshot(str(path), "epoch", m["base"], epoch=int(m["epoch"]))
+        snap = Snapshot(str(path), "epoch", m["base"], epoch=_int(m["epoch"]))
     elif m := _LOOSE_STEP.search(stem):
-        snap = Snapshot(str(path), "other", None, int(m["step"]), "name")
+        snap = Snapshot(str(path), "other", None, _int(m["step"]), "name")
     else:
         snap = Snapshot(str(path), "final", stem)
     snap.saved_at, snap.saved_at_source = path.stat().st_mtime, "mtime"
@@ -169,6 +170,8 @@ def _describe(path: Path) -> Snapshot:
         if meta:
             if _int(meta.get("ss_steps")) is not None:
                 snap.step, snap.step_source = _int(meta["ss_steps"]), "metadata"
+            elif meta.get("ss_steps") is not None:  # there, but no step: neither the name's nor the time's guess
+                snap.problem = f"its metadata's ss_steps {str(meta['ss_steps'])[:40]!r} is not a step number"
             if _int(meta.get("ss_epoch")) is not None and snap.epoch is None:
                 snap.epoch = _int(meta["ss_epoch"])
             finished = _float(meta.get("ss_training_finished_at"))
@@ -179,11 +182,19 @@ def _describe(path: Path) -> Snapshot:
     return snap
 
 
+# No run takes a trillion steps: a larger number in a name or header is not a step, and judging
+# "the run at that step" would read past its end and call the snapshot fried.
+MAX_STEP = 10**12
+
+
 def _int(x: object) -> int | None:
-    try:
-        return int(str(x))
-    except (TypeError, ValueError):
+    """A whole number written in ASCII digits (``int`` also takes full-width and other
+    scripts' digits, which no trainer writes), at most MAX_STEP; else None."""
+    text = str(x).strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 13:
         return None
+    value = int(text)
+    return value if value <= MAX_STEP else None
 
 
 def _float(x: object) -> float | None:
@@ -495,11 +506,11 @@ def best_snapshot(snapshots: list[Snapshot]) -> Snapshot | None:
 
 
 def manifest_text(folder: Path, snapshots: list[Snapshot], run_names: dict[str, str]) -> str:
-    return json.dumps({
+    return dumps({
         "written_by": "lrwatch", "written_at": time.time(), "folder": str(folder),
         "snapshots": [{**s.to_dict(), "run": run_names.get(s.path)} for s in snapshots],
         "best": (b.path if (b := best_snapshot(snapshots)) else None),
-    }, indent=2, default=str)
+    }, indent=2)
 
 
 class SnapshotBook:

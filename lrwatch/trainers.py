@@ -365,7 +365,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
 )}
 # Snapshot names of every trainer, most specific first (each pattern once).
 SNAPSHOT_NAMES: list[tuple[str, re.Pattern[str]]] = list({
-    layout.snapshot_name: (layout.name, re.compile(layout.snapshot_name))
+    layout.snapshot_name: (layout.name, re.compile(layout.snapshot_name, re.ASCII))
     for layout in LAYOUTS.values() if layout.snapshot_name}.values())
 CUSTOM = Layout("custom", "tags given with --lr-tag/--dlr-tag/--loss-tag", TagMap(), "as mapped", "")
 

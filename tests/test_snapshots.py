@@ -276,3 +276,36 @@ def test_a_run_whose_snapshots_are_mostly_fried_is_not_ok_whatever_its_findings_
                              "--snapshots", str(run / "output")).stdout)
     (entry,) = doc["runs"]
     assert entry["snapshots_mostly_fried"] and entry["verdict"] == "critical" and entry["keep"] is None
+
+
+def test_a_manifest_with_non_finite_loss_ratios_is_strict_json(tmp_path):
+    """Snapshots saved after the loss went infinite have an infinite loss ratio: the manifest
+    (and tags/plan --json) go through the one serializer, never writing Infinity or NaN."""
+    out = _copy_output(tmp_path, "dadapt_sgd_blowup")
+    done = lrwatch("audit", str(fixture_run("dadapt_sgd_blowup")), "--snapshots", str(out))
+    assert done.returncode == 1, done.stderr
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    doc = json.loads((out / MANIFEST).read_text(), parse_constant=refuse)
+    assert any(s["loss_ratio"] is None and s.get("loss_ratio_text") == "inf" for s in doc["snapshots"])
+
+
+@pytest.mark.parametrize("name, metadata", [
+    ("absurd.safetensors", {"ss_steps": "1" * 23}),
+    ("full_width.safetensors", {"ss_steps": "\uff15\uff10\uff10"}),  # full-width 500: no trainer writes it
+])
+def test_a_header_step_that_is_no_step_number_is_unknown_not_judged(tmp_path, name, metadata):
+    out = tmp_path / "output"
+    out.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(out / name), metadata=metadata)
+    s = verdicts("prodigy_cosine_healthy", out)[name]
+    assert s.verdict == "unknown" and "is not a step number" in s.reason
+
+
+def test_full_width_digits_in_a_name_are_not_a_step(tmp_path):
+    name = "prodigy_cosine_healthy-step\uff10\uff10\uff10\uff10\uff10\uff15\uff10\uff10.safetensors"
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / name))
+    (snap,) = find_snapshots(tmp_path)
+    assert snap.step is None and snap.kind == "final"

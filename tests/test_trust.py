@@ -522,6 +522,21 @@ def test_a_nul_or_escape_in_a_tag_reaches_exec_and_the_terminal_escaped(tmp_path
     assert "\x1b" not in out + err and "\x07" not in out + err and "\\x1b]0;pwned\\x07" in out
 
 
+def test_exec_runs_with_a_tag_longer_than_the_system_allows_in_one_variable(tmp_path):
+    """Linux refuses a variable over 128 KiB (E2BIG): a 200,000-character group name reaches
+    --exec cut short, and LRWATCH_TRUNCATED says which variables were cut."""
+    group = "g" * 200_000
+    write_scalars(tmp_path / "logs" / "run", {f"lr/{group}": [(1, 1.0), (2, float("nan"))],
+                                              f"lr/d*lr/{group}": [(1, 1.0), (2, 1.0)]})
+    seen = tmp_path / "seen.txt"
+    hook = (f"{sys.executable} -c \"import os; open(r'{seen}', 'a').write(str(len(os.environ['LRWATCH_GROUP'])) + "
+            "' ' + os.environ['LRWATCH_TRUNCATED'] + chr(10))\"")
+    code, out, err = finish(lrwatch(str(tmp_path / "logs"), "--until-idle", "1", "--exec", hook))
+    assert code == 1 and "--exec hook" not in err, err  # it ran, and did not fail
+    lengths, _, cut = seen.read_text().splitlines()[0].partition(" ")
+    assert int(lengths) < 200_000 and "LRWATCH_GROUP" in cut and "LRWATCH_JSON" in cut
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "not a url", "http://"])
 def test_a_webhook_that_is_not_http_is_refused_at_start(tmp_path, cli, url):
     result = cli(str(tmp_path), "--webhook", url)
