@@ -71,6 +71,26 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:  # an error, or a signal that ends the watch mid-write
         tmp.unlink(missing_ok=True)
         raise
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of writes to ``path`` by lrwatch processes that were killed mid-write (SIGKILL
+    leaves them): only our own name pattern, and only when the pid in it is no longer running."""
+    import psutil
+
+    prefix = f".{path.name}."
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):-len(".tmp")]
+        if pid.isascii() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass  # another lrwatch removed it first, or it is not ours to remove

@@ -309,3 +309,16 @@ def test_full_width_digits_in_a_name_are_not_a_step(tmp_path):
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / name))
     (snap,) = find_snapshots(tmp_path)
     assert snap.step is None and snap.kind == "final"
+
+
+def test_temp_files_of_killed_manifest_writes_are_cleaned_up_and_live_ones_kept(tmp_path):
+    """A manifest write killed mid-way (SIGKILL) leaves its temp file; the next write removes
+    those whose writer is gone, never one a running lrwatch is writing."""
+    out = _copy_output(tmp_path, "prodigy_cosine_healthy")
+    stale = out / f".{MANIFEST}.4194999.tmp"  # above Linux's highest pid: no such process
+    live = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    stale.write_text("{")
+    live.write_text("{")
+    done = lrwatch("audit", str(fixture_run("prodigy_cosine_healthy")), "--snapshots", str(out))
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists() and live.exists() and (out / MANIFEST).exists()
