@@ -46,6 +46,7 @@ class Scalars:
     wall_times: np.ndarray = field(default_factory=_NO_FLOATS.view)
     hparams: dict[str, object] = field(default_factory=dict)
     undecodable: int = 0  # records that were not valid Event protos
+    first_undecodable: int | None = None  # where the first of them starts (its data), in the buffer decoded
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -208,7 +209,7 @@ def _intern_tags(u8: np.ndarray, words: np.ndarray, tstart: np.ndarray, tlen: np
     mapping = np.empty(len(uniq), np.int32)
     for i, row in enumerate(first.tolist()):
         a, n = int(tstart[row]), int(tlen[row])
-        tag = bytes(u8[a : a + n]).decode("utf-8", "replace")
+        tag = bytes(u8[a : a + n]).decode("utf-8", "backslashreplace")  # as torch_scalar: both paths agree
         mapping[i] = index.setdefault(tag, len(index))
         if mapping[i] == len(tags):
             tags.append(tag)
@@ -256,10 +257,9 @@ def torch_scalar(buf: bytes, s: int, n: int) -> tuple[str, int, float, float] | 
     if (buf[p] != 0x2A or buf[p + 2] != 0x0A or buf[p + 4] != 0x0A or l1 >= 0x80 or l2 != l3 + 7 or l1 != l2 + 2
             or l3 == 0 or t + l3 + 5 != end or buf[t + l3] != 0x15):
         return None
-    try:
-        tag = buf[t : t + l3].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    # A tag that is not UTF-8 keeps its point, its bad bytes shown as \xNN (two different bad tags
+    # stay two): the vectorised decode does the same, so a watch and an audit of a file agree.
+    tag = buf[t : t + l3].decode("utf-8", "backslashreplace")
     step &= 0xFFFFFFFFFFFFFFFF
     return tag, step - (1 << 64) if step >= 1 << 63 else step, _F4(buf, t + l3 + 1)[0], _F8(buf, s + 1)[0]
 
@@ -303,6 +303,8 @@ def _decode_each(buf, records, starts, lengths, out: Scalars, index: dict[str, i
             event = event_proto.FromString(mv[s : s + n])
         except Exception:  # upb raises DecodeError; anything else is just as undecodable
             out.undecodable += 1
+            if out.first_undecodable is None:
+                out.first_undecodable = s
             continue
         if event.WhichOneof("what") != "summary":  # file_version, graphs, session logs
             continue

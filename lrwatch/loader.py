@@ -110,8 +110,9 @@ class EventFile:
             if len(frames.starts):
                 scalars = decode(data, frames.starts, frames.lengths)
                 if scalars.undecodable:
-                    damage.append(Damage(self.offset, f"{scalars.undecodable} record(s) with a valid "
-                                                      "checksum are not TensorBoard events"))
+                    at = self.offset + (scalars.first_undecodable or HEADER) - HEADER  # the first such record's start
+                    damage.append(Damage(at, f"{scalars.undecodable} record(s) with a valid "
+                                             "checksum are not TensorBoard events"))
                 parts.append(scalars)
             damage += frames.damage
             self.records_read += len(frames.starts)

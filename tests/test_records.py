@@ -646,3 +646,38 @@ def test_crcs_of_many_records_equal_one_crc32c_call_per_record(template, n, seed
     u8 = np.frombuffer(bytes(buf), np.uint8)
     got = data_crcs(u8, np.asarray(starts, np.int64), np.asarray(lengths, np.int64))
     assert got.tolist() == [crc32c.crc32c(rec) for rec in records]
+
+
+def test_a_tag_that_is_not_utf8_decodes_the_same_whole_and_record_by_record():
+    """A watch reads a few records at a time (plain Python), an audit a whole file (numpy):
+    a tag with a byte that is not UTF-8 gave a point in one and none in the other."""
+    from lrwatch.records import HEADER, masked_crc
+
+    src, cuts = records_of("prodigy_cosine_healthy")
+    out = bytearray()
+    for a, b in zip(cuts, [*cuts[1:], len(src)]):
+        data = src[a + HEADER : b - 4].replace(b"lr/unet", b"lr/u\xffet")
+        length = len(data).to_bytes(8, "little")
+        out += length + masked_crc(length).to_bytes(4, "little") + data + masked_crc(data).to_bytes(4, "little")
+    buf = bytes(out)
+    frames = find_records(buf)
+    assert frames.damage == [] and len(frames.starts) > 64  # the whole file is decoded vectorised
+    whole = decode(buf, frames.starts, frames.lengths)
+    one_by_one = [decode(buf, frames.starts[i : i + 1], frames.lengths[i : i + 1]) for i in range(len(frames.starts))]
+    points = [(b.tags[t], s, v) for b in one_by_one for t, s, v in zip(b.tag_ids, b.steps, b.values)]
+    assert points == [(whole.tags[t], s, v) for t, s, v in zip(whole.tag_ids, whole.steps, whole.values)]
+    assert "lr/u\\xffet" in whole.tags and whole.undecodable == 0
+
+
+def test_the_damage_offset_of_a_record_that_is_no_event_is_that_record_s_start(tmp_path):
+    from lrwatch.records import masked_crc
+
+    src, cuts = records_of("prodigy_cosine_healthy")
+    data = b"\xff" * 9  # a valid frame around bytes that are not an Event proto
+    length = len(data).to_bytes(8, "little")
+    odd = length + masked_crc(length).to_bytes(4, "little") + data + masked_crc(data).to_bytes(4, "little")
+    at = cuts[100]
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(src[:at] + odd + src[at:])
+    (damage,) = EventFile(path).read_new().damage
+    assert damage.offset == at and "not TensorBoard events" in damage.message
