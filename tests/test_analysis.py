@@ -216,11 +216,12 @@ def corpus_analysis(name: str):
 def test_the_older_corpus_which_chose_no_threshold_measures_as_the_readme_says():
     """The older corpus (an MLP on digits, 10 seeds: fixtures/corpus) chose no threshold
     (bench/transfer.py chooses them on fixtures/tasks): a further held-out check, with the
-    README's numbers. Two of its 56 clear-healthy runs get a critical at the defaults (a
-    batch-1 loss level 2.9x a lucky best); the issue's target, none, is not met here."""
+    README's numbers. None of its 56 clear-healthy runs gets a critical at the defaults (two did,
+    a batch-1 loss level 2.9x a best that was low and calm by chance, until the allowance took
+    the run's typical spread rather than the best window's own)."""
     healthy = [n for n in CLEAR_HEALTHY]
     critical = sorted(n for n in healthy if corpus_analysis(n).worst == CRITICAL)
-    assert len(healthy) == 56 and critical == ["dadapt_adagrad_s6", "prodigy_s6"]
+    assert len(healthy) == 56 and critical == []
 
 
 @pytest.mark.parametrize("gap, per_update, points_taken", [

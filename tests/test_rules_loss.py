@@ -153,3 +153,31 @@ def test_ai_toolkits_zero_loss_in_its_own_layout_is_a_blowup(tmp_path):
     assert a.trainer == "ai-toolkit"
     (f,) = loss_findings(a, "zero_loss")
     assert f.severity == CRITICAL and f.step == 300 and "ai-toolkit logs a NaN loss as 0.0" in f.message
+
+
+@pytest.mark.parametrize("steps", [3_000, 10_000, 30_000])
+def test_a_long_flat_healthy_loss_never_gets_a_critical(steps):
+    """A flat log-normal loss at batch 1's spread (1.0: its 5th and 95th percentiles ~27x apart)
+    for as long as real runs go. The best level is the lowest of thousands of windows and the
+    level judged the highest of as many, and the lowest is also a calm one: with an allowance
+    fixed as for a 1,000-step run and the best window's own spread, 14 of 20 such runs of
+    10,000 steps got a critical (``compared``, ``_typical_spread``)."""
+    from lrwatch.rules.loss import TrainingLossRule
+
+    for seed in range(8):
+        loss = 0.1 * np.exp(np.random.default_rng(seed).normal(0, 1.0, steps))
+        rule = TrainingLossRule("loss", 25, Thresholds().loss_over_best, Thresholds().loss_noise_sigmas, 1)
+        rule.extend(np.arange(1, steps + 1), loss)
+        assert rule.findings == [], (seed, rule.findings[0].message)
+
+
+def test_a_fry_late_in_a_long_run_is_still_caught():
+    """The wider allowance of a long run still catches a fry late in it: a level 4x its best."""
+    from lrwatch.rules.loss import TrainingLossRule
+
+    rng = np.random.default_rng(0)
+    level = np.concatenate([np.full(9_000, 0.1), np.full(1_000, 0.4)])
+    rule = TrainingLossRule("loss", 25, Thresholds().loss_over_best, Thresholds().loss_noise_sigmas, 1)
+    rule.extend(np.arange(1, 10_001), level * np.exp(rng.normal(0, 1.0, 10_000)))
+    (finding,) = rule.findings
+    assert finding.severity == CRITICAL and 9_000 < finding.step <= 9_025

@@ -70,6 +70,22 @@ def upper_levels(level: np.ndarray, spread: np.ndarray, width: float, sigmas: fl
     return level * np.exp(sigmas * spread * width)
 
 
+# Windows a run has had by the point where its best candidate's chance allowance is the one the
+# thresholds were chosen with (the realistic tasks' runs: up to ~1,000 losses, 40 windows of 25).
+REFERENCE_WINDOWS = 40
+
+
+def compared(losses: np.ndarray, window: int) -> np.ndarray:
+    """How much wider than at ``REFERENCE_WINDOWS`` the chance allowance is after ``losses``
+    losses: sqrt(ln k / ln 40) for k windows (1 up to 40). The best level is the lowest of k
+    window levels and the level judged the highest of as many: on a flat log-normal loss both
+    stray ~sqrt(2 ln k) standard errors, so a fixed allowance that holds for 1,000 steps
+    fails a long healthy run (a flat loss at log-spread 1.0, batch 1's, got a critical in 14
+    of 20 runs of 10,000 steps; ``tests/test_rules_loss.py``)."""
+    k = np.maximum(losses / window, REFERENCE_WINDOWS)
+    return np.sqrt(np.log(k) / math.log(REFERENCE_WINDOWS))
+
+
 class Candidate(NamedTuple):
     """A stretch of losses that may be the run's best level."""
 
@@ -98,6 +114,8 @@ class TrainingLossRule:
         self.best: Candidate | None = None  # the lowest candidate (raised by chance) among those passed
         self.found = False
         self.validation_from: int | None = None  # the first step of a validation loss, if one is logged
+        self.spread_sums = np.zeros(0)  # running sums of the windows' spreads, from the first window on
+        self.spread_next = 0  # the end of the first window not summed yet
 
     def extend(self, steps: np.ndarray, loss: np.ndarray) -> None:
         i0 = len(self.steps)
@@ -142,6 +160,7 @@ class TrainingLossRule:
         if first >= n:
             return
         if self.best is None:  # the base candidate, once
+            self.spread_next = w - 1  # the first window's end
             level, spread = levels(self.loss[:m], m, m - 1)
             upper = upper_levels(level, spread, math.sqrt(1 / m + 1 / w), self.sigmas)
             self.best = Candidate(float(upper[0]), float(level[0]), 0, m)
@@ -165,13 +184,24 @@ class TrainingLossRule:
 
         self.best = candidate(int(which[usable]))
         now = level[first - lo :]
-        hit = first_true(now >= self.over_best * running[k])
+        chosen = which[k]  # the best candidate before each end
+        best_level = np.where(chosen == 0, carried.level, level[np.maximum(chosen - 1, 0)])
+        # What chance allows grows with how many windows the run has had: the best is the lowest of
+        # them, and each new one is another draw (``compared``).
+        typical = self._typical_spread(spread, lo, first, n)  # the run's own noise at each end
+        # Chance moves two levels: the best's (its own spread: ``own`` is sigmas x that x sqrt(1/a + 1/w))
+        # and the judged window's, whose spread is the run's typical one (the best's until windows exist).
+        own = np.log(running[k] / best_level)
+        judged = np.sqrt(own * own / 2 + (self.sigmas * typical) ** 2 / w)
+        chance = np.where(np.isnan(typical), own, np.maximum(own, judged))  # never less than the best's alone
+        allowed_by_chance = np.exp(chance * compared(ends + 1, w))
+        hit = first_true(now >= self.over_best * best_level * allowed_by_chance)
         if hit is None:
             return
         self.found = True
         i = first + hit
-        best = candidate(int(which[k[hit]]))
-        ratio, allowed = float(now[hit] / best.level), best.upper / best.level
+        best = candidate(int(chosen[hit]))
+        ratio, allowed = float(now[hit] / best.level), float(allowed_by_chance[hit])
         step, since = int(self.steps[i]), int(self.steps[best.start])
         decided = self.validation_from is not None and self.validation_from <= since
         self.findings.append(Finding(
@@ -184,6 +214,28 @@ class TrainingLossRule:
             {"what": "loss_above_best", "ratio": round(ratio, 4), "loss": float(now[hit]), "best": best.level,
              "best_from_step": since, "chance": round(allowed, 4), "ratio_beyond_chance": round(ratio / allowed, 4)},
             Basis.LOSS))
+
+    def _typical_spread(self, spread: np.ndarray, lo: int, first: int, n: int) -> np.ndarray:
+        """For each end from ``first`` to ``n - 1``, the mean spread of the windows that are
+        candidates there (ending a window or more before it): the run's noise, not its best
+        candidate's (the lowest level tends to be a window that was also calm by chance, whose
+        own spread then allows too little), and not the judged rise's own. NaN before any.
+        ``spread`` holds the spreads of the windows ending at ``lo`` .. ``n - 1``."""
+        w = self.window
+        assert w is not None
+        new = spread[self.spread_next - lo:]  # windows ending spread_next .. n-1: their running sums
+        done = self.spread_next - (w - 1)
+        if done + len(new) > len(self.spread_sums):
+            grown = np.empty(max(2 * len(self.spread_sums), done + len(new)))
+            grown[:done] = self.spread_sums[:done]
+            self.spread_sums = grown
+        self.spread_sums[done : done + len(new)] = (self.spread_sums[done - 1] if done else 0.0) + np.cumsum(new)
+        self.spread_next = n
+        last = np.arange(first, n) - w - (w - 1)  # index of the last candidate window for each end
+        typical = np.full(len(last), np.nan)
+        some = last >= 0
+        typical[some] = self.spread_sums[last[some]] / (last[some] + 1)
+        return typical
 
     def notes(self) -> list[str]:
         """How the loss could be judged."""
