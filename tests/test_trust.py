@@ -39,6 +39,7 @@ def stop_lines(err: str) -> list[str]:
 
 # --- 1. old runs never trigger a stop ------------------------------------------------------------
 
+@pytest.mark.kill_safety
 def test_an_earlier_runs_critical_finding_never_stops_a_newly_launched_trainer(tmp_path):
     logs = tmp_path / "logs"
     copy_run_into(logs, "dadapt_sgd_blowup")  # an earlier run, critical, in the same logdir
@@ -52,6 +53,7 @@ def test_an_earlier_runs_critical_finding_never_stops_a_newly_launched_trainer(t
     assert code == 1  # the report still says the earlier run is critical
 
 
+@pytest.mark.kill_safety
 def test_an_earlier_runs_critical_finding_never_stops_a_given_pid(tmp_path):
     logs = tmp_path / "logs"
     copy_run_into(logs, "dadapt_sgd_blowup")
@@ -66,6 +68,7 @@ def test_an_earlier_runs_critical_finding_never_stops_a_given_pid(tmp_path):
         sleeper.wait()
 
 
+@pytest.mark.kill_safety
 def test_a_run_written_by_another_process_never_stops_the_launched_trainer(tmp_path):
     """A second trainer (not launched by lrwatch) writes a blowing-up run into the same logdir
     while lrwatch guards a healthy one: the blow-up is reported, nobody is stopped."""
@@ -84,6 +87,7 @@ def test_a_run_written_by_another_process_never_stops_the_launched_trainer(tmp_p
         other.wait()
 
 
+@pytest.mark.kill_safety
 @pytest.mark.parametrize("name", ["events.out.tfevents.{now}.otherhost.4242.0", "events.out.tfevents.{now}.synced"])
 def test_a_run_from_another_host_or_with_no_writer_in_its_name_never_stops_the_launched_trainer(tmp_path, name):
     """A shared or synced log folder: a blowing-up run written live into the watched folder,
@@ -108,6 +112,7 @@ def test_a_run_from_another_host_or_with_no_writer_in_its_name_never_stops_the_l
         other.wait()
 
 
+@pytest.mark.kill_safety
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="open modes are read from Linux's /proc")
 def test_a_launched_trainer_writing_a_file_with_no_pid_in_its_name_is_proved_by_its_open_handle(tmp_path):
     logs = tmp_path / "logs"
@@ -127,6 +132,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.kill_safety
 def test_tensorboard_tail_and_a_reader_holding_the_file_open_are_never_stopped(tmp_path):
     """The real writer has exited. TensorBoard serves the logdir, `tail -f` and a Python reader
     hold the event file open, and the file even names TensorBoard's pid with a fresh stamp:
@@ -163,6 +169,7 @@ def test_tensorboard_tail_and_a_reader_holding_the_file_open_are_never_stopped(t
 
 # --- 3. identity by more than the name -------------------------------------------------------------
 
+@pytest.mark.kill_safety
 def test_a_longer_host_name_that_starts_with_ours_is_another_machine(tmp_path):
     from lrwatch.processes import is_this_host, writer_from_name
 
@@ -174,6 +181,7 @@ def test_a_longer_host_name_that_starts_with_ours_is_another_machine(tmp_path):
     assert target is None and "not this machine" in why
 
 
+@pytest.mark.kill_safety
 def test_records_older_than_the_named_process_mean_it_is_not_the_writer(tmp_path):
     from lrwatch.processes import writer_from_name
 
@@ -198,6 +206,7 @@ sibling.wait()
 """
 
 
+@pytest.mark.kill_safety
 @pytest.mark.parametrize("name", ["sweep_torchrun.py", "torchrun.py"])
 def test_a_sweep_script_named_like_a_launcher_is_not_one_and_its_healthy_sibling_lives(tmp_path, name):
     script = tmp_path / name
@@ -260,6 +269,7 @@ def test_pid_1_lrwatch_and_its_parent_shell_are_refused(tmp_path):
 
 # --- 4. Ctrl-C as a terminal gives it --------------------------------------------------------------
 
+@pytest.mark.kill_safety
 @pytest.mark.skipif(not POSIX, reason="SIGINT dispositions are POSIX")
 def test_a_launched_trainer_gets_sigint_even_when_lrwatch_was_started_with_it_ignored(tmp_path):
     logs = tmp_path / "logs"
@@ -271,6 +281,7 @@ def test_a_launched_trainer_gets_sigint_even_when_lrwatch_was_started_with_it_ig
     assert "the trainer exited with code -2" in err
 
 
+@pytest.mark.kill_safety
 @pytest.mark.skipif(not POSIX, reason="SIGINT dispositions are POSIX")
 def test_a_found_writer_that_ignores_sigint_is_said_to_and_gets_sigterm(tmp_path):
     logs = tmp_path / "logs"
@@ -287,6 +298,7 @@ def test_a_found_writer_that_ignores_sigint_is_said_to_and_gets_sigterm(tmp_path
 
 # --- 5. --dry-run -------------------------------------------------------------------------------------
 
+@pytest.mark.kill_safety
 def test_dry_run_prints_nothing_that_reads_as_stopping(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--kill-at", "predict", "--risk-warning", "1.5",
@@ -359,6 +371,7 @@ def test_a_dlr_tag_without_an_lr_partner_invents_no_nan_lr(tmp_path, cli):
     assert "nan" not in result.stdout.lower() and "has no lr partner" in result.stdout
 
 
+@pytest.mark.kill_safety
 def test_a_live_watch_with_a_lone_dlr_mapping_never_kills_a_healthy_trainer(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--dlr-tag", "lr/{group}", "--",

@@ -96,6 +96,7 @@ def start_and_wait_for_file(cmd: list[str], logdir: Path, cwd: Path = ROOT) -> s
 
 # --- stopping the trainer ------------------------------------------------------------------------
 
+@pytest.mark.kill_safety
 def test_a_launched_trainer_is_stopped_before_the_recorded_blowup(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--grace-int", "5", *TOY, "--",
@@ -107,6 +108,7 @@ def test_a_launched_trainer_is_stopped_before_the_recorded_blowup(tmp_path):
     assert "verdict: CRITICAL" in out
 
 
+@pytest.mark.kill_safety
 def test_a_launcher_whose_child_writes_the_run_is_stopped_as_the_trainer(tmp_path):
     """`accelerate launch` (or a shell script) starts the process that writes the event file: the
     file names the child's pid, and the child is lrwatch's to stop because it descends from the
@@ -128,6 +130,7 @@ def test_a_launcher_whose_child_writes_the_run_is_stopped_as_the_trainer(tmp_pat
         assert signalled is not None and str(parsed[2]) in signalled.group(1).split(", ")
 
 
+@pytest.mark.kill_safety
 def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights(tmp_path):
     workspace = tmp_path / "workspace"
     replay = [sys.executable, str(ROOT / "tests" / "replay_onetrainer.py"), "blowup", str(workspace)]
@@ -176,6 +179,7 @@ def test_stop_cmd_under_dry_run_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.kill_safety
 def test_a_healthy_launched_run_is_left_alone_and_ends_the_watch(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--",
@@ -185,6 +189,7 @@ def test_a_healthy_launched_run_is_left_alone_and_ends_the_watch(tmp_path):
     assert last_step_written(logs) == 800
 
 
+@pytest.mark.kill_safety
 def test_a_really_training_writer_is_found_from_its_file_name_and_a_bystander_is_untouched(tmp_path):
     """No --pid, nothing launched: lrwatch finds the writer from the event file's name alone. The
     bystander runs the identical command line (same user, same arguments) from another folder:
@@ -210,6 +215,7 @@ def test_a_really_training_writer_is_found_from_its_file_name_and_a_bystander_is
             p.wait()
 
 
+@pytest.mark.kill_safety
 def test_a_stale_event_file_whose_pid_now_belongs_to_another_process_leads_to_no_signal(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -233,6 +239,7 @@ def test_a_stale_event_file_whose_pid_now_belongs_to_another_process_leads_to_no
         sleeper.wait()
 
 
+@pytest.mark.kill_safety
 def test_the_given_pid_is_stopped(tmp_path):
     logs = tmp_path / "logs"
     trainer = start_and_wait_for_file([*REPLAY, "dadapt_sgd_blowup", str(logs), "--delay", "0.02"], logs)
@@ -247,6 +254,7 @@ def test_the_given_pid_is_stopped(tmp_path):
         trainer.wait()
 
 
+@pytest.mark.kill_safety
 def test_dry_run_says_what_it_would_stop_and_stops_nothing(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--kill-on-spike", "--dry-run", "--",
@@ -257,6 +265,7 @@ def test_dry_run_says_what_it_would_stop_and_stops_nothing(tmp_path):
     assert last_step_written(logs) == 600
 
 
+@pytest.mark.kill_safety
 def test_kill_at_predict_waits_for_the_predicted_restart(tmp_path):
     logs = tmp_path / "logs"
     name = "dadapt_sgd_growth_blowup"  # with these thresholds, a strong prediction at 275; the next restart is 300
@@ -272,6 +281,7 @@ def test_kill_at_predict_waits_for_the_predicted_restart(tmp_path):
     assert (tmp_path / "out" / f"{name}-step00000300.safetensors").exists()  # the cycle-minimum save is kept
 
 
+@pytest.mark.kill_safety
 def test_kill_at_confirm_stops_on_evidence_not_on_a_prediction(tmp_path):
     logs = tmp_path / "logs"
     name = "dadapt_sgd_growth_blowup"  # strong predictions at 275 and 369; the loss far above its best at 514
@@ -323,6 +333,7 @@ def test_an_event_file_deleted_while_watched_is_said_at_once(tmp_path):
     assert f"cannot read {file.name}: file disappeared" in events.read_text()
 
 
+@pytest.mark.kill_safety
 def test_polling_mode_stops_the_trainer_too(tmp_path):
     logs = tmp_path / "logs"
     code, out, err = finish(lrwatch(str(logs), "--poll", "0.1", "--kill-on-spike", *TOY, "--",
@@ -339,6 +350,7 @@ def _launched_trainer(watcher: subprocess.Popen, logs: Path) -> psutil.Process:
     return [p for p in psutil.Process(watcher.pid).children() if "replay_writer" in " ".join(p.cmdline())][0]
 
 
+@pytest.mark.kill_safety
 @pytest.mark.skipif(not POSIX, reason="POSIX signals (Windows' console events are mapped onto them)")
 @pytest.mark.parametrize("signum, passed_on", [(signal.SIGINT, False), (signal.SIGTERM, True),
                                                (getattr(signal, "SIGHUP", 1), True)])
@@ -370,6 +382,7 @@ def test_a_signal_ends_the_watch_cleanly_and_says_what_became_of_the_trainer(tmp
     assert "run " in out  # the final audit is printed
 
 
+@pytest.mark.kill_safety
 @pytest.mark.skipif(not POSIX, reason="POSIX signals")
 def test_a_terminated_watch_never_signals_a_trainer_it_was_only_given(tmp_path):
     logs = tmp_path / "logs"
@@ -471,6 +484,7 @@ def test_the_watcher_judges_snapshots_as_they_appear_and_keeps_the_manifest(tmp_
     assert manifest["best"].endswith("prodigy_cosine_healthy.safetensors")
 
 
+@pytest.mark.kill_safety
 def test_a_process_holding_the_file_open_is_not_taken_for_its_writer(tmp_path):
     """No pid in the file name: holding the file open proves nothing (TensorBoard does it), so
     nothing is stopped and lrwatch says how to name the trainer."""
@@ -570,6 +584,7 @@ def test_ctrl_c_during_start_up_is_a_clean_end_not_a_traceback(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
 
 
+@pytest.mark.kill_safety
 def test_a_watch_ends_when_the_run_s_writer_exited_before_lrwatch_could_prove_it(tmp_path):
     """The run's writer wrote it and exited before lrwatch looked (here: written aside, then
     moved in). The file names a pid of this host that is gone: the watch ends, not waits forever."""
