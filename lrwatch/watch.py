@@ -612,6 +612,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
     guarded = Guarded.given(given, monitor.roots) if given else None
     stopper = _Stopper(options, hooks, guarded, kept=lambda state: _kept_snapshot(monitor, state))
     writers: dict[RunState, Identity | None] = {}  # runs' writers (None: gone when first checked)
+    watch_started = time.time()
     tried_writers: set[Path] = set()  # event files whose named writer was checked
     verdicts = _Verdicts(monitor, hooks, options.manifest)
     exporter = _Export(monitor, hooks) if options.tensorboard else None
@@ -678,7 +679,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
                     _announce(monitor, hooks, board)
                     board.draw(monitor.runs)
                     if guarded is None:
-                        _track_writers(monitor, writers, tried_writers)
+                        _track_writers(monitor, writers, tried_writers, watch_started)
                     else:  # its children, seen while they live (a writer may be one); a stop looks again
                         guarded.refresh()  # (a scan of every process: not once per file event)
             except Exception as e:
@@ -822,7 +823,8 @@ class _Export:
             self.hooks.action(None, "note", problem, notify=False)
 
 
-def _track_writers(monitor: Monitor, writers: dict[RunState, Identity | None], tried: set[Path]) -> None:
+def _track_writers(monitor: Monitor, writers: dict[RunState, Identity | None], tried: set[Path],
+                   since: float) -> None:
     """Note the proved writer of each run that grew while watched (earlier runs do not keep
     the watch going); a name check, not a scan of every process's open files. A file whose
     named writer was not proved is not asked again: the process it names cannot become it."""
@@ -836,14 +838,21 @@ def _track_writers(monitor: Monitor, writers: dict[RunState, Identity | None], t
         target, _ = writer_from_name(path, state.run.files[path].first_wall_time)
         if target is not None:
             writers[state] = target.identity
-        elif _named_writer_gone(path):  # it wrote and exited between two passes: the run is over all the same
+        elif _named_writer_gone(path, since):  # it wrote and exited between two passes: the run is over all the same
             writers[state] = None
 
 
-def _named_writer_gone(path: Path) -> bool:
-    """Whether ``path`` names a process of this host that is no longer running."""
+def _named_writer_gone(path: Path, since: float) -> bool:
+    """Whether ``path`` names a process of this host that is no longer running, and was written
+    to while watched (``since``, wall clock): a run copied or synced in keeps its old times, and
+    its long-gone writer says nothing about when the watch should end."""
     parsed = parse_writer_name(path)
-    if parsed is None or not is_this_host(parsed[1]):
+    if parsed is None or not is_this_host(parsed[1]) or is_remote(path):
+        return False
+    try:
+        if os.stat(path).st_mtime < since - CLOCK_SLACK:
+            return False
+    except OSError:
         return False
     try:
         return psutil.Process(parsed[2]).status() == psutil.STATUS_ZOMBIE
