@@ -18,7 +18,10 @@ import struct
 import sys
 import threading
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from lrwatch.sources import walk_files
 
 if TYPE_CHECKING:
     from watchdog.events import FileSystemEventHandler
@@ -135,17 +138,11 @@ class InotifyEvents:
         self._prefix[wd] = os.path.join(folder, "")
 
     def _watch_below(self, folder: str) -> None:
-        """Every folder below, symlinked ones too (a watch follows its link), each real folder once."""
-        seen = {os.path.realpath(folder)}
-        for parent, subfolders, _ in os.walk(folder, followlinks=True):
-            for name in list(subfolders):
-                path = os.path.join(parent, name)
-                real = os.path.realpath(path)
-                if real in seen:
-                    subfolders.remove(name)  # a link back up: not walked (or watched) twice
-                    continue
-                seen.add(real)
-                self._watch(path, True)
+        """Every folder below, as a listing finds them (``walk_files``: symlinked ones too, each
+        real folder once); a watch follows its link."""
+        for below, _ in walk_files(Path(folder)):
+            if str(below) != folder:
+                self._watch(str(below), True)
 
     def _forget(self, folder: str) -> None:
         """Stop watching ``folder`` and what is below it (it moved: its watches would name the old paths)."""

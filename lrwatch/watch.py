@@ -707,7 +707,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
                 runs.setdefault(path, set())
     except Interrupted as e:
         ended_by = e
-        reason = _unguarded(e, launched_proc, given, writers, options.dry_run, hooks)
+        reason = _unguarded(e, launched_proc, given, writers, options.dry_run)
     finally:
         watcher.stop()
     board.clear()
@@ -730,7 +730,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
 
 
 def _unguarded(ended: Interrupted, launched: subprocess.Popen | None, given: Target | None,
-               writers: dict[RunState, Identity | None], dry_run: bool, hooks: Hooks) -> str:
+               writers: dict[RunState, Identity | None], dry_run: bool) -> str:
     """Why the watch ended, and what became of each trainer it guarded: a launched trainer is
     handed SIGTERM and SIGHUP (the job is going away; lrwatch.signals), never Ctrl-C."""
     why = f"{ended.name} received"
