@@ -34,7 +34,7 @@ from lrwatch.rules.core import (
 )
 from lrwatch.rules.kinds import Basis, Kind
 from lrwatch.rules.loss import TrainingLossRule, ValidationRule
-from lrwatch.runs import GrowingArray, RunLike, Series
+from lrwatch.runs import GrowingArray, Run, RunLike, Series
 from lrwatch.schedule_config import KnownSchedule, known_schedule
 from lrwatch.tags import Group, TagMap
 from lrwatch.trainers import (
@@ -249,9 +249,9 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
     and d*lr there; a series that was not logged (and cannot be derived) is None (absent, never
     NaN). Derived: d*lr = lr * d (lr and d logged), lr = d*lr / d (SimpleTuner), lr from the
     schedule (only d*lr logged)."""
-    lr = _after(run.series(group.lr_tag) if group.lr_tag else None, after)
-    dlr = _after(run.series(group.dlr_tag) if group.dlr_tag else None, after)
-    d = _after(run.series(group.d_tag) if group.d_tag else None, after)
+    lr = _after(run.recent(group.lr_tag) if group.lr_tag else None, after)
+    dlr = _after(run.recent(group.dlr_tag) if group.dlr_tag else None, after)
+    d = _after(run.recent(group.d_tag) if group.d_tag else None, after)
     known = lr if dlr is None else dlr if lr is None else None  # exactly one of lr and d*lr logged
     if d is not None and known is not None:
         steps, k, dv = _paired(known, d)
@@ -329,9 +329,13 @@ class Analyser:
         self.thresholds = thresholds or Thresholds()
         self.fresh_starts = 0  # analyses that read the run from its first point
         self._rules: _RunRules | None = None
+        self._roles: tuple[list[str], TagMap, tuple] | None = None  # (tags, tag map, what they are read as)
 
     def update(self, run: RunLike, reading: Reading) -> Analysis:
-        key = _reading_key(run, reading)
+        tags = run.tags
+        if self._roles is None or self._roles[:2] != (tags, reading.tag_map):
+            self._roles = (tags, reading.tag_map, _roles(tags, reading.tag_map))
+        key = _reading_key(run, reading, self._roles[2])
         rules = self._rules
         if rules is not None and rules.key == key:
             try:
@@ -348,10 +352,25 @@ class Analyser:
         self._rules = rules
         return analysis
 
+    def forget(self, run: Run) -> None:
+        """Let the run and the rules go of the points the rules no longer need (``Run.forget``):
+        what a long run costs is then what the rules carry, not its length. The analysis's
+        curves keep only their recent points from then on; a fresh start (above) reads the
+        run's files again for the rest."""
+        if self._rules is not None:
+            run.forget(self._rules.keep_from(run))
 
-def _reading_key(run: RunLike, reading: Reading) -> tuple:
+
+def _reading_key(run: RunLike, reading: Reading, roles: tuple) -> tuple:
     return (reading.layout.name, reading.why, reading.tag_map, reading.schedule, tuple(reading.notes),
-            reading.steps_per_update, tuple(run.tags), run.config_version)
+            reading.steps_per_update, roles, run.config_version)
+
+
+def _roles(tags: list[str], tag_map: TagMap) -> tuple:
+    """What the rules read the tags as: a new tag that is none of these (kohya's epoch loss,
+    logged once an epoch ends) changes nothing they found."""
+    found = set(tags)
+    return tuple(tag_map.groups(found)), tag_map.loss_tag(found), tag_map.validation_tag(found)
 
 
 class _RunRules:
@@ -363,17 +382,20 @@ class _RunRules:
         self.schedule = reading.schedule or known_schedule(run.config)
         tags = set(run.tags)
         groups = reading.tag_map.groups(tags)
+        self.loss_tag = reading.tag_map.loss_tag(tags)
+        self.validation_tag = reading.tag_map.validation_tag(tags)
+        used = {t for g in groups for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t}
+        self.used = sorted(used | {t for t in (self.loss_tag, self.validation_tag) if t})
+        if any((kept := run.recent(tag)) is not None and kept.first for tag in self.used):
+            run.series(self.used[0])  # a fresh start over a run read in parts: every point again, from the files
         self.twins = [_TwinPair(g, k) for g, named in twin_candidates(groups) for k in named]
         folded = self._compare_twins(run)  # kohya's twin groups: one group each
         self.groups = [_GroupRules(g, self.schedule, th) for g in groups if g.name not in folded]
-        self.loss_tag = reading.tag_map.loss_tag(tags)
         self.loss = TrainingLossRule(self.loss_tag, th.loss_window, th.loss_over_best, th.loss_noise_sigmas,
                                      reading.steps_per_update) if self.loss_tag else None
-        self.validation_tag = reading.tag_map.validation_tag(tags)
         self.validation = ValidationRule(self.validation_tag, th.validation_over_best) if self.validation_tag else None
-        used = {t for g in groups for t in (g.lr_tag, g.dlr_tag, g.d_tag) if t}
-        self.used = sorted(used | {t for t in (self.loss_tag, self.validation_tag) if t})
         self.seen: dict[str, tuple[int, int]] = {}  # tag -> (points, points replaced) at the last update
+        self.reads = run.reads  # of the run's points from the start (``RunLike.reads``)
 
     def extend(self, run: RunLike) -> Analysis:
         self._check_appended(run)
@@ -382,25 +404,56 @@ class _RunRules:
         with np.errstate(divide="ignore", invalid="ignore"):  # the rules' NaN and inf mean "unknown"
             for rules in self.groups:
                 rules.extend(*_joined(run, rules.group, self.schedule, rules.last_step))
-            if self.validation is not None and (series := run.series(self.validation.tag)) is not None:
-                self.validation.extend(series.steps, series.values)
-            if self.loss is not None and (series := run.series(self.loss.tag)) is not None:
+            if self.validation is not None and (series := run.recent(self.validation.tag)) is not None:
+                self.validation.extend(series.steps, series.values, series.first)
+            if self.loss is not None and (series := run.recent(self.loss.tag)) is not None:
                 self.loss.validation_from = self.validation.first_step if self.validation else None
-                self.loss.extend(series.steps, series.values)
+                self.loss.extend(series.steps, series.values, series.first)
                 loss_notes = self.loss.notes()
         return self._analysis(run, loss_notes)
 
     def _check_appended(self, run: RunLike) -> None:
         seen = {}
         for tag in self.used:
-            series = run.series(tag)
+            series = run.recent(tag)
             if series is None:
                 continue
             before = self.seen.get(tag)
-            if before is not None and (len(series.steps) < before[0] or series.replaced != before[1]):
+            if before is not None and (series.total < before[0] or series.replaced != before[1]):
                 raise Stale(tag)
-            seen[tag] = (len(series.steps), series.replaced)
+            seen[tag] = (series.total, series.replaced)
+        if run.reads != self.reads:  # (above: a series that needed every point read them all again)
+            raise Stale("the run was read again from its files")
         self.seen = seen
+
+    def keep_from(self, run: RunLike) -> dict[str, int]:
+        """For each tag the rules read, the index of its first point they still need; and the
+        rules let go of their own points before what they need."""
+        keep: dict[str, int] = {}
+
+        def need(tag: str | None, index: int) -> None:
+            if tag is not None:
+                keep[tag] = min(keep.get(tag, index), index)
+
+        for tag in self.used:
+            if (series := run.recent(tag)) is not None:
+                need(tag, series.total)
+        for rules in self.groups:
+            last = rules.last_step
+            for group_tag in (rules.group.lr_tag, rules.group.dlr_tag, rules.group.d_tag):
+                if group_tag is not None and (kept := run.recent(group_tag)) is not None:
+                    after = kept.first + int(kept.steps.searchsorted(last, side="right")) if last is not None else 0
+                    need(group_tag, after)
+            rules.forget()
+        for pair in self.twins:
+            if pair.status != DIFFERS:
+                for tag in pair.tags():
+                    need(tag, pair.compared)
+        if self.loss is not None:
+            need(self.loss.tag, self.loss.keep_from())
+        if self.validation is not None:
+            need(self.validation.tag, self.validation.seen)
+        return keep
 
     def _compare_twins(self, run: RunLike) -> set[str]:
         """The ``group<i>`` groups that are twins of another group (kohya logs each group
@@ -408,7 +461,7 @@ class _RunRules:
         for pair in self.twins:
             if pair.status != DIFFERS:  # (differing points stay: only appends are extended)
                 pair.status = group_match(run, pair.group, pair.twin, pair.compared)
-                pair.compared = min((len(s.steps) for t in pair.tags() if (s := run.series(t)) is not None), default=0)
+                pair.compared = min((s.total for t in pair.tags() if (s := run.recent(t)) is not None), default=0)
         return {pair.group.name for pair in self.twins if pair.status == SAME}
 
     def _check_twins(self, run: RunLike) -> None:
@@ -448,7 +501,7 @@ class _RunRules:
                             validation_tag=self.validation_tag, trainer=reading.layout.name,
                             trainer_why=reading.why)
         if not analysis.checked:
-            analysis.unrecognised = {tag: len(s.steps) for tag in run.tags if (s := run.series(tag)) is not None}
+            analysis.unrecognised = {tag: s.total for tag in run.tags if (s := run.recent(tag)) is not None}
         return analysis
 
 
@@ -496,7 +549,7 @@ class _GroupRules:
 
     @property
     def last_step(self) -> int | None:
-        return int(self.steps.data[self.steps.n - 1]) if self.steps.n else None
+        return int(self.steps.last()) if self.steps.n else None
 
     def extend(self, steps: np.ndarray, lr: np.ndarray | None, dlr: np.ndarray | None) -> None:
         if not self.started:  # whether lr and d*lr are logged is known from the first call, points or none
@@ -507,7 +560,7 @@ class _GroupRules:
             return
         i0 = self.steps.n
         self.steps.extend(steps)
-        w = points(self.spacing.add(self.steps.view, i0), self.th.runaway_window)
+        w = points(self.spacing.add(self.steps.view, i0 - self.steps.start), self.th.runaway_window)
         if self.window is not None and w != self.window:
             raise Stale("the steps between logged points changed")
         self.window = w
@@ -533,8 +586,8 @@ class _GroupRules:
             if i is not None:
                 self.nonfinite_seen.add(label)
                 self.findings.append(Finding(
-                    Kind.BLOWUP, CRITICAL, self.group.name, int(self.steps.view[i0 + i]),
-                    f"{label} is {values[i]} at step {int(self.steps.view[i0 + i])}",
+                    Kind.BLOWUP, CRITICAL, self.group.name, int(self.steps.at(i0 + i)),
+                    f"{label} is {values[i]} at step {int(self.steps.at(i0 + i))}",
                     {"what": f"nonfinite_{label}", "value": None if math.isnan(values[i]) else float(values[i])},
                 ))
 
@@ -557,7 +610,7 @@ class _GroupRules:
         marks[hits - i0] = 1
         cycle_of = len(self.restarts) + np.cumsum(marks)
         self.restarts += new
-        self.restart_steps += self.steps.view[hits].tolist()
+        self.restart_steps += self.steps.view[hits - self.steps.start].tolist()
         peak = np.empty(m)
         bounds = [0, *(hits - i0).tolist(), m]
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -589,7 +642,7 @@ class _GroupRules:
             prev = x
         if new:
             self.restarts += new
-            self.restart_steps += self.steps.view[new].tolist()
+            self.restart_steps += [int(self.steps.at(i)) for i in new]
         return np.array(cycles, np.int64), new, np.array(peaks, np.float64)
 
     def _adaptive(self, i0: int, lr: np.ndarray, dlr: np.ndarray, peak: np.ndarray, cycle_of: np.ndarray,
@@ -601,7 +654,7 @@ class _GroupRules:
         best_before = self.best
         best = _running_max_finite(dlr, best_before)  # the highest d*lr so far, at every point
         self.best = float(best[-1])
-        risk = _restart_risk(self.steps.view[i0:], d, peak, best, self.schedule)
+        risk = _restart_risk(self.steps.since(i0), d, peak, best, self.schedule)
         self.d.extend(d)
         self.risk.extend(risk)
         self._settle(i0, w)
@@ -653,14 +706,15 @@ class _GroupRules:
         points only: each condition holds from the first point where it holds."""
         if self.settled is not None:
             return
-        d, n = self.d.view, self.d.n
+        n = self.d.n
+        new = self.d.since(i0)
         if self.d_first is None:
-            known = first_true(np.isfinite(d[i0:]))
+            known = first_true(np.isfinite(new))
             if known is None:
                 return
-            self.d_first = float(d[i0 + known])
+            self.d_first = float(new[known])
         if self.climb is None:
-            climbed = first_true(np.isfinite(d[i0:]) & (d[i0:] >= self.th.settle_climb * self.d_first))
+            climbed = first_true(np.isfinite(new) & (new >= self.th.settle_climb * self.d_first))
             if climbed is None:
                 return
             self.climb = i0 + climbed
@@ -671,7 +725,7 @@ class _GroupRules:
             found = first_restart
         lo = max(start + w, i0)
         if n > lo:
-            growth = d[lo:] / d[lo - w : n - w]
+            growth = self.d.since(lo) / self.d.between(lo - w, n - w)
             settled = first_true(np.isfinite(growth) & (growth < self.th.settle_growth))
             if settled is not None:
                 found = min(found, lo + settled)
@@ -695,7 +749,7 @@ class _GroupRules:
         warning, never a critical (healthy runs' restarts landed at 13-49x the highest d*lr and
         trained on; frying ones at 1-3x). Strong once d's warm-up is over and the ratio reaches
         ``risk_stop``: the one `--kill-at predict` acts on."""
-        step, risk, d = int(self.steps.view[i]), self.risk.view[i], self.d.view[i]
+        step, risk, d = int(self.steps.at(i)), self.risk.at(i), self.d.at(i)
         restart = self.schedule.next_restart(step) if self.schedule else None
         when = f"at the restart at step {restart}" if restart else "at the next restart"
         self.findings.append(Finding(
@@ -711,19 +765,19 @@ class _GroupRules:
         never reaches back into d's warm-up: growth measured from d0 is the warm-up itself."""
         if self.settled is None:
             return
-        n = self.d.n
+        n, o = self.d.n, self.d.start  # (indices below count from the run's first point; the arrays from o)
         d, steps = self.d.view, self.steps.view
         idx = np.arange(i0, n)
         back = np.minimum(np.maximum(idx - w, self.settled), n - 1)
         eligible = idx > np.maximum(idx - w, self.settled)
-        growth = d[i0:] / d[back]
+        growth = d[i0 - o :] / d[back - o]
         eligible &= np.isfinite(growth)
         for severity, level in ((WARNING, self.th.runaway_warning), (CRITICAL, self.th.runaway_critical)):
             mask = eligible & (growth >= level)
             if not mask.any():
                 break  # (as for the risk: no warning, no critical)
             for k in self._first_per_cycle("runaway", severity, mask, cycle_of):
-                i, b = i0 + k, int(back[k])
+                i, b = i0 + k - o, int(back[k]) - o
                 self.findings.append(Finding(
                     Kind.RUNAWAY_D, severity, self.group.name, int(steps[i]),
                     f"d grew {growth[k]:.1f}x in {int(steps[i] - steps[b])} steps "
@@ -736,7 +790,7 @@ class _GroupRules:
         """What happened at a restart: d*lr far above everything before. A warning, not a fry:
         on the realistic corpus, runs whose restarts landed at 4-5x trained on fine; the loss
         rules confirm a real fry."""
-        step, dlr = int(self.steps.view[i]), float(self.dlr.view[i])  # type: ignore[union-attr]
+        step, dlr = int(self.steps.at(i)), float(self.dlr.at(i))  # type: ignore[union-attr]
         self.findings.append(Finding(
             Kind.BLOWUP, WARNING, self.group.name, step,
             f"restart at step {step}: d*lr {dlr:.3g} is {ratio:.1f}x the highest before ({before:.3g})",
@@ -753,8 +807,8 @@ class _GroupRules:
         for a, b in zip(bounds[:-1], bounds[1:]):
             if a in starts or self.open is None:
                 if self.open is not None:
-                    self.closed.append(self.open.cycle(self, complete=True))
-                self.open = _OpenCycle(len(self.closed), a)
+                    self.closed.append(self.open.cycle(complete=True))
+                self.open = _OpenCycle(len(self.closed), int(self.steps.at(a)))
             self.open.add(self, a, b)
 
     def result(self) -> GroupAnalysis:
@@ -765,7 +819,7 @@ class _GroupRules:
         cycles = list(self.closed)
         if self.open is not None:
             complete = bool(self.schedule and self.schedule.max_steps and steps[-1] >= self.schedule.max_steps)
-            cycles.append(self.open.cycle(self, complete))
+            cycles.append(self.open.cycle(complete))
         risk = self.risk.view
         risk_now = None if lr is None or dlr is None or not n or not np.isfinite(risk[-1]) else float(risk[-1])
         next_restart = self.schedule.next_restart(int(steps[-1])) if self.schedule and n else None
@@ -773,42 +827,51 @@ class _GroupRules:
                              self.peak.view, list(self.restart_steps), cycles, risk_now, next_restart,
                              self.group.d_tag, risk)
 
+    def forget(self) -> None:
+        """Let go of the points that no rule looks back to: d's growth looks a window back, the
+        spacing of steps one point."""
+        if self.window is None:
+            return
+        keep = self.steps.n - self.window - 2
+        for part in (self.steps, self.lr, self.dlr, self.d, self.peak, self.risk):
+            if part is not None:
+                part.forget_before(keep)
+
 
 class _OpenCycle:
     """The last cycle's summary, added to as its points come."""
 
-    def __init__(self, index: int, start: int) -> None:
-        self.index, self.start = index, start
-        self.end = start
+    def __init__(self, index: int, start_step: int) -> None:
+        self.index, self.start_step = index, start_step
+        self.end_step = start_step
         self.peak_lr = math.nan
-        self.low, self.low_lr = start, math.inf  # where the lowest finite lr is (the first, on ties)
+        self.low_step, self.low_lr = start_step, math.nan  # where the lowest finite lr is (the first, on ties)
         self.d_start: float | None = None
         self.d_end: float | None = None
         self.peak_dlr: float | None = None
 
     def add(self, rules: _GroupRules, a: int, b: int) -> None:
-        self.end = b - 1
+        self.end_step = int(rules.steps.at(b - 1))
         small = b - a <= SMALL_UPDATE  # a watched update's few points: plain floats cost less than numpy's calls
-        lr = _lr_extremes(rules.lr.view[a:b], small)  # type: ignore[union-attr]
+        lr = _lr_extremes(rules.lr.between(a, b), small)  # type: ignore[union-attr]
         if lr is not None:
             top, low, k = lr
             self.peak_lr = top if math.isnan(self.peak_lr) else max(self.peak_lr, top)
-            if low < self.low_lr:
-                self.low, self.low_lr = a + k, low
-        d = _finite_ends(rules.d.view[a:b], small)
+            if not low >= self.low_lr:  # (NaN before any finite lr)
+                self.low_step, self.low_lr = int(rules.steps.at(a + k)), low
+        d = _finite_ends(rules.d.between(a, b), small)
         if d is not None:
             self.d_start = d[0] if self.d_start is None else self.d_start
             self.d_end = d[1]
         if rules.dlr is not None:
-            dlr = _finite_ends(rules.dlr.view[a:b], small)
+            dlr = _finite_ends(rules.dlr.between(a, b), small)
             if dlr is not None:
                 self.peak_dlr = dlr[2] if self.peak_dlr is None else max(self.peak_dlr, dlr[2])
 
-    def cycle(self, rules: _GroupRules, complete: bool) -> Cycle:
-        steps, lr = rules.steps.view, rules.lr.view  # type: ignore[union-attr]
+    def cycle(self, complete: bool) -> Cycle:
         growth = (self.d_end / self.d_start) if self.d_start and self.d_end is not None else None
-        return Cycle(self.index, int(steps[self.start]), int(steps[self.end]), self.peak_lr, float(lr[self.low]),
-                     int(steps[self.low]), self.d_start, self.d_end, growth, self.peak_dlr, complete)
+        return Cycle(self.index, self.start_step, self.end_step, self.peak_lr, self.low_lr, self.low_step,
+                     self.d_start, self.d_end, growth, self.peak_dlr, complete)
 
 
 def _lr_extremes(lr: np.ndarray, small: bool) -> tuple[float, float, int] | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrwatch.analysis import Thresholds
-from lrwatch.monitor import Monitor, RunState
+from lrwatch.monitor import READ_BUDGET, Monitor, RunState
 from lrwatch.report import exit_code, render, run_json, to_json
 from lrwatch.snapshots import (
     DEFAULT_FRIED_LOSS,
@@ -88,6 +88,7 @@ def _analyse_alone(states: list[RunState], options: dict[str, Any], keep_points:
     """In a worker process: read and analyse each run as if it were the only one (the costly
     part of an audit); without ``keep_points``, only what the report says of it comes back."""
     worker = Monitor([], **options)
+    worker.read_budget = None if keep_points else READ_BUDGET
     for state in states:
         worker.states = {state.run.path: state}
         worker.poll({state.run.path}, rediscover=False)
@@ -98,6 +99,7 @@ def _analyse_alone(states: list[RunState], options: dict[str, Any], keep_points:
 
 
 def _drop_points(state: RunState) -> None:
+    state.analyser = None
     state.run.drop_points()
     for group in state.analysis.groups if state.analysis else []:
         group.drop_curves()
@@ -157,9 +159,11 @@ def audit(
     ``<run folder>/lrwatch/`` (lrwatch.tbexport). Paths may be URLs fsspec understands
     (``storage_options`` go to it). With many runs, reading them is spread over ``workers``
     processes (default: every core; 1 reads in this process); the results keep their order.
-    ``keep_points=False`` keeps only what the report says of each run once it is analysed (its
-    points and per-point curves go; a series asked for later is read again), so that memory
-    does not grow with the runs; with ``snapshots`` or ``tensorboard`` they are always kept."""
+    ``keep_points=False`` reads each run in parts (``READ_BUDGET``), letting go of the points
+    its rules no longer need, and keeps only what the report says of it once it is analysed
+    (its points and per-point curves go; a series asked for later is read again), so that
+    memory grows neither with the runs nor with their length; with ``snapshots`` or
+    ``tensorboard`` every point is kept."""
     book = (SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss, fried_validation, storage_options)
             if snapshots else None)
     monitor = Monitor(paths, tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
@@ -167,6 +171,8 @@ def audit(
     runs = monitor.discover()
     pool = _pool_size(workers, len(runs))
     keep_points = keep_points or bool(snapshots) or tensorboard  # both draw on every run's curves
+    if not keep_points:
+        monitor.read_budget = READ_BUDGET
     if pool > 1:
         _analyse_in_parallel(monitor, pool, keep_points, on_run)
     else:

@@ -36,6 +36,7 @@ class Batch:
     restarted: bool = False  # the file shrank or was replaced, and was read again from the start
     error: str | None = None  # the file could not be read at all this time (permissions, gone)
     columns: Scalars | None = None
+    more: bool = False  # the read stopped at its budget before the file's end (``read_new(budget=)``)
 
     @property
     def scalars(self) -> Scalars:
@@ -63,8 +64,10 @@ class EventFile:
         self.first_wall_time: float | None = None  # of the first scalar record: who wrote the file, and when
         self._growing = None if is_remote(self.path) else GrowingFile(self.path)  # a watched flush's read
 
-    def read_new(self) -> Batch:
-        """Read and decode everything complete after the last read."""
+    def read_new(self, budget: int | None = None) -> Batch:
+        """Read and decode everything complete after the last read; with a ``budget`` (bytes),
+        stop once that much was read (``Batch.more``: the rest is for the next call), so a
+        long run is read and analysed in parts of bounded size."""
         try:
             if self._growing is not None and self._identity is not None and not self.in_garbage:  # a watched flush
                 data = self._growing.appended(self.offset, self._identity, SMALL_BUFFER, self._tail)
@@ -75,7 +78,7 @@ class EventFile:
                     if step is not None:  # else (a record cut mid-write, damage) the Reader reads it again
                         return self._whole_step(data, *step, restarted=False)
             with Reader(self.path) as reader:
-                return self._read(reader)
+                return self._read(reader, budget)
         except FileNotFoundError:
             return Batch(error="file disappeared")
         except OSError as e:
@@ -87,7 +90,7 @@ class EventFile:
         if self._growing is not None:
             self._growing.check_name()
 
-    def _read(self, reader: Reader) -> Batch:
+    def _read(self, reader: Reader, budget: int | None) -> Batch:
         parts: list[Scalars] = []
         damage: list[Damage] = []
         restarted = False
@@ -101,9 +104,14 @@ class EventFile:
             self.offset, self.in_garbage, restarted = 0, False, True
         self._identity = info.version
         size, want = info.size, CHUNK_BYTES
+        if budget is not None:
+            want = min(want, max(budget, HEADER + FOOTER))
+        began, more = self.offset, False
         while self.offset < size:
             data = reader.read(self.offset, self.offset + min(want, size - self.offset))
-            step = whole_torch_step(data) if data and not self.in_garbage and len(data) <= SMALL_BUFFER else None
+            to_end = self.offset + len(data) >= size
+            step = (whole_torch_step(data) if data and to_end and not self.in_garbage and len(data) <= SMALL_BUFFER
+                    else None)
             if step is not None and not parts and not damage:  # the watched case: whole records, to the end
                 return self._whole_step(data, *step, restarted=restarted)
             frames = find_records(data, self.offset, self.in_garbage)
@@ -128,12 +136,15 @@ class EventFile:
                 if not frames.need or frames.need > MAX_RECORD_BYTES + 16 or frames.need <= len(data):
                     break
                 want = frames.need
+            elif budget is not None and self.offset - began >= budget:
+                more = True
+                break
             else:
-                want = CHUNK_BYTES
+                want = CHUNK_BYTES if budget is None else min(CHUNK_BYTES, budget)
         scalars = concat(parts)
         if self.first_wall_time is None and len(scalars):
             self.first_wall_time = float(scalars.wall_times.min())
-        return Batch(None, damage, pending, restarted, columns=scalars)
+        return Batch(None, damage, pending if not more else 0, restarted, columns=scalars, more=more)
 
     def _whole_step(self, data: bytes, points: list[Point], count: int, restarted: bool) -> Batch:
         """Take ``data``, whole records to the file's end, read from the offset."""

@@ -32,6 +32,12 @@ ACTIVE_WINDOW = 2.0  # seconds: a run that got points this recently counts as gr
 # ~active runs x an update's cost / the budget: 200 x ~0.3 ms / 2 % = 3 s.
 MAX_ANALYSIS_DELAY = 3.0
 ANALYSIS_SLICE = 0.01  # seconds of put-off analyses per pass, at most (Monitor._throttled)
+# Bytes of a run read and analysed at once where points are let go of: a part's points and arrays,
+# and the rules' carried window, are what is held, whatever the run's length (32 MB: ~700k points).
+READ_BUDGET = 32 << 20
+# Points a watched run may gather beyond what its rules need before they are let go of: letting go
+# copies what is kept, so it is done now and then, not at every step.
+FORGET_EVERY = 4096
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -63,6 +69,7 @@ class RunState:
     resume_note: tuple[tuple, str | None] | None = None  # (what it depends on, the note) for runs without a config
     rendered: str | None = None  # its JSON report entry, rendered where it was analysed (an audit's worker)
     analyser: Analyser | None = None  # a watched run's analysis, updated with its new points only
+    unforgotten: int = 0  # points read since its points were last let go of (``Monitor.forget_every``)
 
     @property
     def series_source(self) -> RunLike:
@@ -101,6 +108,12 @@ class Monitor:
         self.points_read = 0  # scalar points read so far, over all runs (the watcher's sign of new data)
         self.analysis_budget = 0.0  # share of one core for analyses (the watcher sets it; 0: analyse every change)
         self.updates_analyses = False  # the watcher's: each run's analysis is kept and updated with its new points
+        # When only what the report says is kept (an audit without curves; a watch without snapshot
+        # verdicts or a TensorBoard export, which draw on every point): runs are read in parts of about
+        # ``read_budget`` bytes, each analysed and its points let go of (``Analyser.forget``) once a run
+        # has ``forget_every`` more than its rules need, so memory does not grow with a run's length.
+        self.read_budget: int | None = None
+        self.forget_every: int | None = None
         self._analysis_cost = 0.001  # seconds per analysis, a moving average
         self.root_errors: dict[Path, str] = {}  # roots (and folders below them) that could not be listed, and why
         self._unlistable: dict[Path, str] = {}  # the folders below roots among them, as the last listing found
@@ -188,8 +201,11 @@ class Monitor:
                 if relist:
                     state.listed_at = now
                 only = None if written is None or relist else written.get(state.run.path, set())
-                new_points = state.run.refresh(relist, only)
+                new_points = state.run.refresh(relist, only, self.read_budget)
+                while state.run.more:
+                    new_points += self._next_part(state)
                 self.points_read += new_points
+                state.unforgotten += new_points
                 if not new_points and state.analysis is not None and not state.stale:
                     continue
                 if self.live and (new_points or not state.seen_at_start):
@@ -198,17 +214,33 @@ class Monitor:
                     continue
                 self._analyse(state)
                 spent += time.monotonic() - state.analysed_at
+                if self.forget_every is not None and state.unforgotten >= self.forget_every and state.analyser:
+                    state.analyser.forget(state.run)
+                    state.unforgotten = 0
+                    for group in state.analysis.groups if state.analysis else []:
+                        group.drop_curves()  # (they held the points let go of; the next analysis has the recent ones)
             except Exception as e:  # one run's trouble never stops the others (or the watch)
                 state.error = f"{type(e).__name__}: {e} (at {_where(e)})"
                 continue
             out += self._new_findings(state)
         return out
 
+    def _next_part(self, state: RunState) -> int:
+        """Analyse the part of a run read so far, let go of the points the rules no longer need,
+        and read the next part (``read_budget``); the rest of it at once where the run is
+        analysed joined to the run it resumed (that analysis reads every point each time)."""
+        self._analyse(state)
+        if state.analyser is None:
+            return state.run.refresh(relist=False)
+        state.analyser.forget(state.run)
+        return state.run.refresh(relist=False, budget=self.read_budget)
+
     def _analyse(self, state: RunState) -> None:
         state.stale, state.analysed_at, state.rendered = False, time.monotonic(), None
         reading = read_layout(state.run, self.trainer, self.tag_map, self.schedule)
         state.view, resume_note, resume_step = self._joined_view(state.run)
-        if self.updates_analyses and state.view is state.run:  # (a joined run's history can change under it)
+        incremental = self.updates_analyses or self.read_budget is not None
+        if incremental and state.view is state.run:  # (a joined run's history can change under it)
             state.analyser = state.analyser or Analyser(self.thresholds)
             state.analysis = state.analyser.update(state.view, reading)
         else:

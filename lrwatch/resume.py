@@ -88,6 +88,10 @@ class JoinedRun:
     def tags(self) -> list[str]:
         return sorted(set(self.earlier.tags if self.earlier else ()) | set(self.later.tags))
 
+    @property
+    def reads(self) -> int:
+        return self.later.reads + (self.earlier.reads if self.earlier else 0)
+
     def series(self, tag: str) -> Series | None:
         before = self.earlier.series(tag) if self.earlier else None
         after = self.later.series(tag)
@@ -99,3 +103,7 @@ class JoinedRun:
         keep = before.steps <= self.resume_step
         return Series(np.concatenate([before.steps[keep], steps]), np.concatenate([before.values[keep], after.values]),
                       np.concatenate([before.wall_times[keep], after.wall_times]))
+
+    def recent(self, tag: str) -> Series | None:
+        """A joined run is analysed whole (its history can change under it): all of it."""
+        return self.series(tag)

@@ -13,10 +13,11 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from lrwatch.events import Scalars, concat
 from lrwatch.loader import EventFile, Point
 from lrwatch.records import Damage
 from lrwatch.sources import location, walk_files
@@ -69,6 +70,12 @@ class Series:
     values: np.ndarray
     wall_times: np.ndarray
     replaced: int = 0  # points dropped so far because a later write took their step (nonzero: the past changed)
+    first: int = 0  # how many points came before ``steps[0]`` (``Run.recent`` after ``Run.forget``)
+
+    @property
+    def total(self) -> int:
+        """Points in the whole series, kept or not."""
+        return self.first + len(self.steps)
 
 
 class RunLike(Protocol):
@@ -87,40 +94,79 @@ class RunLike(Protocol):
     @property
     def tags(self) -> list[str]: ...
 
+    @property
+    def reads(self) -> int:
+        """Times its points were read again from the start (what was analysed may have changed)."""
+
     def series(self, tag: str) -> Series | None: ...
+
+    def recent(self, tag: str) -> Series | None:
+        """The series as kept (``Series.first``: the points before it that were let go)."""
 
 
 class GrowingArray:
     """An array that grows at its end: an append costs what it adds (amortised), and ``view``
-    is the filled part without a copy, read-only: what was handed out is shared, and a view
-    taken earlier keeps its length and values."""
+    is the part kept without a copy, read-only: what was handed out is shared, and a view
+    taken earlier keeps its length and values. Its head can be let go (``forget_before``):
+    ``n`` counts every item appended, ``start`` those let go, and indices into it (``at``,
+    ``since``, ``between``) count from the first item ever appended, so a rule that keeps
+    indices keeps them across a forgetting."""
 
-    __slots__ = ("data", "n", "_view", "_read_only")
+    __slots__ = ("data", "n", "start", "_view", "_read_only")
 
     def __init__(self, dtype: type = np.float64) -> None:
         self.data: np.ndarray = np.empty(0, dtype)
         self.n = 0
+        self.start = 0
         self._view: np.ndarray | None = None
         self._read_only = _read_only(self.data)  # all of ``data``, unwritable: its slices are too
 
     def extend(self, x: np.ndarray | Sequence[float]) -> None:
-        need = self.n + len(x)
+        kept = self.n - self.start
+        need = kept + len(x)
         if need > len(self.data):
             grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
-            grown[: self.n] = self.data[: self.n]
+            grown[:kept] = self.data[:kept]
             self.data, self._read_only = grown, _read_only(grown)
-        self.data[self.n : need] = x
-        self.n, self._view = need, None
+        self.data[kept:need] = x
+        self.n, self._view = self.n + len(x), None
 
     def clear(self) -> None:
-        self.data, self.n, self._view = self.data[:0], 0, None
+        self.data, self.n, self.start, self._view = self.data[:0], 0, 0, None
         self._read_only = _read_only(self.data)
+
+    def forget_before(self, i: int) -> None:
+        """Let go of the items before index ``i`` (into a smaller array: the memory goes too); the
+        last item is always kept (``last``: where the next items must come after)."""
+        i = min(i, self.n - 1)
+        if i <= self.start:
+            return
+        kept = self.data[i - self.start : self.n - self.start]
+        self.data = np.empty(max(2 * len(kept), 16), self.data.dtype)
+        self.data[: len(kept)] = kept
+        self.start, self._view, self._read_only = i, None, _read_only(self.data)
 
     @property
     def view(self) -> np.ndarray:
+        """The items kept (``start`` .. ``n - 1``)."""
         if self._view is None:  # a slice of an unwritable array: a third of setting a view's flag
-            self._view = self._read_only[: self.n]
+            self._view = self._read_only[: self.n - self.start]
         return self._view
+
+    def at(self, i: int) -> Any:  # a numpy scalar of the array's type
+        """The item at index ``i`` (kept: ``start <= i < n``)."""
+        return self.data[i - self.start]
+
+    def last(self) -> Any:
+        return self.data[self.n - self.start - 1]
+
+    def since(self, i: int) -> np.ndarray:
+        """The items from index ``i`` on (``i >= start``)."""
+        return self.view[i - self.start :]
+
+    def between(self, a: int, b: int) -> np.ndarray:
+        """The items at indices ``a`` .. ``b - 1`` (``a >= start``)."""
+        return self.view[a - self.start : b - self.start]
 
 
 def _read_only(data: np.ndarray) -> np.ndarray:
@@ -134,7 +180,7 @@ class _TagChunks:
     large reads and plain tuples from a watched step's few records (cheaper to append one by
     one), merged in when the series is asked for."""
 
-    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded", "replaced", "series")
+    __slots__ = ("steps", "values", "walls", "tail", "merged", "superseded", "replaced", "series", "first_step")
 
     def __init__(self) -> None:
         self.series = (GrowingArray(np.int64), GrowingArray(), GrowingArray())  # steps, values, wall times
@@ -144,7 +190,8 @@ class _TagChunks:
         self.tail: list[tuple[int, float, float]] = []  # (step, value, wall time), after the arrays
         self.merged: Series | None = None
         self.superseded = 0  # points replaced by a later write of an earlier step (a resume)
-        self.replaced = 0  # points replaced by a later write of the same or an earlier step
+        self.replaced = 0  # points handed out (in a series) that a later write of their step or an earlier one replaced
+        self.first_step: int | None = None  # the series' first step, once its first points are let go
 
     def flush_tail(self) -> None:
         if self.tail:
@@ -159,7 +206,35 @@ class _TagChunks:
         """The series with these points (steps past its last) appended: views, no copies."""
         for part, new in zip(self.series, (steps, values, walls)):
             part.extend(new)
-        return Series(self.series[0].view, self.series[1].view, self.series[2].view, self.replaced)
+        return Series(self.series[0].view, self.series[1].view, self.series[2].view, self.replaced,
+                      self.series[0].start)
+
+    def forget_before(self, i: int) -> None:
+        steps = self.series[0]
+        if i > steps.start and self.first_step is None and steps.n:
+            self.first_step = int(steps.at(steps.start))
+        for part in self.series:
+            part.forget_before(i)
+        self.merged = None
+
+
+def _split_last_step(scalars: Scalars) -> tuple[Scalars, Scalars]:
+    """(the points written before each tag's trailing points at its last step, those points):
+    a tag's next part may log more at that step (kohya logs each micro-batch at one step),
+    which only the whole of them, in write order, resolves."""
+    ids, steps = scalars.tag_ids, scalars.steps
+    order = np.arange(len(steps))
+    last = np.full(len(scalars.tags), -1)
+    np.maximum.at(last, ids, order)  # each tag's last point
+    other = steps != steps[last[ids]]  # a point at another step than its tag's last
+    cut = np.full(len(scalars.tags), -1)
+    np.maximum.at(cut, ids[other], order[other])
+    held = order > cut[ids]
+
+    def part(mask: np.ndarray, hparams: dict[str, object]) -> Scalars:
+        return Scalars(scalars.tags, ids[mask], steps[mask], scalars.values[mask], scalars.wall_times[mask], hparams)
+
+    return part(~held, scalars.hparams), part(held, {})
 
 
 def resolve_relogged(steps: np.ndarray) -> np.ndarray:
@@ -195,6 +270,10 @@ class Run:
         self._pending: dict[Path, int] = {}  # bytes of an unfinished record at each file's end
         self._chunks: dict[str, _TagChunks] = {}
         self._dropped: tuple[list[str], int] | None = None  # (tags, superseded points) once points are dropped
+        self._forgotten = False  # ``forget`` let go of points: ``series`` reads the files again for them
+        self._held: dict[Path, Scalars] = {}  # a budgeted read's last step, added with the file's next part
+        self.more = False  # the last (budgeted) refresh stopped before the ends of the files
+        self.reads = 0  # times every point was read again from the files (``_read_again``)
         self._step_range: tuple[int, int] | None = None  # (first, last) step over every tag
         self._step_range_known = False
         self._yml_seen: dict[Path, float] = {}  # hparams.yml files read, by mtime
@@ -214,13 +293,17 @@ class Run:
                 found.append(entry)
         return sorted(found, key=_file_order)
 
-    def refresh(self, relist: bool = True, only: Collection[Path] | None = None) -> int:
+    def refresh(self, relist: bool = True, only: Collection[Path] | None = None, budget: int | None = None) -> int:
         """Read what is new in every file of the run; return the number of new scalar points.
         ``relist=False`` reads the files already known without listing the folder again (the
         watcher relists on its own schedule: a listing costs more than reading a new step);
-        ``only``, without a listing: just these of them (the files written, as file events tell)."""
+        ``only``, without a listing: just these of them (the files written, as file events tell).
+        ``budget``: read at most about that many bytes of each file (``more`` says whether any
+        has more); the points of the last step read wait for the file's next part, where the
+        trainer may have logged more at that step (kohya logs each micro-batch at one step)."""
         new_points = 0
         self.new_nonfinite = False
+        self.more = False
         listed = relist or not self.files
         if listed:  # the paths already known stay the same objects: dict look-ups by identity, not by comparison
             known = {path: path for path in self.files}
@@ -230,10 +313,15 @@ class Run:
         for path in self._listed:
             if only is not None and not listed and path not in only:
                 continue
+            if self.more and path.parent == self.path:
+                # A budgeted read goes file by file (a run's files in write order: resolve_relogged); the
+                # config's own files (add_hparams' subfolder) are read at once: the rules start from it.
+                continue
             loader = self.files.get(path)
             if loader is None:
                 loader = self.files[path] = EventFile(path)
-            batch = loader.read_new()
+            batch = loader.read_new(budget)
+            self.more = self.more or batch.more
             if batch.error:
                 self.file_errors[path] = batch.error
                 continue
@@ -244,6 +332,12 @@ class Run:
             self._pending[path] = batch.pending
             if batch.damage:
                 self.damage += [(path, d) for d in batch.damage]
+            held = self._held.pop(path, None)
+            if held is not None or batch.more:  # a part of a budgeted read: in columns, the last step held back
+                scalars = batch.scalars if held is None else concat([held, batch.scalars])
+                if batch.more:
+                    scalars, self._held[path] = _split_last_step(scalars)
+                batch.points, batch.columns = None, scalars
             if batch.points is not None:  # a watched flush: its points as they are
                 if batch.points:
                     self.new_nonfinite = self._add_points(batch.points) or self.new_nonfinite
@@ -339,23 +433,54 @@ class Run:
             self._dropped = (self.tags, self.superseded_points)
             self._chunks = {}
 
+    def forget(self, keep_from: dict[str, int]) -> None:
+        """Let go of each tag's points before index ``keep_from[tag]`` (of a tag not named, all
+        but its last point): the rules carry what they need of them, so a long run's memory is
+        what the rules keep, not its length. ``recent`` gives what is kept; ``series`` reads
+        the files again for the rest (a plot or snapshot verdicts of a run read this way)."""
+        for tag, chunks in self._chunks.items():
+            series = self.recent(tag)
+            if series is None:
+                continue
+            i = keep_from.get(tag, series.total - 1)
+            if i > series.first:
+                chunks.forget_before(i)
+                self._forgotten = True
+
     def _read_again(self) -> None:
-        self._dropped = None
+        """Every point again, from the files (after ``drop_points`` or ``forget``). The files
+        are read to their ends by new readers, which then follow them."""
+        self._dropped, self._forgotten, self.more = None, False, False
+        self.reads += 1
+        self._chunks, self._held, self._step_range_known = {}, {}, False
+        readers = {}
         for path in self.files:
-            batch = EventFile(path).read_new()
+            readers[path] = reader = EventFile(path)
+            batch = reader.read_new()
             if len(batch.scalars):
                 self._add(batch.scalars)
+        self.files = readers
 
     def step_range(self) -> tuple[int, int] | None:
         """(first, last) step over every tag, or None without points."""
         if not self._step_range_known:
-            ends = [(int(s.steps[0]), int(s.steps[-1])) for t in self.tags
-                    if (s := self.series(t)) is not None and len(s.steps)]
+            ends = [(self._first_step(t, s), int(s.steps[-1])) for t in self.tags
+                    if (s := self.recent(t)) is not None and len(s.steps)]
             self._step_range = (min(e[0] for e in ends), max(e[1] for e in ends)) if ends else None
             self._step_range_known = True
         return self._step_range
 
+    def _first_step(self, tag: str, kept: Series) -> int:
+        first = self._chunks[tag].first_step if kept.first else None
+        return int(kept.steps[0]) if first is None else first
+
     def series(self, tag: str) -> Series | None:
+        """The tag's whole series."""
+        if self._forgotten:
+            self._read_again()
+        return self.recent(tag)
+
+    def recent(self, tag: str) -> Series | None:
         if self._dropped is not None and tag in self._dropped[0]:
             self._read_again()
         chunks = self._chunks.get(tag)
@@ -363,7 +488,11 @@ class Run:
             return None
         if chunks.merged is None:
             appended = self._appended(chunks)
-            chunks.merged = appended if appended is not None else self._merged(chunks)
+            merged = appended if appended is not None else self._merged(chunks)
+            if merged is None:  # steps went back into points let go of: only every point resolves them
+                self._read_again()
+                return self.recent(tag)
+            chunks.merged = merged
         return chunks.merged
 
     @staticmethod
@@ -374,29 +503,36 @@ class Run:
             return None
         steps, values, walls = zip(*chunks.tail)
         last = chunks.series[0]
-        if last.n and steps[0] <= last.data[last.n - 1] or any(a >= b for a, b in zip(steps, steps[1:])):
+        if last.n and steps[0] <= last.last() or any(a >= b for a, b in zip(steps, steps[1:])):
             return None
         chunks.tail = []
         return chunks.extended(steps, values, walls)
 
     @staticmethod
-    def _merged(chunks: _TagChunks) -> Series:
+    def _merged(chunks: _TagChunks) -> Series | None:
         """The series with the points read since it was last asked for. Points that only go on
         (steps rising past the last one) are appended, at the cost of what was added; steps
-        that go back or repeat are resolved over the whole series (``resolve_relogged``)."""
+        that go back or repeat are resolved over the whole series (``resolve_relogged``), or
+        None where its first points were let go of (``forget``)."""
         chunks.flush_tail()
         merged = chunks.series
+        if not chunks.steps:  # nothing new (asked for again after ``forget``)
+            return chunks.extended(merged[0].view[:0], merged[1].view[:0], merged[2].view[:0])
         steps = chunks.steps[0] if len(chunks.steps) == 1 else np.concatenate(chunks.steps)
         values = chunks.values[0] if len(chunks.values) == 1 else np.concatenate(chunks.values)
         walls = chunks.walls[0] if len(chunks.walls) == 1 else np.concatenate(chunks.walls)
         chunks.steps, chunks.values, chunks.walls = [], [], []
         rising = bool(np.all(steps[1:] > steps[:-1]))
-        if not (rising and (merged[0].n == 0 or steps[0] > merged[0].data[merged[0].n - 1])):
+        appends = merged[0].n == 0 or (steps[0] if rising else steps.min()) > merged[0].last()  # all past the last
+        if not appends:  # steps went back into the series: resolved over the whole of it, the past changes
+            if merged[0].start:
+                return None
             steps = np.concatenate((merged[0].view, steps))
             values = np.concatenate((merged[1].view, values))
             walls = np.concatenate((merged[2].view, walls))
             for part in merged:
                 part.clear()
+        if not (appends and rising):
             keep = resolve_relogged(steps)  # what is kept is strictly increasing in step
             if not keep.all():
                 # Points at one step written in a row (kohya logs every micro-batch of a gradient
@@ -406,7 +542,8 @@ class Run:
                 later_min = np.minimum.accumulate(steps[::-1])[::-1]
                 went_back = steps[dropped] > later_min[np.minimum(dropped + 1, len(steps) - 1)]
                 chunks.superseded += int(went_back.sum())
-                chunks.replaced += len(dropped)
+                if not appends:  # (repeats among the new points alone leave what was handed out as it was)
+                    chunks.replaced += len(dropped)
                 steps, values, walls = steps[keep], values[keep], walls[keep]
         return chunks.extended(steps, values, walls)
 

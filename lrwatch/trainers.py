@@ -456,16 +456,18 @@ def series_match(a: Series | None, b: Series | None, start: int = 0) -> str:
     compared already."""
     if a is None or b is None:
         return SAME if a is b else DIFFERS
-    n = min(len(a.steps), len(b.steps))
-    if not (np.array_equal(a.steps[start:n], b.steps[start:n])
-            and np.array_equal(a.values[start:n], b.values[start:n], equal_nan=True)):
+    n = min(a.total, b.total)
+    if start < max(a.first, b.first):  # points let go of (``Run.forget``) were compared already
+        raise ValueError(f"points from {start} on are not all kept")
+    sa, sb = slice(start - a.first, n - a.first), slice(start - b.first, n - b.first)
+    if not (np.array_equal(a.steps[sa], b.steps[sb]) and np.array_equal(a.values[sa], b.values[sb], equal_nan=True)):
         return DIFFERS
-    return SAME if len(a.steps) == len(b.steps) else PENDING
+    return SAME if a.total == b.total else PENDING
 
 
 def group_match(run: RunLike, group: Group, twin: Group, start: int = 0) -> str:
     """``series_match`` over a group's lr, d*lr and d tags and a candidate twin's."""
-    found = [series_match(run.series(a) if a else None, run.series(b) if b else None, start)
+    found = [series_match(run.recent(a) if a else None, run.recent(b) if b else None, start)
              for a, b in ((twin.lr_tag, group.lr_tag), (twin.dlr_tag, group.dlr_tag), (twin.d_tag, group.d_tag))]
     return DIFFERS if DIFFERS in found else PENDING if PENDING in found else SAME
 

@@ -23,7 +23,7 @@ import psutil
 from lrwatch.analysis import CRITICAL, Finding, Kind
 from lrwatch.file_events import WatchdogEvents, open_file_events
 from lrwatch.hooks import Hooks, run_with_record
-from lrwatch.monitor import Monitor, RunState
+from lrwatch.monitor import FORGET_EVERY, READ_BUDGET, Monitor, RunState
 from lrwatch.output import terminal_safe
 from lrwatch.processes import (
     CLOCK_SLACK,
@@ -468,7 +468,7 @@ class _Stopper:
                                                  "logged config): the stop comes now instead of at the restart",
                               notify=False)
             return None
-        starts = [int(group.steps[0]) - 1, *group.restarts]
+        starts = [group.cycles[0].start - 1, *group.restarts]  # (cycles are kept whole, the curves maybe not)
         length = starts[-1] - starts[-2]
         nxt = starts[-1] + length
         while nxt <= finding.step:
@@ -605,6 +605,8 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
         hooks.say(f"lrwatch: waiting for {monitor.as_given(root)} to appear")
     _announce(monitor, hooks, board)
     monitor.updates_analyses = True
+    if monitor.snapshots is None and not options.tensorboard:  # (snapshot verdicts and the export need every point)
+        monitor.read_budget, monitor.forget_every = READ_BUDGET, FORGET_EVERY
     _safely(monitor.poll, hooks)  # what is there before anything is launched: earlier runs
     monitor.start_live()
     monitor.analysis_budget = options.analysis_budget

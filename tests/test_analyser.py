@@ -60,7 +60,7 @@ def same_series(run: Run, path: Path, root: Path) -> None:
         assert got is not None and want is not None
         for name in ("steps", "values", "wall_times"):
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"{tag} {name}")
-        assert got.replaced == want.replaced, tag
+        assert want.replaced == 0, tag  # (``replaced`` counts points handed out, then replaced: none in one read)
     assert run.superseded_points == whole.superseded_points  # (counted as the series are built)
 
 
@@ -216,7 +216,9 @@ def test_a_step_logged_again_across_reads_keeps_its_last_write(tmp_path):
         same_series(run, tmp_path / "copy", tmp_path / "copy")
         reading = read_layout(run)
         same_analysis(analyser.update(run, reading), analyze(run, reading=reading))
-    assert run is not None and run.series("loss/current").replaced == 240  # type: ignore[union-attr]
+    # reads fell between a step's writes (the series handed out changed: ``replaced``), at most
+    # once for each of the 240 repeated writes
+    assert run is not None and 0 < run.series("loss/current").replaced <= 240  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("how", ["hparams.yml", "add_hparams"])

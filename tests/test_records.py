@@ -681,3 +681,32 @@ def test_the_damage_offset_of_a_record_that_is_no_event_is_that_record_s_start(t
     path.write_bytes(src[:at] + odd + src[at:])
     (damage,) = EventFile(path).read_new().damage
     assert damage.offset == at and "not TensorBoard events" in damage.message
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_damaged_file_read_in_budgeted_parts_reads_like_one_pass(tmp_path, seed):
+    """An audit reads a long run in parts (``read_new(budget=)``): whatever the damage, the
+    parts together hold the one pass's points and damage, and only the last part says none
+    is left."""
+    import random
+
+    from framing_oracle import Mutated
+
+    rng = random.Random(seed)
+    file = Mutated(_sample_records())
+    for _ in range(3):
+        file.mutate(rng)
+    path = tmp_path / "events.out.tfevents.1.h.1.0"
+    path.write_bytes(bytes(file.data))
+    once = EventFile(path).read_new()
+    for budget in (1, 97, 700):
+        loader = EventFile(path)
+        steps, damage = [], []
+        while True:
+            batch = loader.read_new(budget)
+            steps += batch.scalars.steps.tolist()
+            damage += [d.offset for d in batch.damage]
+            if not batch.more:
+                break
+        assert steps == once.scalars.steps.tolist() and damage == [d.offset for d in once.damage], budget
+        assert loader.read_new(budget).scalars.steps.tolist() == []  # (nothing twice)

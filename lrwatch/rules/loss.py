@@ -93,7 +93,8 @@ class Candidate(NamedTuple):
 
     upper: float  # its level raised by what chance allows (``upper_levels``)
     level: float
-    start: int  # index of its first loss
+    first_step: int
+    last_step: int
     length: int  # losses
 
 
@@ -101,48 +102,71 @@ class TrainingLossRule:
     """The training loss far above the run's own best level. Fed the loss series in step order;
     carries the best candidate (its level raised by chance, its level, its first step) of the
     windows already passed. The candidates: every window of ``window`` losses that ends before
-    the window judged begins, and the run's first ``base_window`` losses."""
+    the window judged begins, and the run's first ``base_window`` losses. Indices count from the
+    run's first loss; ``loss`` and ``steps`` hold the losses from index ``first`` on (a run read
+    in parts keeps only what ``keep_from`` asks for)."""
 
     def __init__(self, tag: str, window_steps: int, over_best: float, sigmas: float, per_update: int) -> None:
         self.tag, self.window_steps, self.over_best, self.sigmas = tag, window_steps, over_best, sigmas
         self.per_update = per_update
         self.findings: list[Finding] = []
         self.steps, self.loss = np.zeros(0, np.int64), np.zeros(0)
+        self.first = 0  # index of ``loss[0]``
+        self.n = 0  # losses seen
         self.spacing = Spacing()
         self.gap = 1.0
         self.window: int | None = None  # losses per window
         self.usable_upto: int | None = None  # the first non-finite or non-positive loss: the level stops there
+        self.unusable_step: int | None = None  # its step
         self.checked_upto = 0  # window ends checked so far
         self.best: Candidate | None = None  # the lowest candidate (raised by chance) among those passed
         self.found = False
         self.validation_from: int | None = None  # the first step of a validation loss, if one is logged
         self.spread_sums = np.zeros(0)  # running sums of the windows' spreads, from the first window on
+        self.spread_base = 0  # sums let go of before ``spread_sums[0]``
         self.spread_next = 0  # the end of the first window not summed yet
 
-    def extend(self, steps: np.ndarray, loss: np.ndarray) -> None:
-        i0 = len(self.steps)
-        if len(steps) <= i0:
+    def extend(self, steps: np.ndarray, loss: np.ndarray, first: int = 0) -> None:
+        """The series with its new losses; ``first``: the index of ``loss[0]``."""
+        i0 = self.n
+        if first + len(steps) <= i0:
             return
-        self.steps, self.loss = steps, loss
-        self.gap = self.spacing.add(steps, i0)
+        self.steps, self.loss, self.first, self.n = steps, loss, first, first + len(steps)
+        self.gap = self.spacing.add(steps, i0 - first)
         window = samples(self.gap, self.window_steps, self.per_update)
         if self.window is not None and window != self.window and i0:
             raise Stale("the steps between logged losses changed")
         self.window = window
         if self.usable_upto is None:
             self._unusable(i0)
-        n = len(steps) if self.usable_upto is None else self.usable_upto
+        n = self.n if self.usable_upto is None else self.usable_upto
         if not self.found:
             self._level(n)
 
+    def keep_from(self) -> int:
+        """The first loss the rule still needs (its spreads' sums are let go of up to there)."""
+        w = self.window
+        if w is None or self.best is None:
+            return 0  # the base candidate (the run's first losses) is not taken yet
+        if self.found or self.usable_upto is not None:
+            return self.n
+        keep = max(0, self.checked_upto - 2 * w - 2)  # the next update's first window and its candidates
+        done = keep - (w - 1)  # the spreads' sums from here on are read
+        if done > self.spread_base:
+            self.spread_sums = self.spread_sums[done - self.spread_base :].copy()
+            self.spread_base = done
+        return keep
+
     def _unusable(self, i0: int) -> None:
-        new = self.loss[i0:]
+        f = self.first
+        new = self.loss[i0 - f :]
         bad = first_true(~(np.isfinite(new) & (new > 0)))
         if bad is None:
             return
         i = i0 + bad
         self.usable_upto = i
-        value, step = float(self.loss[i]), int(self.steps[i])
+        value, step = float(self.loss[i - f]), int(self.steps[i - f])
+        self.unusable_step = step
         if math.isfinite(value) and value < 0:
             return  # not a diffusion loss (``notes`` says the level is not checked past it)
         if value == 0:
@@ -161,15 +185,16 @@ class TrainingLossRule:
         first = max(self.checked_upto, m + w - 1)  # the first end with the base candidate before its window
         if first >= n:
             return
-        if self.best is None:  # the base candidate, once
+        f = self.first
+        if self.best is None:  # the base candidate, once (nothing was let go before it: ``keep_from``)
             self.spread_next = w - 1  # the first window's end
             level, spread = levels(self.loss[:m], m, m - 1)
             upper = upper_levels(level, spread, math.sqrt(1 / m + 1 / w), self.sigmas)
-            self.best = Candidate(float(upper[0]), float(level[0]), 0, m)
+            self.best = Candidate(float(upper[0]), float(level[0]), int(self.steps[0]), int(self.steps[m - 1]), m)
         self.checked_upto = n
         carried = self.best
         lo = max(first - w, w - 1)  # window candidates from here on become usable in this update
-        level, spread = levels(self.loss[:n], w, lo)  # ends lo .. n-1
+        level, spread = levels(self.loss[: n - f], w, lo - f)  # ends lo .. n-1
         upper = upper_levels(level, spread, math.sqrt(2 / w), self.sigmas)
         usable = max(0, n - w - lo)  # ends lo .. n-1-w: each a candidate for the end w later
         running = np.minimum.accumulate(np.concatenate(([carried.upper], upper[:usable])))
@@ -182,7 +207,9 @@ class TrainingLossRule:
         def candidate(c: int) -> Candidate:
             if c == 0:
                 return carried
-            return Candidate(float(running[c]), float(level[c - 1]), lo + c - 1 - w + 1, w)
+            start = lo + c - w - f  # its first loss, in ``loss``
+            return Candidate(float(running[c]), float(level[c - 1]), int(self.steps[start]),
+                             int(self.steps[start + w - 1]), w)
 
         self.best = candidate(int(which[usable]))
         now = level[first - lo :]
@@ -204,13 +231,13 @@ class TrainingLossRule:
         i = first + hit
         best = candidate(int(chosen[hit]))
         ratio, allowed = float(now[hit] / best.level), float(allowed_by_chance[hit])
-        step, since = int(self.steps[i]), int(self.steps[best.start])
+        step, since = int(self.steps[i - f]), best.first_step
         decided = self.validation_from is not None and self.validation_from <= since
         self.findings.append(Finding(
             Kind.BLOWUP, WARNING if decided else CRITICAL, None, step,
             f"{self.tag} far above the run's own best: geometric mean of the last {w} losses (steps "
-            f"{int(self.steps[i - w + 1])}-{step}) {now[hit]:.3g} is {ratio:.1f}x its best level before (the "
-            f"{best.length} losses of steps {since}-{int(self.steps[best.start + best.length - 1])}: "
+            f"{int(self.steps[i - w + 1 - f])}-{step}) {now[hit]:.3g} is {ratio:.1f}x its best level before (the "
+            f"{best.length} losses of steps {since}-{best.last_step}: "
             f"{best.level:.3g}), {ratio / allowed:.1f}x beyond the {allowed:.2f}x their spread allows by chance"
             + (" (a warning: the validation loss, logged since before that best, decides)" if decided else ""),
             {"what": "loss_above_best", "ratio": round(ratio, 4), "loss": float(now[hit]), "best": best.level,
@@ -227,23 +254,25 @@ class TrainingLossRule:
         assert w is not None
         new = spread[self.spread_next - lo:]  # windows ending spread_next .. n-1: their running sums
         done = self.spread_next - (w - 1)
-        if done + len(new) > len(self.spread_sums):
-            grown = np.empty(max(2 * len(self.spread_sums), done + len(new)))
-            grown[:done] = self.spread_sums[:done]
+        b = self.spread_base  # (sums before it were let go of: ``keep_from``)
+        if done - b + len(new) > len(self.spread_sums):
+            grown = np.empty(max(2 * len(self.spread_sums), done - b + len(new)))
+            grown[: done - b] = self.spread_sums[: done - b]
             self.spread_sums = grown
-        self.spread_sums[done : done + len(new)] = (self.spread_sums[done - 1] if done else 0.0) + np.cumsum(new)
+        self.spread_sums[done - b : done - b + len(new)] = ((self.spread_sums[done - 1 - b] if done else 0.0)
+                                                            + np.cumsum(new))
         self.spread_next = n
         last = np.arange(first, n) - w - (w - 1)  # index of the last candidate window for each end
         typical = np.full(len(last), np.nan)
         some = last >= 0
-        typical[some] = self.spread_sums[last[some]] / (last[some] + 1)
+        typical[some] = self.spread_sums[last[some] - b] / (last[some] + 1)
         return typical
 
     def notes(self) -> list[str]:
         """How the loss could be judged."""
         notes = []
         if self.usable_upto is not None and not self.findings:
-            notes.append(f"{self.tag} is negative from step {int(self.steps[self.usable_upto])}: its level is not "
+            notes.append(f"{self.tag} is negative from step {self.unusable_step}: its level is not "
                          "checked past it (only non-finite values are)")
         if self.gap > self.per_update and self.window is not None:
             notes.append(f"{self.tag} is logged every {self.gap / self.per_update:g} steps: the loss rule takes "
@@ -263,10 +292,11 @@ class ValidationRule:
         self.found = False
         self.first_step: int | None = None
 
-    def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
+    def extend(self, steps: np.ndarray, values: np.ndarray, first: int = 0) -> None:
+        """The series with its new points; ``first``: the index of ``steps[0]``."""
         if self.first_step is None and len(steps):
             self.first_step = int(steps[0])
-        for step, value in zip(steps[self.seen :].tolist(), values[self.seen :].tolist()):
+        for step, value in zip(steps[self.seen - first :].tolist(), values[self.seen - first :].tolist()):
             if self.found:
                 break
             if not math.isfinite(value):
@@ -279,7 +309,7 @@ class ValidationRule:
                              "best": self.best})
             else:
                 self.best = min(self.best, value)
-        self.seen = len(steps)
+        self.seen = first + len(steps)
 
     def _found(self, step: int, message: str, values: dict) -> None:
         self.found = True
