@@ -49,6 +49,9 @@ UNKNOWN = "unknown"
 
 MANIFEST = "lrwatch-snapshots.json"
 DEFAULT_SAFE_LR = 0.05  # lr of the last update at most this fraction of its cycle's peak: "at a minimum"
+# Validation losses in a row, equal to the last digit, that show a run's weights no longer change.
+FROZEN_POINTS = 3
+
 # The evidence at a save, each against the run's own best (chosen leave-one-task-out: bench/transfer.py):
 DEFAULT_FRIED_LOSS = 3.0  # the loss's level before the save / the run's best level before that: fried at this
 DEFAULT_FRIED_VALIDATION = 2.0  # the validation loss at the save / its best before: fried at this
@@ -247,14 +250,21 @@ def _wall_index(run: RunLike) -> tuple[np.ndarray, np.ndarray] | None:
     return best.steps[order], best.wall_times[order]
 
 
-def _first_affected(analysis: Analysis, nonfinite_only: bool = False) -> tuple[int | None, str]:
-    """The first snapshot step whose weights a blow-up reached (see the module docstring)."""
+def _first_affected(analysis: Analysis, nonfinite_only: bool = False, confirmed_only: bool = False
+                    ) -> tuple[int | None, str]:
+    """The first snapshot step whose weights a blow-up reached (see the module docstring); with
+    ``confirmed_only``, a blow-up the logs proved (a critical)."""
     first, why = None, ""
     for f in analysis.findings:
         what = str(f.values.get("what", ""))
         if f.kind != Kind.BLOWUP or (nonfinite_only and not what.startswith(("nonfinite_", "zero_"))):
             continue
+        if confirmed_only and f.severity != CRITICAL:
+            continue
         step = f.step - 1 if f.basis in (Basis.LOSS, Basis.VALIDATION) else f.step + 1
+        begins = f.values.get("window_from_step")
+        if confirmed_only and isinstance(begins, int):  # a loss level is its window's: the fry may start there
+            step = begins
         if first is None or step < first:
             first, why = step, f"{f.message} (step {f.step})"
     return first, why
@@ -338,6 +348,20 @@ class Evidence:
             return f"{LOSS_WINDOW} steps"
         return f"{self.window} losses logged (one every {self.gap:g} steps)"
 
+    def frozen_since(self, step: int) -> int | None:
+        """The first step of the validation losses equal to the last one logged at or before
+        ``step`` (at least ``FROZEN_POINTS`` of them, in a row), or None."""
+        if self.validation is None:
+            return None
+        vsteps, values = self.validation
+        j = int(np.searchsorted(vsteps, step, side="right")) - 1
+        if j + 1 < FROZEN_POINTS or not math.isfinite(values[j]):
+            return None
+        k = j
+        while k > 0 and values[k - 1] == values[j]:
+            k -= 1
+        return int(vsteps[k]) if j - k + 1 >= FROZEN_POINTS else None
+
     def at(self, snap: Snapshot) -> str | None:
         """Fill in the snapshot's loss level and validation loss, each with its ratio to the best
         before; return which of them judges it (``validation``, ``loss`` or None)."""
@@ -378,6 +402,7 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
     predicted restart ratio alone does not either); otherwise, the findings before it."""
     nonfinite_from, nonfinite_why = _first_affected(analysis, nonfinite_only=True) if analysis else (None, "")
     fried_from, fried_why = _first_affected(analysis) if analysis else (None, "")
+    confirmed_from, confirmed_why = _first_affected(analysis, confirmed_only=True) if analysis else (None, "")
     risky_after, risky_why = _first_prediction(analysis) if analysis else (None, "")
     evidence = Evidence(run, analysis) if run is not None and analysis is not None else None
     group = None
@@ -405,6 +430,8 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
         if nonfinite_from is not None and s.step >= nonfinite_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {nonfinite_why}"
             continue
+        if judged == "loss" and s.validation_ratio is not None and s.validation_ratio >= fried_validation:
+            judged = "validation"  # far above every validation loss before: worse than them, whatever they were
         said = _evidence_words(s, evidence, judged)
         if (judged == "validation" and s.validation_ratio >= fried_validation  # type: ignore[operator]
                 or judged == "loss" and s.loss_ratio >= fried_loss):  # type: ignore[operator]
@@ -412,6 +439,15 @@ def judge(snapshots: list[Snapshot], analysis: Analysis | None, safe_lr: float =
             continue
         if not judged and fried_from is not None and s.step >= fried_from:
             s.verdict, s.reason = FRIED, f"saved after the blow-up: {fried_why} (no loss logged to judge it)"
+            continue
+        frozen_since = evidence.frozen_since(s.step) if evidence is not None else None
+        if confirmed_from is not None and frozen_since is not None and frozen_since >= confirmed_from:
+            # A validation loss at fixed timesteps and seed that repeats to the last digit while the lr is
+            # not zero: the weights no longer change. After a blow-up, that is a broken run (its output
+            # stuck), however good the level looks next to the levels since the blow-up.
+            s.verdict = FRIED
+            s.reason = (f"saved after the blow-up: {confirmed_why}; the validation loss has been exactly "
+                        f"{_num(s.validation_loss)} since step {frozen_since}: the weights no longer change")
             continue
         if covered is None:
             s.reason = f"no lr logged for step {s.step - lag}, whose lr made its last update"

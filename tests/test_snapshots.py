@@ -262,6 +262,47 @@ def test_a_permanent_fry_makes_every_later_snapshot_fried_even_without_a_finding
     assert "the run's best level before it" in got[500].reason
 
 
+def test_a_validation_loss_that_stops_changing_after_a_blow_up_means_the_weights_are_dead():
+    """The MLP task's prodigy_dcoef30_s0 blew up in its first 25 steps (the loss 1e9x), then its
+    output stuck: the validation loss (fixed timesteps and seed) is 1.00614321 at every point
+    from step 125 on, below everything since the blow-up, and its training loss below its base
+    model's. Only the repeat shows the run is dead; the eval loss says every snapshot is fried.
+    A run that blew up and recovered (dit_flow's dadapt_adan_lr3_s0, its validation moving
+    again) keeps its later snapshots safe."""
+    import lrwatch as library
+
+    def verdicts(task: str, name: str) -> tuple[dict, list[dict]]:
+        run = ROOT / "fixtures" / "tasks" / task / "runs" / name
+        result = library.audit([run / "logs"], snapshots=[run / "output"], manifest=False)
+        (snaps,) = result.monitor.snapshots.by_run.values()
+        labels = json.loads((ROOT / "fixtures" / "tasks" / task / "labels.json").read_text())[name]
+        return {s.step: s for s in snaps}, labels["snapshots"]
+
+    got, truth = verdicts("mlp_eps", "prodigy_dcoef30_s0")
+    assert all(t["fried"] for t in truth)
+    late = [got[t["step"]] for t in truth if t["step"] >= 175]
+    assert late and {s.verdict for s in late} == {"fried"}
+    assert all("the weights no longer change" in s.reason for s in late)
+    got, truth = verdicts("dit_flow", "dadapt_adan_lr3_s0")
+    assert [got[t["step"]].verdict for t in truth if t["step"] >= 600] == ["safe"] * 9
+    assert not any("no longer change" in s.reason for s in got.values())
+
+
+def test_a_validation_loss_far_above_every_earlier_one_fries_a_snapshot_the_training_loss_would_pass():
+    """The U-Net task's prodigy_dcoef3_s3 fried in its first steps, before its first validation
+    point, so its training loss judges its snapshots; at step 1000 that loss is 1.6x its best
+    (passable) while the validation loss is 2.6x every validation loss before it: worse than
+    points that were themselves fried. The eval loss says fried; --best names nothing."""
+    import lrwatch as library
+
+    run = ROOT / "fixtures" / "tasks" / "unet_v" / "runs" / "prodigy_dcoef3_s3"
+    result = library.audit([run / "logs"], snapshots=[run / "output"], manifest=False)
+    (snaps,) = result.monitor.snapshots.by_run.values()
+    last = next(s for s in snaps if s.step == 1000)
+    assert last.verdict == "fried" and last.reason.startswith("validation loss 17.3 at its step is 2.64x")
+    assert result.best_snapshot() is None
+
+
 def test_a_run_whose_snapshots_are_mostly_fried_is_not_ok_whatever_its_findings_say(tmp_path):
     """The loss rule made blind (--loss-over-best 1000): no finding is critical, but the snapshot
     verdicts (the loss before each save against the run's best before) are mostly fried, so the

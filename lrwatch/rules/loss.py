@@ -241,6 +241,7 @@ class TrainingLossRule:
             f"{best.level:.3g}), {ratio / allowed:.1f}x beyond the {allowed:.2f}x their spread allows by chance"
             + (" (a warning: the validation loss, logged since before that best, decides)" if decided else ""),
             {"what": "loss_above_best", "ratio": round(ratio, 4), "loss": float(now[hit]), "best": best.level,
+             "window_from_step": int(self.steps[i - w + 1 - f]),
              "best_from_step": since, "chance": round(allowed, 4), "ratio_beyond_chance": round(ratio / allowed, 4)},
             Basis.LOSS))
 
