@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lrwatch.monitor as monitor_module  # noqa: E402
 from lrwatch.loader import whole_torch_step  # noqa: E402
 from lrwatch.monitor import Monitor  # noqa: E402
-from lrwatch.watch import Watcher  # noqa: E402
+from lrwatch.watching import Watcher  # noqa: E402
 
 Written = dict[Path, set[Path]]
 

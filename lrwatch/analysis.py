@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from lrwatch.options import OptionError
 from lrwatch.rules.core import (
     CRITICAL,
     SMALL_UPDATE,
@@ -76,19 +77,19 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         if self.risk_stop < self.risk_warning or self.runaway_critical < self.runaway_warning:
-            raise ValueError("a critical threshold (or risk_stop) must not be below its warning threshold")
+            raise OptionError("a critical threshold (or risk_stop) must not be below its warning threshold")
         ratios = (self.risk_warning, self.runaway_warning, self.restart_spike, self.settle_growth, self.settle_climb,
                   self.loss_over_best, self.validation_over_best)
         if not all(math.isfinite(r) and r > 1 for r in ratios):
-            raise ValueError("ratios must be finite and above 1")
+            raise OptionError("ratios must be finite and above 1")
         if min(self.runaway_window, self.loss_window) < 1:
-            raise ValueError("windows must be at least 1 step")
+            raise OptionError("windows must be at least 1 step")
         if not 0 < self.restart_jump <= 1:
-            raise ValueError("restart_jump must be in (0, 1]")
+            raise OptionError("restart_jump must be in (0, 1]")
         if not 0 <= self.tiny_lr < 1:
-            raise ValueError("tiny_lr must be in [0, 1)")
+            raise OptionError("tiny_lr must be in [0, 1)")
         if not (math.isfinite(self.loss_noise_sigmas) and self.loss_noise_sigmas >= 0):
-            raise ValueError("loss_noise_sigmas must be finite and at least 0")
+            raise OptionError("loss_noise_sigmas must be finite and at least 0")
 
 
 @dataclass

@@ -241,7 +241,7 @@ def audit(paths: tuple[str, ...], as_json: bool, best: bool, tensorboard: bool, 
                        on_run=_progress(), trainer=trainer,
                        schedule=schedule, tensorboard=tensorboard, storage_options=storage_option, workers=workers,
                        keep_points=False)  # the report needs what is said of each run, not its curves
-    for line in _errors(result.monitor) + result.manifest_problems + result.export_problems:
+    for line in result.monitor.unread() + result.manifest_problems + result.export_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if best:
         if result.exit_code not in (EXIT_OK, EXIT_CRITICAL):
@@ -263,14 +263,6 @@ def _exit(code: int) -> int:
     """End the command with ``code``, also under click's standalone mode (CliRunner)."""
     click.get_current_context().exit(code)
     return code  # not reached
-
-
-def _errors(monitor: Any) -> list[str]:
-    out = [f"{monitor.as_given(p)}: no such file or directory" for p in monitor.missing_roots()]
-    out += [f"{monitor.as_given(p)}: {why}" for p, why in monitor.root_errors.items()]
-    if not monitor.runs and not out:
-        out.append("no event files found under " + ", ".join(map(monitor.as_given, monitor.roots)))
-    return out
 
 
 def _progress() -> Callable[[int, int], None] | None:
@@ -339,43 +331,22 @@ def watch(paths: tuple[str, ...], kill_on_spike: bool, kill_at: str, pid: int | 
     Ends when the trainer exits (or --until-idle), printing the final audit; exit codes as audit.
     Ctrl-C stops lrwatch, never the trainer.
     """
-    from lrwatch.hooks import Hooks, webhook_problem
-    from lrwatch.monitor import Monitor
-    from lrwatch.snapshots import SnapshotBook
-    from lrwatch.watch import WatchOptions
-    from lrwatch.watch import watch as run_watch
+    from lrwatch.options import OptionError
+    from lrwatch.watching import WatchOptions, watch_paths
 
-    command = click.get_current_context().meta.get("lrwatch.command")
-    if poll is not None and poll <= 0:
-        raise click.UsageError("--poll must be a positive number of seconds")
-    if kill_at != "confirm" and not kill_on_spike:
-        raise click.UsageError(f"--kill-at {kill_at} goes with --kill-on-spike")
-    if (stop_cmd or stop_cmd_always) and not kill_on_spike:
-        raise click.UsageError("--stop-cmd goes with --kill-on-spike")
-    if stop_cmd_always and not stop_cmd:
-        raise click.UsageError("--stop-cmd-always needs --stop-cmd CMD")
-    if min(grace_int, grace_term) < 0 or (until_idle is not None and until_idle <= 0):
-        raise click.UsageError("--grace-int, --grace-term and --until-idle take positive seconds")
-    if webhook and (problem := webhook_problem(webhook)):
-        raise click.UsageError(f"--webhook {webhook}: {problem}")
-    options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid, command=command,
-                           dry_run=dry_run, grace_int=grace_int, grace_term=grace_term, until_idle=until_idle,
-                           manifest=not no_manifest, tensorboard=tensorboard, stop_cmd=stop_cmd,
-                           stop_cmd_always=stop_cmd_always)
     try:
-        hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook)
-    except OSError as e:
-        raise click.UsageError(f"--events-out {events_out}: {e.strerror or e}") from None
-    book = SnapshotBook(list(snapshot_dirs), steps_per_epoch, safe_lr, fried_loss, fried_validation,
-                        storage_option) if snapshot_dirs else None
-    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
-                      storage_options=storage_option)
-    try:
-        code = run_watch(monitor, options, hooks)
-        for line in _errors(monitor):
-            hooks.say(f"lrwatch: {line}")
-    finally:
-        hooks.close()
+        options = WatchOptions(poll=poll, kill_on_spike=kill_on_spike, kill_at=kill_at, pid=pid,
+                               command=click.get_current_context().meta.get("lrwatch.command"), dry_run=dry_run,
+                               grace_int=grace_int, grace_term=grace_term, until_idle=until_idle,
+                               manifest=not no_manifest, tensorboard=tensorboard, stop_cmd=stop_cmd,
+                               stop_cmd_always=stop_cmd_always)
+        code = watch_paths(list(paths), options, tag_map=tag_map, thresholds=thresholds,
+                           snapshots=list(snapshot_dirs), steps_per_epoch=steps_per_epoch, safe_lr=safe_lr,
+                           fried_loss=fried_loss, fried_validation=fried_validation, trainer=trainer,
+                           schedule=schedule, storage_options=storage_option, events_out=events_out,
+                           exec_cmd=exec_cmd, webhook=webhook)
+    except OptionError as e:
+        raise click.UsageError(str(e)) from None
     return _exit(code)
 
 
@@ -404,7 +375,7 @@ def plot(paths: tuple[str, ...], png: str | None, html_path: str | None, no_mani
                        manifest=not no_manifest, fried_loss=fried_loss, fried_validation=fried_validation,
                        trainer=trainer, schedule=schedule,
                        storage_options=storage_option)
-    for line in _errors(result.monitor) + result.manifest_problems:
+    for line in result.monitor.unread() + result.manifest_problems:
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     book = result.monitor.snapshots
     by_run = book.by_run if book else None
@@ -448,7 +419,7 @@ def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool, storage_opt
         reading = read_layout(state.run, trainer)
         docs.append({"run": state.run.name, "path": str(state.run.path), "trainer": reading.layout.name,
                      "detected_from": reading.why, "notes": reading.notes, "tags": describe_tags(state.run, reading)})
-    for line in _errors(monitor):
+    for line in monitor.unread():
         click.echo(terminal_safe(f"lrwatch: {line}"), err=True)
     if as_json:
         click.echo(dumps(docs, indent=2))
@@ -458,7 +429,7 @@ def tags(paths: tuple[str, ...], trainer: str | None, as_json: bool, storage_opt
         lines += table([["tag", "points", "steps", "taken as"]] + [
             [r["tag"], str(r["points"]), f"{r['first_step']}-{r['last_step']}", r["taken_as"]] for r in doc["tags"]])
         click.echo(terminal_safe("\n".join(lines)))
-    return _exit(2 if _errors(monitor) else 0)
+    return _exit(2 if monitor.unread() else 0)
 
 
 @cli.command()

@@ -118,6 +118,7 @@ class Monitor:
         self.root_errors: dict[Path, str] = {}  # roots (and folders below them) that could not be listed, and why
         self._unlistable: dict[Path, str] = {}  # the folders below roots among them, as the last listing found
         self.announced: set[str] = set()  # the watcher's notes about roots, each said once
+        self.forgotten: list[str] = []  # runs whose folder went away, not said yet (the watcher says them)
         self._names: dict[Path, tuple[tuple, str]] = {}  # run -> its output name, by config
         self._named: dict[str, list[Path]] | None = None  # output name -> runs (None: to build again)
         self._sorted: list[Path] | None = None  # the runs' paths in order (None: to sort again)
@@ -153,6 +154,7 @@ class Monitor:
             if _identity(path) != state.folder:
                 del self.states[path]
                 self._named = self._sorted = None
+                self.forgotten.append(state.run.name)
         new = []
         for folder in self._unlistable:  # listed again below: kept only while still refused
             self.root_errors.pop(folder, None)
@@ -381,6 +383,14 @@ class Monitor:
         return (f"named like the earlier run {earlier[-1].name} and starting at step {first}: if it resumed that "
                 "run, its steps are local and the history before the resume is not counted (kohya's --log_config "
                 "logs the resume state, and lrwatch then joins the two)")
+
+    def unread(self) -> list[str]:
+        """What could not be read, each with why: roots missing or unlistable, or no event files."""
+        out = [f"{self.as_given(p)}: no such file or directory" for p in self.missing_roots()]
+        out += [f"{self.as_given(p)}: {why}" for p, why in self.root_errors.items()]
+        if not self.runs and not out:
+            out.append("no event files found under " + ", ".join(map(self.as_given, self.roots)))
+        return out
 
     def judge_snapshots(self) -> None:
         """Verdicts for the snapshot folders (if any), from the current analyses."""

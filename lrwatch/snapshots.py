@@ -34,6 +34,7 @@ from lrwatch.analysis import (
     samples,
     spacing,
 )
+from lrwatch.options import OptionError
 from lrwatch.output import dumps, write_atomic
 from lrwatch.rules.loss import base_window, levels
 from lrwatch.runs import RunLike
@@ -557,6 +558,14 @@ class SnapshotBook:
                  safe_lr: float = DEFAULT_SAFE_LR, fried_loss: float = DEFAULT_FRIED_LOSS,
                  fried_validation: float = DEFAULT_FRIED_VALIDATION,
                  storage_options: dict | None = None) -> None:
+        if not 0 < safe_lr <= 1:
+            raise OptionError(f"safe_lr (--safe-lr) is a share of the cycle's peak lr, above 0 and at most 1, "
+                             f"not {safe_lr}")
+        if not (fried_loss > 1 and fried_validation > 1):
+            raise OptionError(f"fried_loss and fried_validation (--fried-loss, --fried-validation) are ratios to the "
+                             f"run's best, above 1, not {fried_loss} and {fried_validation}")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise OptionError(f"steps_per_epoch (--steps-per-epoch) must be 1 or more, not {steps_per_epoch}")
         located = [location(f, storage_options) for f in folders]
         self.folders = [f if is_remote(f) else Path(os.path.abspath(f)) for f in located]
         self.steps_per_epoch = steps_per_epoch

@@ -84,7 +84,7 @@ def test_tag_patterns_map_another_trainers_tags():
 
 def test_the_core_never_imports_torch_or_matplotlib():
     code = ("import sys, lrwatch, lrwatch.cli, lrwatch.monitor, lrwatch.report, lrwatch.analysis, lrwatch.runs,"
-            "lrwatch.watch, lrwatch.trainers, lrwatch.tbexport;"
+            "lrwatch.watching, lrwatch.trainers, lrwatch.tbexport;"
             "lrwatch.audit([sys.argv[1]], tensorboard=False); print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES)], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False False", out.stderr

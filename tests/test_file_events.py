@@ -159,7 +159,7 @@ def test_a_watcher_out_of_inotify_watches_says_so_and_polls_instead(tmp_path, mo
     import errno
 
     from lrwatch.monitor import Monitor
-    from lrwatch.watch import Watcher
+    from lrwatch.watching import Watcher
 
     real_watch = InotifyEvents._watch
 
@@ -195,7 +195,7 @@ def test_an_event_file_renamed_away_and_made_again_is_read_anew_without_waiting_
     from lrwatch.loader import EventFile
     from lrwatch.monitor import Monitor
     from lrwatch.runs import Run
-    from lrwatch.watch import Watcher
+    from lrwatch.watching import Watcher
 
     src, cuts = records_of("dadapt_sgd_blowup")
     run = tmp_path / "logs" / "run"
@@ -217,7 +217,7 @@ def test_an_event_file_renamed_away_and_made_again_is_read_anew_without_waiting_
         return {t: (int(x.steps[-1]), float(x.values[-1])) for t in of.tags if (x := of.series(t)) is not None}
 
     def watch_until(expected: dict[str, tuple[int, float]], seconds: float = 5.0) -> bool:
-        """The watch loop's reading (lrwatch.watch.watch) until the run ends with ``expected``."""
+        """The watch loop's reading (lrwatch.watching.watch) until the run ends with ``expected``."""
         deadline = time.monotonic() + seconds  # under RELIST_INTERVAL: no listing on the clock
         while time.monotonic() < deadline:
             runs, rediscover, _ = watcher.wait(0.1)

@@ -11,7 +11,7 @@ from conftest import write_scalars
 from lrwatch.analysis import CRITICAL, WARNING, Basis, Kind, Thresholds, analyze
 from lrwatch.rules.loss import upper_levels
 from lrwatch.runs import Run
-from lrwatch.watch import stops_for
+from lrwatch.watching import stops_for
 
 STEPS = 400
 

@@ -143,9 +143,9 @@ def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights
     assert "trainer: onetrainer" in out
 
 
-def _foreign_run_appears(logs: Path, name: str, delay: float = 1.5) -> None:
+def _foreign_run_appears(logs: Path, name: str, watcher: Watching) -> None:
     """A run synced from another machine (its event file names another host) appears while watched."""
-    time.sleep(delay)
+    watcher.wait_ready()
     run = logs / f"{name}20261124090000" / "network_train"
     run.mkdir(parents=True)
     shutil.copy(event_file_of(name), run / f"events.out.tfevents.{int(time.time())}.gpu-node-7.4242.0")
@@ -156,9 +156,9 @@ def test_stop_cmd_runs_once_when_no_local_process_writes_the_run(tmp_path):
     logs, marker = tmp_path / "logs", tmp_path / "stopped.txt"
     logs.mkdir()
     cmd = f'echo "$LRWATCH_RUN $LRWATCH_KIND $LRWATCH_STEP $LRWATCH_SEVERITY" >> {marker}; echo scancel-said-ok; exit 3'
-    watcher = lrwatch(str(logs), "--kill-on-spike", "--until-idle", "3", "--stop-cmd", cmd)
-    _foreign_run_appears(logs, "dadapt_sgd_growth_blowup")  # several critical findings
-    code, out, err = finish(watcher)
+    watcher = Watching(str(logs), "--kill-on-spike", "--until-idle", "3", "--stop-cmd", cmd)
+    _foreign_run_appears(logs, "dadapt_sgd_growth_blowup", watcher)  # several critical findings
+    code, out, err = watcher.finish()
     assert code == 1, err
     assert marker.read_text() == "dadapt_sgd_growth_blowup20261124090000/network_train blowup 514 critical\n"  # once
     assert "running --stop-cmd after blowup at step 514" in err
@@ -170,10 +170,10 @@ def test_stop_cmd_runs_once_when_no_local_process_writes_the_run(tmp_path):
 def test_stop_cmd_under_dry_run_runs_nothing(tmp_path):
     logs, marker = tmp_path / "logs", tmp_path / "stopped.txt"
     logs.mkdir()
-    watcher = lrwatch(str(logs), "--kill-on-spike", "--dry-run", "--until-idle", "3", "--stop-cmd", f"touch {marker}",
-                      *TOY)
-    _foreign_run_appears(logs, "dadapt_sgd_blowup")
-    code, out, err = finish(watcher)
+    watcher = Watching(str(logs), "--kill-on-spike", "--dry-run", "--until-idle", "3", "--stop-cmd",
+                       f"touch {marker}", *TOY)
+    _foreign_run_appears(logs, "dadapt_sgd_blowup", watcher)
+    code, out, err = watcher.finish()
     assert code == 1, err
     assert f"--dry-run: would run --stop-cmd after runaway_d at step 119: touch {marker} (nothing run)" in err
     assert not marker.exists()
@@ -221,14 +221,14 @@ def test_a_stale_event_file_whose_pid_now_belongs_to_another_process_leads_to_no
     try:
         logs = tmp_path / "logs"
         logs.mkdir()
-        watcher = lrwatch(str(logs), "--kill-on-spike", "--until-idle", "2")
-        time.sleep(1.0)
+        watcher = Watching(str(logs), "--kill-on-spike", "--until-idle", "2")
+        watcher.wait_ready()
         run = logs / "old_run" / "network_train"
         run.mkdir(parents=True)
         stamp = int(time.time()) - 3600  # the file is an hour older than the process now holding that pid
         stale = run / f"events.out.tfevents.{stamp}.{socket.gethostname()}.{sleeper.pid}.0"
         shutil.copy(event_file_of("dadapt_sgd_blowup"), stale)  # appears while watched: it may act
-        code, out, err = finish(watcher)
+        code, out, err = watcher.finish()
         assert code == 1
         assert "pid reused" in err and "nothing is stopped" in err
         assert sleeper.poll() is None
@@ -303,12 +303,11 @@ def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll, obse
     logs = tmp_path / "not" / "yet"
     extra = ["--poll", poll] if poll else []
     # the writer imports torch before it creates the folder: 2.4 s on a loaded 2-core machine
-    watcher = lrwatch(str(logs), "--until-idle", "8", *extra, env={**os.environ, "LRWATCH_OBSERVER": observer})
-    time.sleep(1.0)
-    assert watcher.poll() is None
+    watcher = Watching(str(logs), "--until-idle", "8", *extra, env={**os.environ, "LRWATCH_OBSERVER": observer})
+    watcher.wait_ready()
     writer = subprocess.Popen([*REPLAY, "prodigy_seed_bump", str(logs), "--delay", "0.001"], cwd=ROOT)
     writer.wait(timeout=60)
-    code, out, err = finish(watcher)
+    code, out, err = watcher.finish()
     assert "waiting for" in err
     assert code == 0 and "predicted_restart_blowup" in err and "step 104" in err  # a warning: the loss holds
 
@@ -490,8 +489,8 @@ def test_a_process_holding_the_file_open_is_not_taken_for_its_writer(tmp_path):
     nothing is stopped and lrwatch says how to name the trainer."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    watcher = lrwatch(str(logs), "--kill-on-spike", "--until-idle", "2", "--grace-int", "5")
-    time.sleep(1.0)
+    watcher = Watching(str(logs), "--kill-on-spike", "--until-idle", "2", "--grace-int", "5")
+    watcher.wait_ready()
     run = logs / "held_run" / "network_train"
     run.mkdir(parents=True)
     held = run / "events.out.tfevents.custom"
@@ -501,7 +500,7 @@ def test_a_process_holding_the_file_open_is_not_taken_for_its_writer(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
-        code, out, err = finish(watcher)
+        code, out, err = watcher.finish()
         assert code == 1
         assert "no writer pid in the name" in err and "nothing is stopped" in err
         assert holder.poll() is None
@@ -566,7 +565,7 @@ def test_ctrl_c_during_start_up_is_a_clean_end_not_a_traceback(tmp_path):
 
     from lrwatch.hooks import Hooks
     from lrwatch.monitor import Monitor
-    from lrwatch.watch import WatchOptions, watch
+    from lrwatch.watching import WatchOptions, watch
 
     class SlowStart(Monitor):
         def poll(self, *args, **kwargs):

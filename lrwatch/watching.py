@@ -14,16 +14,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import psutil
 
-from lrwatch.analysis import CRITICAL, Finding, Kind
+from lrwatch.analysis import CRITICAL, Finding, Kind, Thresholds
 from lrwatch.file_events import WatchdogEvents, open_file_events
-from lrwatch.hooks import Hooks, run_with_record
+from lrwatch.hooks import Hooks, run_with_record, webhook_problem
 from lrwatch.monitor import FORGET_EVERY, READ_BUDGET, Monitor, RunState
+from lrwatch.options import OptionError, WatchOptions
 from lrwatch.output import terminal_safe
 from lrwatch.processes import (
     CLOCK_SLACK,
@@ -50,46 +50,25 @@ from lrwatch.report import (
     render,
 )
 from lrwatch.signals import Interrupted, signals_end_the_watch
-from lrwatch.snapshots import best_snapshot
+from lrwatch.snapshots import (
+    DEFAULT_FRIED_LOSS,
+    DEFAULT_FRIED_VALIDATION,
+    DEFAULT_SAFE_LR,
+    SnapshotBook,
+    best_snapshot,
+)
 from lrwatch.sources import is_remote
+from lrwatch.tags import TagMap
 from lrwatch.tbexport import Exporter
-from lrwatch.trainers import LAYOUTS
+from lrwatch.trainers import LAYOUTS, ScheduleOptions
 
 SAFETY_REPOLL = 10.0  # seconds: re-read everything now and then, in case an event was missed
-
-
-# Of one core, for analyses; one growing run is analysed on every change. 2 %: reading 200 runs
-# written at once takes ~6-7 % (bench/bench_load.py), and the whole watcher is meant to stay under 10 %.
-ANALYSIS_BUDGET = 0.02
-# What a stop acts on. confirm: evidence only (a critical finding: the loss or validation loss far
-# above the run's own best, a non-finite value, d running away after its warm-up). predict: also a
-# strong prediction (a restart predicted far above the highest d*lr after d's warm-up), the stop
-# waiting until the predicted restart's step is logged, so the cycle-minimum snapshot is saved.
-KILL_AT = ("confirm", "predict")
 
 
 def stops_for(finding: Finding, kill_at: str) -> bool:
     """Whether ``finding`` is one that a stop acts on under the ``kill_at`` policy."""
     return finding.severity == CRITICAL or (kill_at == "predict" and finding.kind == Kind.PREDICTED_RESTART_BLOWUP
                                             and bool(finding.values.get("strong")))
-
-
-@dataclass
-class WatchOptions:
-    poll: float | None = None  # seconds between polls; None: native file-system events
-    kill_on_spike: bool = False
-    kill_at: str = "confirm"  # confirm | predict (KILL_AT)
-    pid: int | None = None
-    command: list[str] | None = None
-    dry_run: bool = False
-    grace_int: float = 10.0
-    grace_term: float = 10.0
-    until_idle: float | None = None
-    manifest: bool = True  # keep lrwatch-snapshots.json in each snapshot folder up to date
-    tensorboard: bool = False  # keep <run folder>/lrwatch/ current (lrwatch.tbexport)
-    stop_cmd: str | None = None  # run when a stop is due and no local process provably writes the run
-    stop_cmd_always: bool = False  # ... or for every stop that is due
-    analysis_budget: float = ANALYSIS_BUDGET  # share of one core for analyses (Monitor._throttled)
 
 
 BOOKKEEPING = 0.25  # seconds between the passes over every run (verdicts, export, notes, status lines)
@@ -580,6 +559,52 @@ class _Refused(Exception):
     """The watch cannot start as asked (a refused pid, a command that does not start)."""
 
 
+def watch_paths(
+    paths: list[str | os.PathLike[str]],
+    options: WatchOptions | None = None,
+    *,
+    tag_map: TagMap | None = None,
+    thresholds: Thresholds | None = None,
+    snapshots: list[str | os.PathLike[str]] | None = None,
+    steps_per_epoch: int | None = None,
+    safe_lr: float = DEFAULT_SAFE_LR,
+    fried_loss: float = DEFAULT_FRIED_LOSS,
+    fried_validation: float = DEFAULT_FRIED_VALIDATION,
+    trainer: str | None = None,
+    schedule: ScheduleOptions | None = None,
+    storage_options: dict[str, Any] | None = None,
+    events_out: str | None = None,
+    exec_cmd: str | None = None,
+    webhook: str | None = None,
+    err: TextIO | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """``lrwatch watch`` from Python (``lrwatch.watch``): follow the runs under ``paths``,
+    launching ``options.command`` if given, guard the trainer as ``options`` say, print the
+    final audit to ``out`` (stdout) and lrwatch's lines to ``err`` (stderr), and return the
+    exit code the CLI gives. Options are checked before anything starts: a bad value (or an
+    ``events_out`` file that cannot be opened) raises ``OptionError``, a ``ValueError``
+    naming it and what it takes."""
+    options = options or WatchOptions()
+    if webhook and (problem := webhook_problem(webhook)):
+        raise OptionError(f"webhook (--webhook) {webhook}: {problem}")
+    book = (SnapshotBook(list(snapshots), steps_per_epoch, safe_lr, fried_loss, fried_validation, storage_options)
+            if snapshots else None)
+    monitor = Monitor(list(paths), tag_map, thresholds, snapshots=book, trainer=trainer, schedule=schedule,
+                      storage_options=storage_options)
+    try:
+        hooks = Hooks(events_out=events_out, exec_cmd=exec_cmd, webhook=webhook, err=err)
+    except OSError as e:
+        raise OptionError(f"events_out (--events-out) {events_out}: {e.strerror or e}") from None
+    try:
+        code = watch(monitor, options, hooks, out)
+        for line in monitor.unread():
+            hooks.say(f"lrwatch: {line}")
+    finally:
+        hooks.close()
+    return code
+
+
 def watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO | None = None) -> int:
     """Follow the runs until the trainer ends (launched, given or found), ``until_idle``
     passes, or a signal ends the watch (lrwatch.signals); then print the final audit. Returns
@@ -598,7 +623,7 @@ def _watch(monitor: Monitor, options: WatchOptions, hooks: Hooks, out: TextIO) -
     except _Refused as e:
         hooks.say(f"lrwatch: {e}")
         return EXIT_UNREADABLE
-    board = StatusBoard(sys.stderr)
+    board = StatusBoard(hooks.err)
     watcher = Watcher(monitor, options.poll, hooks.say)
     watcher.start()
     for root in monitor.missing_roots():
@@ -760,7 +785,12 @@ def _safely(fn: Callable[[], Any], hooks: Hooks) -> Any:
 
 
 def _announce(monitor: Monitor, hooks: Hooks, board: StatusBoard) -> None:
-    """Say once, as soon as it is known, what lrwatch could not check in a run and why."""
+    """Say once, as soon as it is known, what lrwatch could not check in a run and why, and
+    which runs' folders went away."""
+    while monitor.forgotten:
+        board.clear()
+        hooks.action(None, "note", f"{monitor.forgotten.pop(0)}: its folder is gone; forgotten (a run written "
+                                   "there again is a new run)", notify=False)
     for root, why in monitor.root_errors.items():
         line = f"{monitor.as_given(root)}: {why} (the watch goes on and tries again)"
         if line not in monitor.announced:
