@@ -145,13 +145,13 @@ def test_tensorboard_tail_and_a_reader_holding_the_file_open_are_never_stopped(t
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     readers: list[subprocess.Popen] = []
     try:
-        watcher = lrwatch(str(logs), "--kill-on-spike", "--until-idle", "4", "--grace-int", "1")
-        time.sleep(1.5)
+        watcher = Watching(str(logs), "--kill-on-spike", "--until-idle", "4", "--grace-int", "1")
+        watcher.wait_ready()  # (not a sleep: under load, a run copied before lrwatch listens is an earlier one)
         event = copy_run_into(logs, "dadapt_sgd_blowup", pid=tb.pid)  # appears while watched
         readers.append(subprocess.Popen(["tail", "-f", str(event)], stdout=subprocess.DEVNULL))
         readers.append(subprocess.Popen([sys.executable, "-c", f"import time; f = open(r'{event}', 'rb'); "
                                                                "time.sleep(60)"]))
-        code, out, err = finish(watcher)
+        code, out, err = watcher.finish()
         assert code == 1 and "CRITICAL" in err
         assert f"pid {tb.pid} started" in err and "first record was written, so it is not the writer" in err, err
         assert stop_lines(err) == []
@@ -620,16 +620,27 @@ def test_findings_written_just_before_the_trainer_exits_reach_the_hooks(tmp_path
 
 def test_a_run_folder_deleted_and_recreated_is_a_new_run_whose_findings_are_reported(tmp_path):
     logs, events = tmp_path / "logs", tmp_path / "events.jsonl"
-    watcher = lrwatch(str(logs), "--until-idle", "3", "--events-out", str(events))
-    time.sleep(1.0)
-    for _ in range(2):
-        shutil.rmtree(logs / "seed", ignore_errors=True)
-        time.sleep(0.5)
+
+    def blowups() -> int:
+        records = map(json.loads, events.read_text().splitlines()) if events.exists() else []
+        return sum(r["type"] == "finding" and (r["kind"], r["step"]) == ("blowup", 200) for r in records)
+
+    watcher = Watching(str(logs), "--until-idle", "3", "--events-out", str(events))
+    watcher.wait_ready()
+    def wait_for(done) -> None:  # what lrwatch says or writes, not a fixed sleep
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    for made in (1, 2):
+        if made == 2:
+            shutil.rmtree(logs / "seed")
+            wait_for(lambda: "seed: its folder is gone; forgotten" in watcher.err)
         shutil.copytree(fixture_run("prodigy_seed_bump"), logs / "seed")
-        time.sleep(1.5)
-    code, out, err = finish(watcher)
-    found = [r for r in map(json.loads, events.read_text().splitlines()) if r["type"] == "finding"]
-    assert [(f["kind"], f["step"]) for f in found].count(("blowup", 200)) == 2
+        wait_for(lambda made=made: blowups() >= made)
+    code, out, err = watcher.finish()
+    assert blowups() == 2, err
+    assert "seed: its folder is gone; forgotten (a run written there again is a new run)" in err
 
 
 # --- 15. exit codes, stdout and stderr --------------------------------------------------------------------
