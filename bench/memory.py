@@ -58,16 +58,17 @@ def _records(tag: str, steps: np.ndarray, values: np.ndarray, wall: np.ndarray) 
     return np.concatenate([np.broadcast_to(header, (n, 12)), body, crcs.view(np.uint8).reshape(-1, 4)], axis=1)
 
 
-def write_run(path: Path, points: int, seed: int = 0) -> None:
-    """A healthy run of ``points`` scalars: cosine restarts every 1,000 steps, d settled, a noisy loss."""
+def write_run(path: Path, points: int, seed: int = 0, cycle: int = 1000, loss_spread: float = 0.8) -> None:
+    """A healthy run of ``points`` scalars: cosine restarts every ``cycle`` steps, d settled, a
+    loss of 0.1 with that log-spread (0: flat)."""
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     steps_total = points // len(TAGS)
     with open(path, "wb") as fh:
         for first in range(0, steps_total, CHUNK_STEPS):
             steps = np.arange(first, min(steps_total, first + CHUNK_STEPS)) + FIRST_STEP
-            lr = 0.5 * (1 + np.cos(np.pi * ((steps - FIRST_STEP) % 1000) / 1000))
-            loss = 0.1 * np.exp(rng.normal(0, 0.8, len(steps)))
+            lr = 0.5 * (1 + np.cos(np.pi * ((steps - FIRST_STEP) % cycle) / cycle))
+            loss = 0.1 * np.exp(rng.normal(0, loss_spread, len(steps)))
             wall = 1.7e9 + (steps - FIRST_STEP) * 0.5
             parts = [_records(tag, steps, v, wall) for tag, v in zip(TAGS, (lr, 0.01 * lr, loss))]
             fh.write(np.concatenate(parts, axis=1).tobytes())
