@@ -1,12 +1,13 @@
 """A stand-in trainer: replays a recorded run step by step through torch's SummaryWriter.
 
-    python tests/replay_writer.py RUN_NAME LOGDIR [--delay S] [--output DIR] [--file NAME]
+    python tests/replay_writer.py RUN_NAME LOGDIR [--delay S] [--output DIR] [--file NAME] [--go]
 
 Writes LOGDIR/<run name><stamp>/network_train/events.out.tfevents.<time>.<host>.<pid>.<n>
 exactly as kohya would (this process is the writer named in the file), flushing every
 step, and copies the run's snapshots into --output at their steps. ``--file NAME`` writes
 the same records under a name of its own instead: another host's, or one with no pid, as a
-synced or shared log folder holds them.
+synced or shared log folder holds them. ``--go``: once imported (torch takes seconds on a
+loaded machine), print "ready" and wait for a line on stdin before creating anything.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.01)
     ap.add_argument("--output")
     ap.add_argument("--file")
+    ap.add_argument("--go", action="store_true")
     args = ap.parse_args()
 
     from conftest import FIXTURES, LABELS, fixture_run
@@ -41,6 +43,9 @@ def main() -> None:
     series = {tag: src.series(tag) for tag in src.tags}
     steps = sorted({int(s) for x in series.values() for s in x.steps})
     snapshots = {snap["step"]: snap["file"] for snap in LABELS[args.run]["snapshots"]}
+    if args.go:
+        print("ready", flush=True)
+        sys.stdin.readline()
     log_dir = Path(args.logdir) / f"{args.run}20261124090000" / "network_train"
     writer = SummaryWriter(str(log_dir)) if args.file is None else _NamedWriter(log_dir / args.file)
     index = {tag: dict(zip(x.steps.tolist(), x.values.tolist())) for tag, x in series.items()}

@@ -133,7 +133,9 @@ def test_a_launcher_whose_child_writes_the_run_is_stopped_as_the_trainer(tmp_pat
 @pytest.mark.kill_safety
 def test_onetrainer_is_stopped_without_ctrl_c_which_would_save_the_fried_weights(tmp_path):
     workspace = tmp_path / "workspace"
-    replay = [sys.executable, str(ROOT / "tests" / "replay_onetrainer.py"), "blowup", str(workspace)]
+    # 20 ms a step: the stop must land before batch 507, and at 5 ms two loaded cores shared by four
+    # processes let the replay outrun the stop (512)
+    replay = [sys.executable, str(ROOT / "tests" / "replay_onetrainer.py"), "blowup", str(workspace), "--delay", "0.02"]
     code, out, err = finish(lrwatch(str(workspace / "tensorboard"), "--kill-on-spike", *TOY, "--", *replay))
     assert code == 1, err
     assert "OneTrainer saves the current model on Ctrl-C: sending SIGTERM, not SIGINT" in err
@@ -302,10 +304,15 @@ def test_kill_at_confirm_stops_on_evidence_not_on_a_prediction(tmp_path):
 def test_a_logdir_created_after_lrwatch_starts_is_picked_up(tmp_path, poll, observer):
     logs = tmp_path / "not" / "yet"
     extra = ["--poll", poll] if poll else []
-    # the writer imports torch before it creates the folder: 2.4 s on a loaded 2-core machine
-    watcher = Watching(str(logs), "--until-idle", "8", *extra, env={**os.environ, "LRWATCH_OBSERVER": observer})
+    # The writer imports torch (seconds on a loaded machine), says ready, and makes the folder
+    # when told to, once lrwatch listens; lrwatch ends when it exits (--pid), not on a timer.
+    writer = subprocess.Popen([*REPLAY, "prodigy_seed_bump", str(logs), "--delay", "0.001", "--go"], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    watcher = Watching(str(logs), "--pid", str(writer.pid), *extra, env={**os.environ, "LRWATCH_OBSERVER": observer})
     watcher.wait_ready()
-    writer = subprocess.Popen([*REPLAY, "prodigy_seed_bump", str(logs), "--delay", "0.001"], cwd=ROOT)
+    writer.stdin.write("go\n")
+    writer.stdin.close()
     writer.wait(timeout=60)
     code, out, err = watcher.finish()
     assert "waiting for" in err
