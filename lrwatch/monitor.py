@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lrwatch.analysis import Analyser, Analysis, Finding, Thresholds, analyze
 from lrwatch.resume import JoinedRun, find_continued, first_step, output_name, resumed_from
 from lrwatch.runs import Run, RunLike, discover
@@ -371,8 +373,11 @@ class Monitor:
         return self._named.get(name, [])
 
     def _maybe_resumed_note(self, run: Run) -> str | None:
-        """A run that starts again at step 1 in a log folder named like an earlier run's may be a
-        resume whose config was not logged: its steps would then be local. Say so, never guess."""
+        """A run that starts again at step 1 in a log folder named like an earlier run's, with
+        its ``d`` from the start far above where the earlier run's began (the optimizer's state
+        went on), may be a resume whose config was not logged: its steps would then be local.
+        Say so, never guess; a second run of the same training starts at ``d0`` again and is
+        just an earlier run's namesake (the quick start's second run is one)."""
         first = first_step(run)
         if first is None or first > 1:
             return None
@@ -380,9 +385,32 @@ class Monitor:
         earlier = [self.states[p].run for p in self._runs_named(name) if str(p) < str(run.path)]
         if not earlier:
             return None
-        return (f"named like the earlier run {earlier[-1].name} and starting at step {first}: if it resumed that "
-                "run, its steps are local and the history before the resume is not counted (kohya's --log_config "
-                "logs the resume state, and lrwatch then joins the two)")
+        d_now, d_before = self._first_d(run), self._first_d(earlier[-1])
+        if d_now is None or d_before is None or not d_now >= self.thresholds.settle_climb * d_before:
+            return None
+        return (f"named like the earlier run {earlier[-1].name}, starting at step {first} with d {d_now:.3g}, "
+                f"{d_now / d_before:.0f}x where that run's began: if it resumed that run, its steps are local and "
+                "the history before the resume is not counted (kohya's --log_config logs the resume state, and "
+                "lrwatch then joins the two)")
+
+    def _first_d(self, run: Run) -> float | None:
+        """``d`` at the run's first point where it is known: logged, or d*lr over lr."""
+        reading = read_layout(run, self.trainer, self.tag_map, self.schedule)
+        for group in reading.tag_map.groups(set(run.tags)):
+            if group.d_tag and (d := run.series(group.d_tag)) is not None:
+                known = d.values[np.isfinite(d.values) & (d.values > 0)]
+                if len(known):
+                    return float(known[0])
+            if group.lr_tag and group.dlr_tag:
+                lr, dlr = run.series(group.lr_tag), run.series(group.dlr_tag)
+                if lr is None or dlr is None:
+                    continue
+                _, i, j = np.intersect1d(lr.steps, dlr.steps, assume_unique=True, return_indices=True)
+                ratio = dlr.values[j] / np.where(lr.values[i] > 0, lr.values[i], np.nan)
+                known = ratio[np.isfinite(ratio) & (ratio > 0)]
+                if len(known):
+                    return float(known[0])
+        return None
 
     def unread(self) -> list[str]:
         """What could not be read, each with why: roots missing or unlistable, or no event files."""

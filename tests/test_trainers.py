@@ -269,8 +269,9 @@ def test_an_earlier_runs_output_name_logged_late_still_names_a_later_run_as_a_po
 
     logs = tmp_path / "logs"
     points = {"lr/unet": [(s, 1.0) for s in range(1, 30)], "lr/d*lr/unet": [(s, 1e-4) for s in range(1, 30)]}
+    resumed = {**points, "lr/d*lr/unet": [(s, 1e-2) for s in range(1, 30)]}  # d from the start 100x the first's
     write_scalars(logs / "first20260101000000" / "network_train", points)
-    write_scalars(logs / "lora20260102000000" / "network_train", points)
+    write_scalars(logs / "lora20260102000000" / "network_train", resumed)
     monitor = Monitor([logs])
     monitor.poll()
     later = monitor.states[logs / "lora20260102000000" / "network_train"]
@@ -291,15 +292,28 @@ def test_a_run_found_before_its_first_points_is_still_named_as_a_possible_resume
 
     logs = tmp_path / "logs"
     points = {"lr/unet": [(s, 1.0) for s in range(1, 30)], "lr/d*lr/unet": [(s, 1e-4) for s in range(1, 30)]}
+    resumed = {**points, "lr/d*lr/unet": [(s, 1e-2) for s in range(1, 30)]}  # d from the start 100x the first's
     write_scalars(logs / "lora20260101000000" / "network_train", points)
     write_scalars(logs / "lora20260102000000" / "network_train", {})  # the writer's first record only
     monitor = Monitor([logs])
     monitor.poll()
     later = monitor.states[logs / "lora20260102000000" / "network_train"]
     assert not any("named like" in n for n in later.analysis.notes)
-    write_scalars(logs / "lora20260102000000" / "network_train", points)
+    write_scalars(logs / "lora20260102000000" / "network_train", resumed)
     monitor.poll()
-    assert any("named like the earlier run lora20260101000000" in n for n in later.analysis.notes)
+    assert any("named like the earlier run lora20260101000000" in n and "100x where that run's began" in n
+               for n in later.analysis.notes)
+
+
+def test_a_second_training_named_like_the_first_is_no_resume_when_its_d_starts_again(tmp_path):
+    """The quick start run twice in one folder: two trainings of one name, each starting at d0.
+    Nothing in the config or the steps says the second resumed the first, so no note says so."""
+    logs = tmp_path / "logs"
+    points = {"lr/unet": [(s, 1.0) for s in range(1, 30)], "lr/d*lr/unet": [(s, 1e-6 * s) for s in range(1, 30)]}
+    write_scalars(logs / "lora20260101000000" / "network_train", points)
+    write_scalars(logs / "lora20260102000000" / "network_train", points)
+    earlier, later = lrwatch.audit([logs]).runs
+    assert not any("named like" in n or "resumed" in n for n in later.analysis.notes + earlier.analysis.notes)
 
 
 def test_onetrainer_counts_batches_and_windows_still_count_optimizer_steps():
