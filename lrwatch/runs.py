@@ -333,6 +333,8 @@ class Run:
             if batch.damage:
                 self.damage += [(path, d) for d in batch.damage]
             held = self._held.pop(path, None)
+            if batch.restarted:  # (read again from its start: what was held is the old content's)
+                held = None
             if held is not None or batch.more:  # a part of a budgeted read: in columns, the last step held back
                 scalars = batch.scalars if held is None else concat([held, batch.scalars])
                 if batch.more:

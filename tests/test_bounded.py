@@ -9,6 +9,7 @@ import shutil
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import FIXTURES, ROOT
 
@@ -107,3 +108,27 @@ def test_a_growing_array_keeps_its_indices_and_its_last_item_when_it_lets_go():
     assert grown.view.tolist() == [9.0] and grown.last() == 9.0
     grown.extend([10.0])
     assert grown.since(9).tolist() == [9.0, 10.0] and not grown.view.flags.writeable
+
+
+def test_a_file_rewritten_between_two_parts_keeps_nothing_of_its_old_content(tmp_path):
+    """A run read in parts whose file is rewritten in place before the next part (a sync tool
+    uploading another run over it): the step held back from the old content is dropped with it."""
+    from conftest import event_file_of
+
+    from lrwatch.runs import Run
+
+    path = tmp_path / "run" / "events.out.tfevents.1700000000.bench.1.0"
+    path.parent.mkdir()
+    path.write_bytes(event_file_of("prodigy_seed_bump").read_bytes())
+    parted = Run(path.parent)
+    parted.refresh(budget=3000)
+    assert parted.more
+    path.write_bytes(event_file_of("dadapt_sgd_blowup").read_bytes())  # the same file, other content
+    while parted.refresh(relist=False, budget=3000) or parted.more:
+        pass
+    whole = Run(path.parent)
+    whole.refresh()
+    assert parted.tags == whole.tags
+    for tag in whole.tags:
+        got, want = parted.series(tag), whole.series(tag)
+        assert np.array_equal(got.steps, want.steps) and np.array_equal(got.values, want.values, equal_nan=True), tag
