@@ -44,6 +44,17 @@ def copy_run(tmp_path):
     return _copy
 
 
+def write_long_run(path: Path, points: int, **options) -> None:
+    """``bench/memory.py``'s ``write_run``: a long healthy run framed as torch frames it, written
+    in numpy (a SummaryWriter takes seconds per 100,000 scalars)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_run(path, points, **options)
+
+
 def write_scalars(log_dir: Path, points: dict[str, list[tuple[int, float]]]) -> Path:
     """Write scalars through torch's SummaryWriter, the way kohya's logs are written."""
     from torch.utils.tensorboard import SummaryWriter

@@ -3,7 +3,6 @@ each analysed and its points let go of, reports exactly what a run read whole do
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tracemalloc
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, write_long_run
 
 from lrwatch.monitor import READ_BUDGET, Monitor
 from lrwatch.report import run_json
@@ -70,13 +69,6 @@ def test_a_watched_run_lets_go_of_old_points_and_finds_what_a_whole_read_finds(t
         assert reports(monitor) == reports(read(dst, None)), name
 
 
-def _bench_writer():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_run
-
-
 def _peak(fn) -> int:
     tracemalloc.start()
     try:
@@ -90,7 +82,7 @@ def test_a_long_run_read_in_parts_holds_a_part_not_the_run(tmp_path):
     """900,000 points (45 MB, a healthy cosine-restart run): read in 1 MB parts, the peak is a
     small fraction of reading it whole (``bench/memory.py`` measures 42 M points)."""
     run = tmp_path / "long"
-    _bench_writer()(run / "events.out.tfevents.1700000000.bench.1.0", 900_000)
+    write_long_run(run / "events.out.tfevents.1700000000.bench.1.0", 900_000)
     monitors: dict[str, Monitor] = {}
     whole = _peak(lambda: monitors.setdefault("whole", read(run, None)))
     parts = _peak(lambda: monitors.setdefault("parts", read(run, 1 << 20)))

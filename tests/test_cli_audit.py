@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES, LABELS, ROOT, fixture_run
+from conftest import FIXTURES, LABELS, ROOT, fixture_run, write_long_run
 
 
 def lrwatch(*args: str) -> subprocess.CompletedProcess:
@@ -169,20 +169,15 @@ def test_what_an_audit_holds_per_run_does_not_grow_with_the_runs_length(tmp_path
     20,000 steps leaves about what a run of 2,000 does (both with four cycles: what the report
     says of a run grows with its cycles and findings, not with its points)."""
     import gc
-    import importlib.util
     import tracemalloc
 
     from lrwatch.audit import audit
 
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
-    bench_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_memory)  # its writer frames records as torch does, vectorised
-
     def held(steps: int, keep_points: bool) -> int:
         logs = tmp_path / f"s{steps}{keep_points}"
         for i in range(3):
-            bench_memory.write_run(logs / f"run{i}" / "events.out.tfevents.1700000000.bench.1.0", 3 * steps,
-                                   cycle=steps // 4, loss_spread=0.0)
+            write_long_run(logs / f"run{i}" / "events.out.tfevents.1700000000.bench.1.0", 3 * steps,
+                           cycle=steps // 4, loss_spread=0.0)
         audit([logs], workers=1, keep_points=keep_points)  # caches warmed
         gc.collect()
         tracemalloc.start()
