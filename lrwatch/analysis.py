@@ -359,7 +359,7 @@ class Analyser:
         curves keep only their recent points from then on; a fresh start (above) reads the
         run's files again for the rest."""
         if self._rules is not None:
-            run.forget(self._rules.keep_from(run))
+            run.forget(self._rules.let_go(run))
 
 
 def _reading_key(run: RunLike, reading: Reading, roles: tuple) -> tuple:
@@ -427,9 +427,9 @@ class _RunRules:
             raise Stale("the run was read again from its files")
         self.seen = seen
 
-    def keep_from(self, run: RunLike) -> dict[str, int]:
-        """For each tag the rules read, the index of its first point they still need; and the
-        rules let go of their own points before what they need."""
+    def let_go(self, run: RunLike) -> dict[str, int]:
+        """Let the rules go of their own points they no longer need, and return, for each tag
+        they read, the index of the run's first point they still need."""
         keep: dict[str, int] = {}
 
         def need(tag: str | None, index: int) -> None:
@@ -451,7 +451,7 @@ class _RunRules:
                 for tag in pair.tags():
                     need(tag, pair.compared)
         if self.loss is not None:
-            need(self.loss.tag, self.loss.keep_from())
+            need(self.loss.tag, self.loss.let_go())
         if self.validation is not None:
             need(self.validation.tag, self.validation.seen)
         return keep

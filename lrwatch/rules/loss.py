@@ -104,7 +104,7 @@ class TrainingLossRule:
     windows already passed. The candidates: every window of ``window`` losses that ends before
     the window judged begins, and the run's first ``base_window`` losses. Indices count from the
     run's first loss; ``loss`` and ``steps`` hold the losses from index ``first`` on (a run read
-    in parts keeps only what ``keep_from`` asks for)."""
+    in parts keeps only what ``let_go`` asks for)."""
 
     def __init__(self, tag: str, window_steps: int, over_best: float, sigmas: float, per_update: int) -> None:
         self.tag, self.window_steps, self.over_best, self.sigmas = tag, window_steps, over_best, sigmas
@@ -143,8 +143,9 @@ class TrainingLossRule:
         if not self.found:
             self._level(n)
 
-    def keep_from(self) -> int:
-        """The first loss the rule still needs (its spreads' sums are let go of up to there)."""
+    def let_go(self) -> int:
+        """Let go of the spreads' sums no window will read again; return the first loss the
+        rule still needs."""
         w = self.window
         if w is None or self.best is None:
             return 0  # the base candidate (the run's first losses) is not taken yet
@@ -186,7 +187,7 @@ class TrainingLossRule:
         if first >= n:
             return
         f = self.first
-        if self.best is None:  # the base candidate, once (nothing was let go before it: ``keep_from``)
+        if self.best is None:  # the base candidate, once (nothing was let go before it: ``let_go``)
             self.spread_next = w - 1  # the first window's end
             level, spread = levels(self.loss[:m], m, m - 1)
             upper = upper_levels(level, spread, math.sqrt(1 / m + 1 / w), self.sigmas)
@@ -255,7 +256,7 @@ class TrainingLossRule:
         assert w is not None
         new = spread[self.spread_next - lo:]  # windows ending spread_next .. n-1: their running sums
         done = self.spread_next - (w - 1)
-        b = self.spread_base  # (sums before it were let go of: ``keep_from``)
+        b = self.spread_base  # (sums before it were let go of: ``let_go``)
         if done - b + len(new) > len(self.spread_sums):
             grown = np.empty(max(2 * len(self.spread_sums), done - b + len(new)))
             grown[: done - b] = self.spread_sums[: done - b]
