@@ -255,7 +255,7 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
     d = _after(run.recent(group.d_tag) if group.d_tag else None, after)
     known = lr if dlr is None else dlr if lr is None else None  # exactly one of lr and d*lr logged
     if d is not None and known is not None:
-        steps, k, dv = _paired(known, d)
+        steps, k, dv = paired(known, d)
         if lr is not None:
             return steps, k, k * dv
         return steps, np.where(dv != 0, k / dv, np.nan), k
@@ -267,10 +267,10 @@ def _joined(run: RunLike, group: Group, schedule: KnownSchedule | None = None, a
         if schedule is not None and schedule.lr_at is not None:
             return dlr[0], schedule.lr_at(dlr[0]), dlr[1]
         return dlr[0], None, dlr[1]
-    return _paired(lr, dlr)
+    return paired(lr, dlr)
 
 
-def _paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+def paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The steps both series have, with each one's values there (nearly always every step)."""
     if len(a[0]) == len(b[0]) and (a[0].tolist() == b[0].tolist() if len(a[0]) <= SMALL_UPDATE

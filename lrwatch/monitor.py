@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lrwatch.analysis import Analyser, Analysis, Finding, Thresholds, analyze
+from lrwatch.analysis import Analyser, Analysis, Finding, Thresholds, analyze, paired
 from lrwatch.resume import JoinedRun, find_continued, first_step, output_name, resumed_from
 from lrwatch.runs import Run, RunLike, discover
 from lrwatch.snapshots import SnapshotBook
@@ -405,8 +405,8 @@ class Monitor:
                 lr, dlr = run.series(group.lr_tag), run.series(group.dlr_tag)
                 if lr is None or dlr is None:
                     continue
-                _, i, j = np.intersect1d(lr.steps, dlr.steps, assume_unique=True, return_indices=True)
-                ratio = dlr.values[j] / np.where(lr.values[i] > 0, lr.values[i], np.nan)
+                _, lr_values, dlr_values = paired((lr.steps, lr.values), (dlr.steps, dlr.values))
+                ratio = dlr_values / np.where(lr_values > 0, lr_values, np.nan)
                 known = ratio[np.isfinite(ratio) & (ratio > 0)]
                 if len(known):
                     return float(known[0])
